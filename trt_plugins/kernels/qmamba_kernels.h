@@ -1,0 +1,86 @@
+/*
+ * qmamba CUDA kernels: plain C ABI (no TensorRT, no exceptions across this boundary).
+ *
+ * Semantics: docs/quantization.md (spec 1.0); PyTorch oracles in qmamba/ops/ref.py.
+ * Layout is token-major: activations [B, L, C]; conv state [B, D, K-1]; SSM state [B, D, N].
+ * All pointers are device pointers, contiguous. Every function returns a qm_status; on failure
+ * qm_last_error() returns a message naming the argument or CUDA call that failed (thread-local).
+ * Nothing is launched when an argument is invalid.
+ */
+#ifndef QMAMBA_KERNELS_H
+#define QMAMBA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QM_API __attribute__((visibility("default")))
+
+typedef enum {
+  QM_OK = 0,
+  QM_ERR_INVALID_ARGUMENT = 1, /* null pointer, bad shape, non-finite or non-positive scale */
+  QM_ERR_UNSUPPORTED = 2,      /* valid but not implemented (e.g. d_inner without a spec Hadamard) */
+  QM_ERR_CUDA = 3              /* a CUDA call or launch failed; message has cudaGetErrorString */
+} qm_status;
+
+typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } qm_dtype;
+
+QM_API const char* qm_last_error(void);
+QM_API const char* qm_status_string(int status);
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 1 */
+
+/* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
+QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
+                            float eps, float scale, cudaStream_t stream);
+
+/* QuantCausalConv1d (spec 4.3, 4.5). state_in may be NULL (zeros); state_out may be NULL (not written)
+ * and may alias state_in (decode in place). mask must be non-NULL iff dual_scale. */
+QM_API int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, const float* weight_scale,
+                                  const float* bias, const int8_t* state_in, int8_t* u, uint8_t* mask,
+                                  int8_t* state_out, int batch, int seqlen, int dim, int kernel_size,
+                                  float in_scale, float out_scale, float outlier_scale, int dual_scale,
+                                  cudaStream_t stream);
+
+/* Selective scan (spec 4.4). input_dtype QM_DTYPE_INT8: u/dt/B/C/z are int8 codes dequantized with
+ * the scales (u_mask + u_outlier_scale when dual_scale); QM_DTYPE_FLOAT32: they are float32 and the
+ * scales are ignored. y_dtype: QM_DTYPE_FLOAT32 or QM_DTYPE_FLOAT16. initial_state may be NULL
+ * (zeros); final_state may be NULL; final_state may alias initial_state. */
+typedef struct {
+  int input_dtype;
+  const void* u;
+  const uint8_t* u_mask;
+  const void* dt;
+  const void* B;
+  const void* C;
+  const void* z; /* may be NULL: no gating */
+  const float* A;       /* [D, N], negative */
+  const float* Dskip;   /* [D], may be NULL */
+  const float* dt_bias; /* [D], may be NULL */
+  const float* initial_state;
+  void* y;
+  int y_dtype;
+  float* final_state;
+  int batch, seqlen, dim, dstate;
+  int dual_scale;
+  float u_scale, u_outlier_scale, dt_scale, B_scale, C_scale, z_scale;
+  void* workspace; /* qm_selective_scan_workspace_size bytes, may be NULL when that is 0 */
+  size_t workspace_bytes;
+} qm_scan_args;
+
+QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);
+QM_API int qm_selective_scan(const qm_scan_args* args, cudaStream_t stream);
+/* Decode: one token (args->seqlen must be 1); initial_state required, final_state may alias it. */
+QM_API int qm_selective_state_update(const qm_scan_args* args, cudaStream_t stream);
+
+/* HadamardQuant (spec 4.6): rows = B*L vectors of length dim; x_dtype float32 or float16. */
+QM_API int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t rows, int dim, float scale,
+                             cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

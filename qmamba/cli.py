@@ -1,0 +1,54 @@
+"""The ``qmamba`` command: one subcommand per job. Each subcommand module registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules with a ``register(subparsers)`` function, in --help order. Missing optional modules
+# (e.g. export/ without onnx installed) are reported when their command is used, not at import.
+SUBCOMMAND_MODULES = (
+    "qmamba.commands.train",
+    "qmamba.commands.calibrate",
+    "qmamba.commands.compare",
+    "qmamba.commands.evaluate",
+    "export.cli",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmamba", description="W8A8 / dual-scale quantized Mamba: PyTorch -> ONNX -> TensorRT"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == mod or mod.startswith(e.name)):
+                continue  # the module itself does not exist (yet)
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("qmamba: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"qmamba {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

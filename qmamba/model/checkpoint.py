@@ -1,0 +1,118 @@
+"""Load and save float Mamba checkpoints in the Hugging Face layout (config.json + safetensors).
+
+Also reads mamba_ssm checkpoints (config.json with d_model/n_layer, pytorch_model.bin, names
+``backbone.embedding.weight``). Missing or unexpected tensors and shape mismatches are errors that
+name the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qmamba.config import MambaConfig
+from qmamba.model.mamba import MambaLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or the model."""
+
+
+_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    st = sorted(model_dir.glob("*.safetensors"))
+    if st:
+        out: dict[str, torch.Tensor] = {}
+        for f in st:
+            out.update(load_file(str(f)))
+        return out
+    binf = model_dir / "pytorch_model.bin"
+    if binf.is_file():
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{model_dir}: no *.safetensors or pytorch_model.bin found")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MambaLM:
+    model_dir = Path(model_dir)
+    cfg = MambaConfig.load(model_dir)
+    tensors = {_RENAMES.get(k, k): v for k, v in _read_tensors(model_dir).items()}
+    model = MambaLM(cfg)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{model_dir}: checkpoint does not match config.json "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{model_dir}: tensor {k} has shape {tuple(tensors[k].shape)}, config implies {tuple(v.shape)}"
+            )
+    model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=not cfg.tie_embeddings)
+    model.eval()
+    return set_precision(model, dtype)
+
+
+def set_precision(model: MambaLM, dtype: torch.dtype) -> MambaLM:
+    """Cast linear weights and the embedding to dtype; A_log, D, dt_bias, conv and norms stay float32."""
+    with torch.no_grad():
+        model.backbone.embeddings.to(dtype)
+        for blk in model.backbone.layers:
+            for lin in (blk.mixer.in_proj, blk.mixer.x_proj, blk.mixer.dt_proj, blk.mixer.out_proj):
+                lin.weight.data = lin.weight.data.to(dtype)
+            blk.mixer.dt_proj.bias.data = blk.mixer.dt_proj.bias.data.float()
+        if model.cfg.tie_embeddings:
+            model.lm_head.weight = model.backbone.embeddings.weight
+        else:
+            model.lm_head.to(dtype)
+    return model
+
+
+def atomic_dir(out_dir: Path):
+    """A temp dir next to out_dir; call commit(tmp) to rename it into place (no half-written dirs)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def commit_dir(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
+    if out_dir.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out_dir} exists")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_model(model: MambaLM, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> None:
+    out_dir = Path(out_dir)
+    tmp = atomic_dir(out_dir)
+    try:
+        sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

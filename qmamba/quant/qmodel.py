@@ -1,0 +1,312 @@
+"""Quantized Mamba LM (recipes w8a8, w8a8-dualscale, w8a8-fpssm) with two interchangeable paths.
+
+* integer path (``simulate=False``): int8/int32 torch tensors through the reference ops of
+  qmamba/ops/ref.py: exactly what the CUDA kernels and TensorRT plugins compute;
+* simulated path (``simulate=True``): fake quantization; every quantized tensor is held as its
+  dequantized float32 value and every stage is float arithmetic (docs/quantization.md section 6).
+
+Both run the same block program (``_block``) through an ops object (``IntOps`` / ``SimOps``), so the
+order of stages can never diverge; what differs is how each stage computes, and the test
+tests/test_simulated_vs_integer.py requires identical integer tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from qmamba import trace
+from qmamba.config import MambaConfig
+from qmamba.model.mamba import LayerState
+from qmamba.ops import ref
+from qmamba.ops.hadamard import hadamard_transform
+from qmamba.ops.specmath import (
+    QMAX,
+    QMIN,
+    a_from_a_log,
+    codes_of,
+    fake_quant,
+    quantize,
+    rmsnorm,
+    scale_product,
+    silu_r,
+)
+from qmamba.quant.recipes import Recipe
+
+
+@dataclasses.dataclass
+class QLinear:
+    weight_q: torch.Tensor  # int8 [C_out, C_in]
+    weight_scale: torch.Tensor  # float32 [C_out]
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+
+@dataclasses.dataclass
+class QLayer:
+    norm_weight: torch.Tensor
+    in_proj: QLinear
+    conv_weight_q: torch.Tensor | None  # int8 [D, K] (int8 recipes)
+    conv_weight_scale: torch.Tensor | None  # [D]
+    conv_weight: torch.Tensor | None  # float32 [D, K] (w8a8-fpssm)
+    conv_bias: torch.Tensor
+    x_proj: QLinear
+    dt_proj: QLinear
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    D: torch.Tensor
+    out_proj: QLinear  # weight rotated by the Hadamard matrix
+    scales: dict[str, float]  # stage -> scale, keys as recipes.scale_names without the layer prefix
+
+
+@dataclasses.dataclass
+class Act:
+    """A stage value: the integer path carries codes (+ mask), the simulated path float values."""
+
+    value: torch.Tensor  # int8 codes, or float32 (dequantized / plain float)
+    scale: float | None = None  # None: a plain float tensor
+    mask: torch.Tensor | None = None  # uint8 (integer path) or float 0/1 (simulated path)
+    outlier_scale: float | None = None
+
+
+class IntOps:
+    """Stages computed on integer tensors with the reference ops."""
+
+    simulate = False
+
+    def qtensor(self, a: Act) -> trace.QTensor:
+        return trace.QTensor(a.value, a.scale, a.mask, a.outlier_scale)
+
+    def quantize(self, x: torch.Tensor, s: float) -> Act:
+        return Act(quantize(x, s), s)
+
+    def norm_quant(self, r: torch.Tensor, w: torch.Tensor, eps: float, s: float) -> Act:
+        return Act(ref.rms_norm_quant(r, w, eps, s), s)
+
+    def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
+        return ref.quant_linear(
+            a.value, lin.weight_q, a.scale, lin.weight_scale, None, a.mask, a.outlier_scale
+        )
+
+    def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
+        u, mask, st = ref.quant_causal_conv1d(
+            x.value, lyr.conv_weight_q, lyr.conv_weight_scale, lyr.conv_bias, x.scale, s_u, state, s_out
+        )
+        return Act(u, s_u, mask, s_out), st
+
+    def dequant(self, a: Act) -> torch.Tensor:
+        if a.scale is None:
+            return a.value
+        return ref.dequantize_dual(a.value, a.mask, a.scale, a.outlier_scale)
+
+    def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
+        return Act(ref.hadamard_quant(y, s), s)
+
+    def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
+        return torch.zeros(bsz, d, k - 1, dtype=torch.int8)
+
+
+class SimOps:
+    """Stages computed as fake quantization in float32 (float64 GEMMs over recovered codes)."""
+
+    simulate = True
+
+    def qtensor(self, a: Act) -> trace.QTensor:
+        s = a.scale
+        if a.mask is None:
+            codes = codes_of(a.value, s)
+        else:
+            codes = torch.where(a.mask.bool(), codes_of(a.value, a.outlier_scale), codes_of(a.value, s))
+        mask = None if a.mask is None else a.mask.to(torch.uint8)
+        return trace.QTensor(codes.to(torch.int8), s, mask, a.outlier_scale)
+
+    def quantize(self, x: torch.Tensor, s: float) -> Act:
+        return Act(fake_quant(x, s), s)
+
+    def norm_quant(self, r: torch.Tensor, w: torch.Tensor, eps: float, s: float) -> Act:
+        return Act(fake_quant(rmsnorm(r, w, eps), s), s)
+
+    def _codes(self, a: Act) -> torch.Tensor:
+        if a.mask is None:
+            return codes_of(a.value, a.scale)
+        return torch.where(a.mask.bool(), codes_of(a.value, a.outlier_scale), codes_of(a.value, a.scale))
+
+    def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
+        w_fq = lin.dequantized()
+        w_codes = codes_of(w_fq, lin.weight_scale[:, None]).double()
+        c = self._codes(a).double()
+        if a.mask is None:
+            acc = F.linear(c, w_codes).float()
+            return acc * scale_product(a.scale, lin.weight_scale)
+        m = a.mask.double()
+        acc_in = F.linear(c * (1 - m), w_codes).float()
+        acc_out = F.linear(c * m, w_codes).float()
+        return acc_in * scale_product(a.scale, lin.weight_scale) + acc_out * scale_product(
+            a.outlier_scale, lin.weight_scale
+        )
+
+    def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
+        bsz, seqlen, d = x.value.shape
+        k = lyr.conv_weight_q.shape[1]
+        if state is None:
+            state = torch.zeros(bsz, d, k - 1)
+        xt = torch.cat([state.transpose(1, 2), x.value], 1)
+        w_fq = lyr.conv_weight_q.float() * lyr.conv_weight_scale[:, None]
+        acc = F.conv1d(
+            codes_of(xt, x.scale).double().transpose(1, 2),
+            codes_of(w_fq, lyr.conv_weight_scale[:, None]).double()[:, None, :],
+            groups=d,
+        ).transpose(1, 2)
+        v = acc.float() * scale_product(x.scale, lyr.conv_weight_scale) + lyr.conv_bias
+        u = silu_r(v)
+        new_state = xt[:, seqlen:].transpose(1, 2).contiguous()
+        if s_out is None:
+            return Act(fake_quant(u, s_u), s_u), new_state
+        q_in = torch.round(u / torch.tensor(s_u))
+        mask = (q_in < QMIN) | (q_in > QMAX)
+        u_fq = torch.where(mask, fake_quant(u, s_out), q_in * torch.tensor(s_u))
+        return Act(u_fq, s_u, mask.float(), s_out), new_state
+
+    def dequant(self, a: Act) -> torch.Tensor:
+        return a.value
+
+    def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
+        return Act(fake_quant(hadamard_transform(y), s), s)
+
+    def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
+        return torch.zeros(bsz, d, k - 1)
+
+
+class QuantMambaLM:
+    """A calibrated, quantized Mamba LM. Not an nn.Module: it holds fixed integer weights."""
+
+    def __init__(
+        self,
+        cfg: MambaConfig,
+        recipe: Recipe,
+        layers: list[QLayer],
+        embedding: torch.Tensor,
+        norm_f_weight: torch.Tensor,
+        meta: dict | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.recipe = recipe
+        self.layers = layers
+        self.embedding = embedding
+        self.norm_f_weight = norm_f_weight
+        self.meta = meta or {}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        states: list[LayerState] | None = None,
+        simulate: bool = False,
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        if states is not None and len(states) != self.cfg.n_layer:
+            raise ValueError(f"states has {len(states)} layers, model has {self.cfg.n_layer}")
+        ops = SimOps() if simulate else IntOps()
+        residual = F.embedding(input_ids, self.embedding).float()
+        new_states = []
+        for i, lyr in enumerate(self.layers):
+            residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])
+            new_states.append(st)
+        hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
+        trace.record("norm_f", hf)
+        logits = F.linear(hf, self.embedding)
+        trace.record("logits", logits)
+        return logits, new_states
+
+    def _block(self, ops, i: int, lyr: QLayer, residual: torch.Tensor, state: LayerState | None):
+        cfg, rc, s = self.cfg, self.recipe, lyr.scales
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+
+        def rec(stage: str, a: Act | torch.Tensor) -> None:
+            tr = trace.active()
+            name = trace.stage_name(i, stage)
+            if tr is None or not tr.wants(name):
+                return
+            if isinstance(a, torch.Tensor) or a.scale is None:
+                tr.record(name, a if isinstance(a, torch.Tensor) else a.value)
+                return
+            qt = ops.qtensor(a)
+            tr.record(name, qt)
+            if qt.mask is not None:
+                tr.record(name + ".mask", qt.mask)
+
+        h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
+        rec("norm", h)
+        xz = ops.linear(h, lyr.in_proj)
+        if rc.int8_ssm:
+            x, z = ops.quantize(xz[..., :d], s["in_proj.x"]), ops.quantize(xz[..., d:], s["in_proj.z"])
+        else:
+            x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
+        rec("in_proj.x", x)
+        rec("in_proj.z", z)
+
+        conv_state = None if state is None else state.conv
+        if rc.int8_ssm:
+            u, conv_state = ops.conv(x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"))
+            u_lin = u
+        else:
+            u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
+            u = Act(u_f)
+            u_lin = ops.quantize(u_f, s["x_proj.in"])
+        rec("conv1d", u)
+
+        xdbl = ops.linear(u_lin, lyr.x_proj)
+        dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
+        dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
+        if rc.int8_ssm:
+            bm, cm = ops.quantize(b_f, s["x_proj.B"]), ops.quantize(c_f, s["x_proj.C"])
+            rec("x_proj.dt_lowrank", dt_lr)
+        else:
+            bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
+            rec("x_proj.dt_lowrank", dt_lr_f)
+        rec("x_proj.B", bm)
+        rec("x_proj.C", cm)
+
+        dt_f = ops.linear(dt_lr, lyr.dt_proj)
+        dt = ops.quantize(dt_f, s["dt_proj"]) if rc.int8_ssm else Act(dt_f)
+        rec("dt_proj", dt)
+
+        A = a_from_a_log(lyr.A_log)
+        y, ssm_state = ref.selective_scan(
+            ops.dequant(u),
+            ops.dequant(dt),
+            A,
+            ops.dequant(bm),
+            ops.dequant(cm),
+            lyr.D,
+            ops.dequant(z),
+            lyr.dt_bias,
+            None if state is None else state.ssm,
+        )
+        rec("ssm", y)
+        hq = ops.hadamard_quant(y, s["hadamard"])
+        rec("hadamard", hq)
+        out = ops.linear(hq, lyr.out_proj)
+        rec("out_proj", out)
+        residual = residual + out
+        rec("block", residual)
+        if conv_state is None:
+            conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)
+        return residual, LayerState(conv_state, ssm_state)
+
+    def init_states(self, batch: int, simulate: bool = False) -> list[LayerState]:
+        ops = SimOps() if simulate else IntOps()
+        cfg = self.cfg
+        states = []
+        for _ in range(cfg.n_layer):
+            if self.recipe.int8_ssm:
+                conv = ops.conv_state_zeros(batch, cfg.d_inner, cfg.d_conv)
+            else:
+                conv = torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1)
+            states.append(LayerState(conv, torch.zeros(batch, cfg.d_inner, cfg.d_state)))
+        return states
+

@@ -85,7 +85,9 @@ def set_precision(model: MambaLM, dtype: torch.dtype) -> MambaLM:
 def atomic_dir(out_dir: Path):
     """A temp dir next to out_dir; call commit(tmp) to rename it into place (no half-written dirs)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    return tmp
 
 
 def commit_dir(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:

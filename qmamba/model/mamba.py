@@ -126,9 +126,10 @@ def _scan_fast(u, dt, A, B, C, Dskip, z, dt_bias, h0):
     da = torch.exp(delta.unsqueeze(-1) * A)  # [B, L, D, N]
     dbu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
     ys = []
-    for t in range(seqlen):
-        h = da[:, t] * h + dbu[:, t]
-        ys.append((h * C[:, t, None, :]).sum(-1))
+    # unbind, not da[:, t]: the backward of a slice allocates a full-size gradient per step
+    for da_t, dbu_t, c_t in zip(da.unbind(1), dbu.unbind(1), C.unbind(1), strict=True):
+        h = da_t * h + dbu_t
+        ys.append((h * c_t[:, None, :]).sum(-1))
     y = torch.stack(ys, 1) + Dskip * u
     return y * F.silu(z), h
 

@@ -1,0 +1,37 @@
+"""qmamba train-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qmamba.data import DEFAULT_CACHE
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tiny", help="train the tiny byte-level Shakespeare Mamba (GPU: a few minutes)")
+    p.add_argument("--out", type=Path, default=Path("models/qmamba-tiny"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=420.0, help="stop training early after this long")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from qmamba.train import TrainOptions, train_tiny
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; pass --device cpu (slow) or use a GPU")
+    opts = TrainOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                        seed=args.seed, max_seconds=args.max_seconds)
+    report = train_tiny(args.out, opts, args.device, args.cache_dir)
+    print(json.dumps(report, indent=2))
+    return 0

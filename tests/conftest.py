@@ -10,7 +10,6 @@ from qmamba.model.mamba import MambaLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "qmamba-tiny"
-QUANT_RECIPES = ("w8a8", "w8a8-dualscale", "w8a8-fpssm")
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +35,3 @@ def text_file(tmp_path_factory) -> Path:
     p.write_text(" ".join(words[i] for i in idx) + "\n")
     return p
 
-
-def rand_ids(b: int, l: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
-    return torch.randint(0, vocab, (b, l), generator=torch.Generator().manual_seed(seed))

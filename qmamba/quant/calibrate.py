@@ -121,10 +121,10 @@ def quantize_model(model: MambaLM, recipe: Recipe, stats: Stats, opts: CalibOpti
         mx = blk.mixer
         p = f"layers.{i}."
 
-        def amax(stage: str, _p: str = p) -> float:
+        def amax(stage: str, _p: str = p, _i: int = i) -> float:
             key = _p + stage
             if key not in stats.absmax:
-                raise CalibrationError(f"no statistics for layer {i}, stage {stage}: model/checkpoint mismatch")
+                raise CalibrationError(f"no statistics for layer {_i}, stage {stage}: model/checkpoint mismatch")
             return stats.absmax[key]
 
         u = torch.cat(stats.u_values[i]) if stats.u_values[i] else None

@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = (
     "qmamba.commands.calibrate",
     "qmamba.commands.compare",
     "qmamba.commands.evaluate",
+    "qmamba.commands.serve",
     "export.cli",
 )
 

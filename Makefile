@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint test-gpu
+.PHONY: install demo test lint test-trt
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,3 +24,8 @@ test: install lint
 
 demo: install
 	bash scripts/demo.sh $(BIN)/qmamba
+
+# Inside docker/ (TensorRT + GPU): engine build, per-stage check on engines, generation.
+PYTHON_BIN ?= $(BIN)/python
+test-trt:
+	$(PYTHON_BIN) -m pytest -ra -m tensorrt tests

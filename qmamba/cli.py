@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from qmamba.errors import UserError
+
 # Modules with a ``register(subparsers)`` function, in --help order. Missing optional modules
 # (e.g. export/ without onnx installed) are reported when their command is used, not at import.
 SUBCOMMAND_MODULES = (
@@ -14,12 +16,10 @@ SUBCOMMAND_MODULES = (
     "qmamba.commands.compare",
     "qmamba.commands.evaluate",
     "qmamba.commands.serve",
+    "qmamba.commands.engine",
     "export.cli",
 )
 
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one clear line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from qmamba.compare import compare_stages
 
     rows = compare_rows = compare_stages(tr_ref.as_dict(), tr_tgt.as_dict())
-    title = f"{args.target} vs {args.reference} on {args.model.name} ({args.batch}x{args.length} tokens)"
+    title = f"{args.target} vs {args.reference} on {args.model} ({args.batch}x{args.length} tokens)"
     print(title)
     print(format_table(compare_rows))
     jump = first_jump(rows)

@@ -17,9 +17,9 @@ echo "== 2. per-stage comparison: w8a8-dualscale vs fp16"
 
 echo
 echo "== 3. held-out perplexity per recipe"
-"$QMAMBA" eval-ppl "$MODEL" --windows 16 --calib-samples 32 --markdown "$OUT/ppl.md"
+"$QMAMBA" eval-ppl "$MODEL" --windows 8 --calib-samples 16 --markdown "$OUT/ppl.md"
 
-if "$QMAMBA" --help | grep -q " export "; then
+if "$QMAMBA" export --help >/dev/null 2>&1; then
   echo
   echo "== 4. export to ONNX and check ONNX Runtime against PyTorch, stage by stage"
   "$QMAMBA" export "$OUT/qdir-w8a8-dualscale" --out "$OUT/onnx" --stages

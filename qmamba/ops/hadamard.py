@@ -21,14 +21,20 @@ import torch
 SUPPORTED_M = (1, 12, 20, 28)
 
 
-def _paley1(q: int) -> torch.Tensor:
-    """Paley construction I (q prime, q = 3 mod 4): Hadamard matrix of order q + 1."""
+def _legendre(q: int):
+    """chi(a): the quadratic character mod the prime q (0, 1 or -1)."""
     residues = {(i * i) % q for i in range(1, q)}
 
     def chi(a: int) -> int:
         a %= q
         return 0 if a == 0 else (1 if a in residues else -1)
 
+    return chi
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Paley construction I (q prime, q = 3 mod 4): Hadamard matrix of order q + 1."""
+    chi = _legendre(q)
     n = q + 1
     h = torch.zeros(n, n, dtype=torch.int64)
     h[0, 1:] = 1
@@ -42,12 +48,7 @@ def _paley1(q: int) -> torch.Tensor:
 
 def _paley2(q: int) -> torch.Tensor:
     """Paley construction II (q prime, q = 1 mod 4): Hadamard matrix of order 2(q + 1)."""
-    residues = {(i * i) % q for i in range(1, q)}
-
-    def chi(a: int) -> int:
-        a %= q
-        return 0 if a == 0 else (1 if a in residues else -1)
-
+    chi = _legendre(q)
     n = q + 1
     s = torch.zeros(n, n, dtype=torch.int64)
     s[0, 1:] = 1

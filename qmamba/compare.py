@@ -68,11 +68,26 @@ def compare_stages(ref: dict, tgt: dict, skip_masks: bool = True) -> list[StageM
     return [metrics(n, as_float(ref[n]), as_float(tgt[n])) for n in names]
 
 
+def first_error(rows: list[StageMetrics]) -> StageMetrics | None:
+    """The first stage whose relative L2 error reaches JUMP_FLOOR: where error enters."""
+    return next((r for r in rows if r.rel_l2 >= JUMP_FLOOR), None)
+
+
 def first_jump(rows: list[StageMetrics]) -> StageMetrics | None:
+    """The first stage after the error entered whose error is >= JUMP_RATIO x every earlier stage.
+
+    In a backend check (errors ~0 until a bug) the entering stage is itself the jump; in a recipe
+    comparison quantization noise enters at the very first stage, and a jump is a later amplification.
+    """
+    entered = first_error(rows)
+    if entered is None:
+        return None
     worst = 0.0
     for r in rows:
-        if r.rel_l2 >= JUMP_FLOOR and r.rel_l2 >= JUMP_RATIO * max(worst, JUMP_FLOOR / JUMP_RATIO):
+        if r is not entered and worst >= JUMP_FLOOR and r.rel_l2 >= JUMP_RATIO * worst:
             return r
+        if r is entered and r is not rows[0] and worst < JUMP_FLOOR / JUMP_RATIO:
+            return r  # error appears after exact stages: that is the jump
         worst = max(worst, r.rel_l2)
     return None
 
@@ -91,11 +106,14 @@ def format_table(rows: list[StageMetrics]) -> str:
 
 def write_report(rows: list[StageMetrics], out_dir: Path, title: str, extra: dict | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    jump = first_jump(rows)
+    jump, entered = first_jump(rows), first_error(rows)
     report = {
         "title": title,
+        "first_error": None if entered is None else entered.as_dict(),
         "first_jump": None if jump is None else jump.as_dict(),
-        "jump_rule": f"first stage with rel L2 >= {JUMP_FLOOR} and >= {JUMP_RATIO}x every earlier stage",
+        "jump_rule": f"error enters at the first stage with rel L2 >= {JUMP_FLOOR}; a jump is a later stage "
+        f"with rel L2 >= {JUMP_RATIO}x every earlier stage (or the entering stage when earlier errors are "
+        f"below {JUMP_FLOOR / JUMP_RATIO})",
         "stages": [r.as_dict() for r in rows],
         **(extra or {}),
     }

@@ -10,7 +10,7 @@ from qm_testutil import rand_ids
 
 from qmamba import trace
 from qmamba.cli import main
-from qmamba.compare import JUMP_FLOOR, StageMetrics, compare_stages, first_jump, metrics
+from qmamba.compare import JUMP_FLOOR, StageMetrics, compare_stages, first_error, first_jump, metrics
 from qmamba.model.checkpoint import save_model
 from qmamba.quant.calibrate import CalibOptions, calibrate
 from qmamba.quant.recipes import get_recipe
@@ -52,13 +52,19 @@ def test_metrics_and_first_jump():
     assert m.rel_l2 == 0 and m.sqnr_db == float("inf") and m.cosine == pytest.approx(1.0)
     m = metrics("layers.0.ssm", r, r + 0.1 * r.norm() / 1000**0.5 * torch.randn(1000))
     assert 15 < m.sqnr_db < 25
-    rows = [StageMetrics(f"layers.0.{s}", 0, s, e, 0, 0, 1) for s, e in
-            [("norm", 1e-4), ("in_proj.x", 5e-3), ("conv1d", 6e-3), ("ssm", 5e-2), ("out_proj", 6e-2)]]
-    assert first_jump(rows).stage == "in_proj.x"  # 5e-3 >= floor and >= 2x 1e-4
-    rows[1].rel_l2 = 1.1e-4
-    rows[2].rel_l2 = 1.2e-4
-    assert first_jump(rows).stage == "ssm"
-    assert first_jump([StageMetrics("a", 0, "a", JUMP_FLOOR / 10, 0, 0, 1)]) is None
+    def rows_of(errs):
+        names = ["norm", "in_proj.x", "conv1d", "ssm", "out_proj"]
+        return [StageMetrics(f"layers.0.{s}", 0, s, e, 0, 0, 1) for s, e in zip(names, errs, strict=True)]
+
+    # backend check: exact until a broken stage -> that stage is both where error enters and the jump
+    rows = rows_of([0, 0, 0.3, 0.4, 0.5])
+    assert first_error(rows).stage == "conv1d" and first_jump(rows).stage == "conv1d"
+    # recipe comparison: noise enters at the first quantizer; a later 2x amplification is the jump
+    rows = rows_of([1e-2, 1.5e-2, 1.2e-2, 5e-2, 6e-2])
+    assert first_error(rows).stage == "norm" and first_jump(rows).stage == "ssm"
+    rows = rows_of([1e-2, 1.5e-2, 1.2e-2, 2e-2, 2.5e-2])
+    assert first_error(rows).stage == "norm" and first_jump(rows) is None
+    assert first_jump(rows_of([JUMP_FLOOR / 10] * 5)) is None
 
 
 def test_compare_stages_dequantizes_int8(small_model):
@@ -82,6 +88,7 @@ def test_compare_cli_writes_table_json_png(small_model, tmp_path, text_file, cap
     assert rc == 0
     out = capsys.readouterr().out
     assert "SQNR dB" in out and "hadamard" in out and "x_proj.dt_lowrank" in out
+    assert "error enters at layers.0." in out
     assert "first stage whose error jumps" in out or "no stage's error jumps" in out
     rep = json.loads((tmp_path / "r" / "compare.json").read_text())
     stages = {s["name"] for s in rep["stages"]}

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qmamba import trace
-    from qmamba.compare import first_jump, format_table, write_report
+    from qmamba.compare import compare_stages, first_error, first_jump, format_table, write_report
     from qmamba.data import load_text, sample_windows
     from qmamba.quant.loading import load_runnable
 
@@ -35,16 +35,15 @@ def run(args: argparse.Namespace) -> int:
         ref(ids)
     with trace.trace() as tr_tgt:
         tgt(ids)
-    rows = compare_rows = None
-    from qmamba.compare import compare_stages
-
-    rows = compare_rows = compare_stages(tr_ref.as_dict(), tr_tgt.as_dict())
+    rows = compare_stages(tr_ref.as_dict(), tr_tgt.as_dict())
     title = f"{args.target} vs {args.reference} on {args.model} ({args.batch}x{args.length} tokens)"
     print(title)
-    print(format_table(compare_rows))
-    jump = first_jump(rows)
+    print(format_table(rows))
+    entered, jump = first_error(rows), first_jump(rows)
+    if entered is not None:
+        print(f"error enters at {entered.name} (rel L2 {entered.rel_l2:.3e}, SQNR {entered.sqnr_db:.1f} dB)")
     if jump is None:
-        print("no stage's error jumps (every stage within 2x of the ones before it)")
+        print("no stage's error jumps (no stage reaches 2x the error of every stage before it)")
     else:
         print(f"first stage whose error jumps: {jump.name} (rel L2 {jump.rel_l2:.3e}, SQNR {jump.sqnr_db:.1f} dB)")
     write_report(rows, args.out, title, {"reference": args.reference, "target": args.target})

@@ -82,8 +82,10 @@ class Tracer:
                 None if value.mask is None else value.mask.detach().cpu(),
                 value.outlier_scale,
             )
-        else:
+        elif value.is_floating_point():
             value = value.detach().float().cpu()
+        else:
+            value = value.detach().cpu()  # integer tensors (outlier masks) keep their dtype
         self._parts.setdefault(name, []).append(value)
 
     @property

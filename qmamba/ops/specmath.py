@@ -65,10 +65,16 @@ def silu_r(x: torch.Tensor) -> torch.Tensor:
 
 
 def softplus_r(x: torch.Tensor) -> torch.Tensor:
-    """float32(log1p(exp(x))) in float64; x > 20 returns x (as torch and mamba do)."""
+    """float32(log1p(exp(x))) in float64; x > 20 returns x (as torch and mamba do).
+
+    log1p(e) is written with log only (w = 1 + e; log(w) * e / (w - 1), or e when w == 1, accurate
+    to a few float64 ulps), so runtimes without a log1p (ONNX) compute the same float64 operations.
+    """
     x64 = x.double()
-    sp = torch.log1p(torch.exp(x64))
-    return torch.where(x64 > 20.0, x64, sp).float()
+    e = torch.exp(x64)
+    w = 1.0 + e
+    lp = torch.where(w == 1.0, e, torch.log(w) * e / (w - 1.0))
+    return torch.where(x64 > 20.0, x64, lp).float()
 
 
 def sum_r(x: torch.Tensor, dim: int) -> torch.Tensor:

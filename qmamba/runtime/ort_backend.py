@@ -14,19 +14,13 @@ class OrtBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, export_dir: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from export.ort import session
 
         self.dir = Path(export_dir)
         for g in ("prefill", "decode"):
             if not (self.dir / f"{g}.onnx").is_file():
                 raise FileNotFoundError(f"{self.dir / (g + '.onnx')} not found: run qmamba export first")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.sessions = {
-            g: ort.InferenceSession(str(self.dir / f"{g}.onnx"), opts, providers=["CPUExecutionProvider"])
-            for g in ("prefill", "decode")
-        }
+        self.sessions = {g: session(self.dir / f"{g}.onnx", threads) for g in ("prefill", "decode")}
         logits = next(o for o in self.sessions["prefill"].get_outputs() if o.name == "logits")
         v = logits.shape[-1]
         if not isinstance(v, int):

@@ -99,7 +99,10 @@ class Builder:
         s = self.sum_r(self.op("Mul", [x, x]), -1, keepdims=1)
         d = self.cast(self.op("Shape", [x], start=-1), F32)
         ms = self.op("Div", [s, d])
-        rr = self.op("Div", [self.const(1.0, np.float32), self.op("Sqrt", [self.op("Add", [ms, eps])])])
+        root = self.cast(self.op("Sqrt", [self.cast(self.op("Add", [ms, eps]), F64)]), F32)  # spec: sqrt_r
+        # Reciprocal, not Div(1, root): ORT's DivMulFusion rewrites Mul(x, Div(1, r)) into Div(x, r),
+        # which rounds differently from the spec's x * fl(1 / r).
+        rr = self.op("Reciprocal", [root])
         return self.op("Mul", [self.op("Mul", [x, rr]), w])
 
 

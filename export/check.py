@@ -138,7 +138,7 @@ def reference_run(ref_dir: Path, meta: dict, ids: torch.Tensor, graph: str) -> t
             raise UserError(f"--reference holds recipe {model.recipe.name}; the ONNX file is {meta['recipe']}")
     if model.cfg.to_hf() != meta["model_config"]:
         raise UserError("--reference is a different model than the one exported (config differs)")
-    with trace.trace() as tr:
+    with torch.no_grad(), trace.trace() as tr:
         _, states = model(ids)
     out: dict[str, np.ndarray] = {}
     for name in tr.names:
@@ -148,7 +148,7 @@ def reference_run(ref_dir: Path, meta: dict, ids: torch.Tensor, graph: str) -> t
         first, last = meta["layers"][0], meta["layers"][-1]
         if first == 0:
             emb = model.embedding if hasattr(model, "embedding") else model.backbone.embeddings.weight
-            resid = torch.nn.functional.embedding(ids, emb).float().numpy()
+            resid = torch.nn.functional.embedding(ids, emb.detach()).float().numpy()
         else:
             resid = out[f"layers.{first - 1}.block"]
         keep = {k: v for k, v in out.items() if k.startswith("layers.") and
@@ -206,12 +206,18 @@ def check(model: Path, reference: Path, backend: str, batch: int = 2, seq_len: i
         atol[n] = tol.int_atol if integer else tol.float_atol
         rtol[n] = 0.0 if integer else tol.float_rtol
     results = RunResults()
-    results.append(("pytorch", [IterationResult({n: ref[n] for n in names}, runner_name="pytorch")]))
-    results.append((be.name, [IterationResult({n: got[n].astype(ref[n].dtype, copy=False) for n in names},
-                                              runner_name=be.name)]))
+    ref = {n: np.ascontiguousarray(ref[n]) for n in names}
+    got = {n: np.ascontiguousarray(got[n].astype(ref[n].dtype, copy=False)) for n in names}
+    results.append(("pytorch", [IterationResult(dict(ref), runner_name="pytorch")]))
+    results.append((be.name, [IterationResult(dict(got), runner_name=be.name)]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    accuracy = Comparator.compare_accuracy(
-        results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True))
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+
+        func = SimpleCompareFunc(atol=atol, rtol=rtol, check_shapes=True)
+    except ImportError:  # Polygraphy < 0.50
+        func = CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
+    accuracy = Comparator.compare_accuracy(results, compare_func=func)
     passed = {}
     # Polygraphy >= 0.50 returns AccuracyResults (one AccuracyResult per compare_func); older, one AccuracyResult
     results_list = list(accuracy) if hasattr(accuracy, "output_names") and not hasattr(accuracy, "items") \

@@ -29,6 +29,17 @@ def test_quantize_uses_division_not_reciprocal():
     assert quantize(x, s).item() == int(div.item())
 
 
+def test_reference_sqrt_and_division_are_correctly_rounded():
+    import numpy as np
+
+    from qmamba.ops.specmath import sqrt_r
+
+    x = torch.rand(1_000_000, generator=torch.Generator().manual_seed(5)) * 10 + 1e-3
+    assert torch.equal(sqrt_r(x), torch.from_numpy(np.sqrt(x.numpy())))  # numpy's sqrtf is IEEE
+    s = torch.tensor(0.0370001)
+    assert torch.equal(x / s, torch.from_numpy(x.numpy() / np.float32(0.0370001)))
+
+
 def test_code_recovery_is_exact_for_every_code_and_many_scales():
     q = torch.arange(-128, 128, dtype=torch.float32)
     for s in torch.rand(200, generator=torch.Generator().manual_seed(0)) * 10 + 1e-6:

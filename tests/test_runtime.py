@@ -92,3 +92,22 @@ def test_quantized_backend_prefill_plus_decode_equals_longer_prefill(small_model
     assert (logits - full).abs().max().item() < 1e-5
     both = be.cat_states([be.select_states(st, [1]), be.select_states(st, [0])])
     assert torch.equal(both[0].conv[0], st[0].conv[1]) and torch.equal(both[0].ssm[1], st[0].ssm[0])
+
+
+def test_greedy_generation_identical_torch_and_onnxruntime(tiny_model_dir, tmp_path):
+    from export.exporter import export
+    from qmamba.quant.checkpoint import load_quantized, save_quantized
+    from qmamba.runtime.ort_backend import OrtBackend
+
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    from qmamba.model.checkpoint import load_model
+
+    q = calibrate(load_model(tiny_model_dir), get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False)
+    save_quantized(q, tmp_path / "q")
+    export(tmp_path / "q", tmp_path / "onnx")
+    prompts = ["KING:", "To be, or not to be", "O Romeo"]
+    params = [SamplingParams(24), SamplingParams(16), SamplingParams(20, stop=("\n",))]
+    a = Generator(TorchBackend(load_quantized(tmp_path / "q")), ByteTokenizer()).generate(prompts, params)
+    b = Generator(OrtBackend(tmp_path / "onnx"), ByteTokenizer()).generate(prompts, params)
+    assert [c.text for c in a] == [c.text for c in b]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]

@@ -1,0 +1,166 @@
+"""ctypes binding of libqmamba_kernels.so (trt_plugins/kernels, C ABI in qmamba_kernels.h).
+
+Functions mirror qmamba/ops/ref.py and take CUDA torch tensors; a non-OK status becomes KernelError
+with the library's message. `load_library()` finds the .so (argument, then build/trt_plugins/) or
+builds it with trt_plugins/kernels/build.sh when nvcc is available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LIB = ROOT / "build" / "trt_plugins" / "libqmamba_kernels.so"
+
+INT8, FLOAT32, FLOAT16 = 2, 0, 1  # qm_dtype
+_lib: ctypes.CDLL | None = None
+
+
+class KernelError(RuntimeError):
+    """A kernel call returned an error status; the message is the library's."""
+
+
+class ScanArgs(ctypes.Structure):
+    _fields_ = [
+        ("input_dtype", ctypes.c_int),
+        ("u", ctypes.c_void_p), ("u_mask", ctypes.c_void_p), ("dt", ctypes.c_void_p), ("B", ctypes.c_void_p),
+        ("C", ctypes.c_void_p), ("z", ctypes.c_void_p), ("A", ctypes.c_void_p), ("Dskip", ctypes.c_void_p),
+        ("dt_bias", ctypes.c_void_p), ("initial_state", ctypes.c_void_p), ("y", ctypes.c_void_p),
+        ("y_dtype", ctypes.c_int), ("final_state", ctypes.c_void_p),
+        ("batch", ctypes.c_int), ("seqlen", ctypes.c_int), ("dim", ctypes.c_int), ("dstate", ctypes.c_int),
+        ("dual_scale", ctypes.c_int),
+        ("u_scale", ctypes.c_float), ("u_outlier_scale", ctypes.c_float), ("dt_scale", ctypes.c_float),
+        ("B_scale", ctypes.c_float), ("C_scale", ctypes.c_float), ("z_scale", ctypes.c_float),
+        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
+    ]
+
+
+def build_library(out_dir: Path = DEFAULT_LIB.parent, arch: str = "-gencode arch=compute_90,code=sm_90") -> Path:
+    script = ROOT / "trt_plugins" / "kernels" / "build.sh"
+    r = subprocess.run(["bash", str(script), str(out_dir), *arch.split()], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise KernelError(f"building the kernels failed:\n{r.stderr[-3000:]}")
+    return out_dir / "libqmamba_kernels.so"
+
+
+def load_library(path: str | Path | None = None, build: bool = True) -> ctypes.CDLL:
+    global _lib
+    if _lib is not None and path is None:
+        return _lib
+    p = Path(path) if path else DEFAULT_LIB
+    if not p.is_file():
+        if not build:
+            raise KernelError(f"{p} not found: build it with trt_plugins/kernels/build.sh")
+        p = build_library(p.parent)
+    lib = ctypes.CDLL(str(p))
+    lib.qm_last_error.restype = ctypes.c_char_p
+    lib.qm_status_string.restype = ctypes.c_char_p
+    if lib.qm_abi_version() != 1:
+        raise KernelError(f"{p} has C ABI version {lib.qm_abi_version()}, this binding speaks 1")
+    if path is None:
+        _lib = lib
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    if t is None:
+        return None
+    if not t.is_cuda:
+        raise KernelError("kernel inputs must be CUDA tensors")
+    if not t.is_contiguous():
+        raise KernelError("kernel inputs must be contiguous")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _stream() -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        lib = load_library()
+        raise KernelError(f"{lib.qm_status_string(rc).decode()}: {lib.qm_last_error().decode()}")
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+    lib = load_library()
+    y = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    d = x.shape[-1]
+    _check(lib.qm_rmsnorm_quant(_ptr(x), _ptr(weight), _ptr(y), ctypes.c_int64(x.numel() // d), ctypes.c_int(d),
+                                ctypes.c_float(eps), ctypes.c_float(scale), _stream()))
+    return y
+
+
+def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: float, conv_state=None,
+                        outlier_scale: float | None = None, state_out: torch.Tensor | None = None):
+    """(u, mask or None, new conv state). state_out may be conv_state (in place)."""
+    lib = load_library()
+    b, l, d = x_q.shape
+    k = w_q.shape[1]
+    u = torch.empty_like(x_q)
+    dual = outlier_scale is not None
+    mask = torch.empty(x_q.shape, dtype=torch.uint8, device=x_q.device) if dual else None
+    new_state = state_out if state_out is not None else torch.empty(b, d, k - 1, dtype=torch.int8,
+                                                                    device=x_q.device)
+    _check(lib.qm_quant_causal_conv1d(
+        _ptr(x_q), _ptr(w_q), _ptr(w_scale), _ptr(bias), _ptr(conv_state), _ptr(u), _ptr(mask), _ptr(new_state),
+        b, l, d, k, ctypes.c_float(in_scale), ctypes.c_float(out_scale), ctypes.c_float(outlier_scale or 0.0),
+        int(dual), _stream()))
+    return u, mask, new_state
+
+
+def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
+          scales: dict) -> torch.Tensor:
+    lib = load_library()
+    bsz, l, d = u.shape
+    n = A.shape[1]
+    y = torch.empty(bsz, l, d, dtype=y_dtype, device=u.device)
+    args = ScanArgs(
+        input_dtype, _ptr(u), _ptr(mask), _ptr(dt), _ptr(B), _ptr(C), _ptr(z), _ptr(A), _ptr(D), _ptr(dt_bias),
+        _ptr(initial_state), _ptr(y), FLOAT16 if y_dtype == torch.float16 else FLOAT32, _ptr(final_state),
+        bsz, l, d, n, int(mask is not None), scales.get("u_scale", 1.0), scales.get("u_outlier_scale") or 0.0,
+        scales.get("dt_scale", 1.0), scales.get("B_scale", 1.0), scales.get("C_scale", 1.0),
+        scales.get("z_scale", 1.0), None, 0)
+    _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
+    return y
+
+
+def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32):
+    """Float-input scan, as ref.selective_scan: (y, final state)."""
+    state = torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32, device=u.device)
+    y = _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, state, y_dtype, {})
+    return y, state
+
+
+def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, u_scale, u_outlier_scale,
+                              dt_scale, B_scale, C_scale, z_scale, initial_state=None, y_dtype=torch.float32):
+    """int8-input scan, as ref.dual_scale_selective_scan: (y, final state)."""
+    state = torch.empty(u_q.shape[0], u_q.shape[2], A.shape[1], dtype=torch.float32, device=u_q.device)
+    scales = dict(u_scale=u_scale, u_outlier_scale=u_outlier_scale, dt_scale=dt_scale, B_scale=B_scale,
+                  C_scale=C_scale, z_scale=z_scale)
+    y = _scan("qm_selective_scan", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, initial_state, state,
+              y_dtype, scales)
+    return y, state
+
+
+def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
+                           y_dtype=torch.float32, **scales):
+    """Decode step (L = 1): (y, new state); in_place=True updates `state` itself."""
+    out = state if in_place else torch.empty_like(state)
+    y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
+              y_dtype, scales)
+    return y, out
+
+
+def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
+    lib = load_library()
+    d = y.shape[-1]
+    out = torch.empty(y.shape, dtype=torch.int8, device=y.device)
+    dtype = FLOAT16 if y.dtype == torch.float16 else FLOAT32
+    _check(lib.qm_hadamard_quant(_ptr(y), dtype, _ptr(out), ctypes.c_int64(y.numel() // d), ctypes.c_int(d),
+                                 ctypes.c_float(scale), _stream()))
+    return out

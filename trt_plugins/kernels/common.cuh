@@ -1,0 +1,61 @@
+// Shared helpers of the qmamba kernels: spec arithmetic (docs/quantization.md section 2) and errors.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "qmamba_kernels.h"
+
+namespace qm {
+
+// Thread-local last error message, set by fail().
+void set_error(const char* fmt, ...);
+int fail_cuda(const char* what, cudaError_t e);
+
+// Spec rule 1: clamp(rne(x / s), -128, 127), IEEE division, no reciprocal multiply.
+__device__ __forceinline__ int8_t quantize(float x, float s) {
+  float q = rintf(__fdiv_rn(x, s));
+  q = fminf(fmaxf(q, -128.f), 127.f);
+  return static_cast<int8_t>(q);
+}
+
+// Spec rule 4: silu evaluated in float64, rounded once.
+__device__ __forceinline__ float silu_r(float v) {
+  double x = static_cast<double>(v);
+  return static_cast<float>(x / (1.0 + exp(-x)));
+}
+
+// Spec rule 4: softplus in float64 with the log-only log1p form.
+__device__ __forceinline__ float softplus_r(float v) {
+  double x = static_cast<double>(v);
+  if (x > 20.0) return v;
+  double e = exp(x);
+  double w = 1.0 + e;
+  double lp = (w == 1.0) ? e : log(w) * e / (w - 1.0);
+  return static_cast<float>(lp);
+}
+
+// Spec rule 7: fl(a * b) in float64.
+__device__ __forceinline__ float scale_product(float a, float b) {
+  return static_cast<float>(static_cast<double>(a) * static_cast<double>(b));
+}
+
+}  // namespace qm
+
+#define QM_CHECK_ARG(cond, ...)   \
+  do {                            \
+    if (!(cond)) {                \
+      qm::set_error(__VA_ARGS__); \
+      return QM_ERR_INVALID_ARGUMENT; \
+    }                             \
+  } while (0)
+
+#define QM_CHECK_LAUNCH(what)                                  \
+  do {                                                         \
+    cudaError_t e_ = cudaGetLastError();                       \
+    if (e_ != cudaSuccess) return qm::fail_cuda((what), e_);   \
+  } while (0)
+
+#define QM_VALID_SCALE(s) (isfinite(s) && (s) > 0.f)

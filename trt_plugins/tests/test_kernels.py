@@ -1,0 +1,176 @@
+"""CUDA kernels against the PyTorch reference (qmamba/ops/ref.py).
+
+GPU tests are marked `gpu` and skip with a reason without a CUDA device. Every check draws fresh random
+inputs (planted outliers for dual-scale) and poisons the outputs first; integer outputs must be
+bit-identical to the reference, float outputs within 1e-5 relative L2.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmamba.ops import ref
+from qmamba.ops.specmath import a_from_a_log
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: kernel tests run on the H100")
+
+
+def test_kernels_compile_with_nvcc(tmp_path):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: kernel compilation not tested")
+    r = subprocess.run(["bash", str(ROOT / "trt_plugins/kernels/build.sh"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "libqmamba_kernels.so")], capture_output=True,
+                        text=True).stdout
+    for sym in ("qm_rmsnorm_quant", "qm_quant_causal_conv1d", "qm_selective_scan", "qm_selective_state_update",
+                "qm_hadamard_quant", "qm_last_error", "qm_abi_version"):
+        assert f" T {sym}" in nm
+
+
+@pytest.fixture(scope="module")
+def k():
+    from qmamba import cuda as qcuda
+
+    qcuda.load_library()
+    return qcuda
+
+
+def _g(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(0x5A if t.dtype in (torch.int8, torch.uint8) else float("nan"))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tokens", "d"), [(1, 768), (3 * 2049, 768), (97, 1536), (5, 5120)])
+def test_rmsnorm_quant_bit_exact(k, tokens, d):
+    x = torch.randn(tokens, d, device="cuda", generator=_g(tokens)) * 3
+    w = torch.rand(d, device="cuda", generator=_g(d)) + 0.5
+    got = k.rms_norm_quant(x, w, 1e-5, 0.02)
+    want = ref.rms_norm_quant(x.cpu(), w.cpu(), 1e-5, 0.02)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("l", [1, 2, 7, 2049])
+@pytest.mark.parametrize("dual", [False, True])
+def test_conv_bit_exact_with_state(k, b, l, dual):
+    d, kk = 1536, 4
+    g = _g(b * 10000 + l)
+    x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (d, kk), dtype=torch.int8, device="cuda", generator=g)
+    ws = torch.rand(d, device="cuda", generator=g) * 0.01 + 1e-4
+    bias = torch.randn(d, device="cuda", generator=g)
+    st = torch.randint(-128, 128, (b, d, kk - 1), dtype=torch.int8, device="cuda", generator=g)
+    s_out = 0.05 if dual else None  # s_in 0.01: many outliers planted by the scale ratio
+    u, mask, new = k.quant_causal_conv1d(x, w, ws, bias, 0.03, 0.01, st, s_out,
+                                         state_out=_poison(torch.empty(b, d, kk - 1, dtype=torch.int8, device="cuda")))
+    wu, wm, wn = ref.quant_causal_conv1d(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, st.cpu(), s_out)
+    assert torch.equal(u.cpu(), wu) and torch.equal(new.cpu(), wn)
+    if dual:
+        assert torch.equal(mask.cpu(), wm) and 0 < wm.float().mean() < 0.9
+    # decode in place: one token continues the state exactly
+    x1 = torch.randint(-128, 128, (b, 1, d), dtype=torch.int8, device="cuda", generator=g)
+    u1, _, same = k.quant_causal_conv1d(x1, w, ws, bias, 0.03, 0.01, new, s_out, state_out=new)
+    wu1, _, wn1 = ref.quant_causal_conv1d(x1.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, wn, s_out)
+    assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
+
+
+def _scan_inputs(b, l, d, n, seed, dual):
+    g = _g(seed)
+    i8 = dict(dtype=torch.int8, device="cuda", generator=g)
+    u = torch.randint(-128, 128, (b, l, d), **i8)
+    mask = (torch.rand(b, l, d, device="cuda", generator=g) < 0.01).to(torch.uint8) if dual else None
+    dt, z = torch.randint(-128, 128, (b, l, d), **i8), torch.randint(-128, 128, (b, l, d), **i8)
+    bm, cm = torch.randint(-128, 128, (b, l, n), **i8), torch.randint(-128, 128, (b, l, n), **i8)
+    a_log = torch.log(torch.arange(1, n + 1, device="cuda", dtype=torch.float32)).repeat(d, 1)
+    a_log += 0.1 * torch.randn(d, n, device="cuda", generator=g)
+    A = a_from_a_log(a_log.cpu()).cuda()
+    D = torch.randn(d, device="cuda", generator=g)
+    dt_bias = torch.rand(d, device="cuda", generator=g) * -4 - 2
+    h0 = torch.randn(b, d, n, device="cuda", generator=g) * 0.1
+    scales = dict(u_scale=0.02, u_outlier_scale=0.2 if dual else None, dt_scale=0.03, B_scale=0.02, C_scale=0.02,
+                  z_scale=0.03)
+    return (u, mask, dt, bm, cm, z, A, D, dt_bias), h0, scales
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
+                                           (1, 8192, 128)])
+@pytest.mark.parametrize("dual", [False, True])
+def test_scan_matches_reference(k, b, l, d, dual):
+    ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)
+    y, h = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    assert torch.isfinite(y).all()
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+    y16, _ = k.dual_scale_selective_scan(*ins, initial_state=h0, y_dtype=torch.float16, **scales)
+    assert rel(y16.float(), wy) <= 2e-3  # fp16 output rounding
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_float_scan_and_decode_update(k):
+    b, l, d, n = 3, 33, 512, 16
+    g = _g(7)
+    f = [torch.randn(b, l, d, device="cuda", generator=g), torch.randn(b, l, d, device="cuda", generator=g)]
+    A = -torch.rand(d, n, device="cuda", generator=g) - 0.1
+    B, C = torch.randn(b, l, n, device="cuda", generator=g), torch.randn(b, l, n, device="cuda", generator=g)
+    D, z, dtb = torch.randn(d, device="cuda", generator=g), torch.randn(b, l, d, device="cuda", generator=g), \
+        torch.randn(d, device="cuda", generator=g)
+    y, h = k.selective_scan(f[0], f[1], A, B, C, D, z, dtb)
+    wy, wh = ref.selective_scan(f[0], f[1], A, B, C, D, z, dtb)
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+    ins, h0, scales = _scan_inputs(2, 5, d, n, 11, True)
+    yy, hh = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    state = h0.clone()
+    for t in range(5):
+        step = [x[:, t : t + 1].contiguous() if x is not None and x.dim() == 3 else x for x in ins]
+        y1, _ = k.selective_state_update(state, *step, in_place=True, **scales)
+        assert rel(y1[:, 0], yy[:, t]) <= 1e-5
+    assert rel(state, hh) <= 1e-6
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [768, 1536, 4096, 5120])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hadamard_quant_bit_exact(k, d, dtype):
+    y = (torch.randn(3, 41, d, device="cuda", generator=_g(d)) * 2).to(dtype)
+    got = k.hadamard_quant(y, 0.01)
+    want = ref.hadamard_quant(y.float().cpu(), 0.01)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_invalid_arguments_are_reported(k):
+    y = torch.randn(2, 21, device="cuda")
+    with pytest.raises(k.KernelError, match="unsupported: .*dim=21"):
+        k.hadamard_quant(y, 0.1)
+    with pytest.raises(k.KernelError, match="scale must be positive"):
+        k.hadamard_quant(torch.randn(2, 16, device="cuda"), -1.0)
+    x = torch.randint(-128, 128, (1, 4, 8), dtype=torch.int8, device="cuda")
+    w = torch.randint(-128, 128, (8, 9), dtype=torch.int8, device="cuda")
+    with pytest.raises(k.KernelError, match="kernel_size=9"):
+        k.quant_causal_conv1d(x, w, torch.ones(8, device="cuda"), torch.zeros(8, device="cuda"), 0.1, 0.1)
+    lib = k.load_library()
+    assert lib.qm_rmsnorm_quant(None, None, None, 1, 8, 1e-5, 0.1, None) == 1
+    assert b"non-null" in lib.qm_last_error()

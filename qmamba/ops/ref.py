@@ -110,7 +110,7 @@ def causal_conv1d_silu(
     bsz, seqlen, d = x.shape
     k = weight.shape[1]
     if conv_state is None:
-        conv_state = torch.zeros(bsz, d, k - 1, dtype=x.dtype)
+        conv_state = torch.zeros(bsz, d, k - 1, dtype=x.dtype, device=x.device)
     xt = torch.cat([conv_state.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, K-1+L, D]
     windows = xt.unfold(1, k, 1)  # [B, L, D, K]
     v = sum_r(windows.float() * weight.float(), -1) + bias.float()
@@ -138,7 +138,7 @@ def quant_causal_conv1d(
     bsz, seqlen, d = x_q.shape
     k = w_q.shape[1]
     if conv_state is None:
-        conv_state = torch.zeros(bsz, d, k - 1, dtype=torch.int8)
+        conv_state = torch.zeros(bsz, d, k - 1, dtype=torch.int8, device=x_q.device)
     xt = torch.cat([conv_state.transpose(1, 2), x_q], dim=1).to(torch.int32)
     acc = (xt.unfold(1, k, 1) * w_q.to(torch.int32)).sum(-1)  # [B, L, D]
     v = acc.float() * requant_multiplier(in_scale, w_scale) + bias.float()
@@ -176,7 +176,7 @@ def selective_scan(
     delta = softplus_r(dt + dt_bias.float())
     du = delta * u
     h = (
-        torch.zeros(bsz, d, n, dtype=torch.float32)
+        torch.zeros(bsz, d, n, dtype=torch.float32, device=u.device)
         if initial_state is None
         else initial_state.float().clone()
     )

@@ -172,5 +172,8 @@ def test_invalid_arguments_are_reported(k):
     with pytest.raises(k.KernelError, match="kernel_size=9"):
         k.quant_causal_conv1d(x, w, torch.ones(8, device="cuda"), torch.zeros(8, device="cuda"), 0.1, 0.1)
     lib = k.load_library()
-    assert lib.qm_rmsnorm_quant(None, None, None, 1, 8, 1e-5, 0.1, None) == 1
+    import ctypes
+
+    f = ctypes.c_float
+    assert lib.qm_rmsnorm_quant(None, None, None, ctypes.c_int64(1), 8, f(1e-5), f(0.1), None) == 1
     assert b"non-null" in lib.qm_last_error()

@@ -88,7 +88,7 @@ def main() -> None:
         d = 5120
         sets = scan_sets(b, 1, d, n, 3)
         st = torch.randn(b, d, n, device="cuda")
-        ms = timeit(lambda *a: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
+        ms = timeit(lambda *a, st=st: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
         by = b * d * 6 + b * 2 * n + b * d * n * 4 * 2
         lines.append(f"| state update (decode) | B{b} D{d} | {ms:.4f} | {by / bw * 1e3:.4f} | "
                      f"{100 * by / bw * 1e3 / ms:.0f}% | |")
@@ -98,7 +98,8 @@ def main() -> None:
         x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)
         w = torch.randint(-128, 128, (d, 4), dtype=torch.int8, device="cuda", generator=g)
         ws, bias = torch.rand(d, device="cuda") * 0.01, torch.randn(d, device="cuda")
-        ms = timeit(lambda x_: k.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None, 0.05), [(x,)], args.reps)
+        ms = timeit(lambda x_, w=w, ws=ws, bias=bias: k.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None, 0.05),
+                    [(x,)], args.reps)
         by = b * l * d * 3
         lines.append(f"| conv1d + SiLU + dual-scale quant | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
                      f"{100 * by / bw * 1e3 / ms:.0f}% | |")

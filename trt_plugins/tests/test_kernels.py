@@ -92,6 +92,17 @@ def test_conv_bit_exact_with_state(k, b, l, dual):
     assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
 
 
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [8, 32, 64])
+@pytest.mark.parametrize("d", [256, 4096])  # B*D 768 -> lane-parallel path (N <= 32); 12288 -> thread per (b, d)
+def test_scan_state_sizes(k, n, d):
+    ins, h0, scales = _scan_inputs(3, 37, d, n, n, True)
+    y, h = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+
+
 def _scan_inputs(b, l, d, n, seed, dual):
     g = _g(seed)
     i8 = dict(dtype=torch.int8, device="cuda", generator=g)

@@ -34,6 +34,16 @@ def test_kernels_compile_with_nvcc(tmp_path):
         assert f" T {sym}" in nm
 
 
+def test_cmake_configures_and_says_why_plugins_are_skipped(tmp_path):
+    if shutil.which("cmake") is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc not found: CMake project not tested")
+    r = subprocess.run(["cmake", "-S", str(ROOT / "trt_plugins"), "-B", str(tmp_path), "-DCMAKE_CUDA_ARCHITECTURES=90",
+                        f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}", "-DTensorRT_ROOT=/nonexistent"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the plugin library is SKIPPED" in r.stdout
+
+
 @pytest.fixture(scope="module")
 def k():
     from qmamba import cuda as qcuda

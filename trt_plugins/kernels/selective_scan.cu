@@ -1,5 +1,6 @@
 // Selective scan (spec 4.4, 4.5) and the decode state update.
-// v2 (N = 8/16/32): N lanes per (b, d), one state each, y reduced by shuffles, fast float32 math.
+// v3 (int8 inputs): 32-step chunks staged in shared memory, one thread per channel, fast float32 math.
+// v2 (float inputs, N = 8/16/32, small B*D): N lanes per (b, d), y reduced by shuffles.
 // v1 (N = 64): one thread per (b, d) with the N states in registers, spec-order float math.
 // Both walk time sequentially; a chunked parallel scan is the next step: trt_plugins/bench/NOTES.md.
 #include "common.cuh"
@@ -117,6 +118,86 @@ __global__ void scan_lanes_kernel(qm_scan_args a) {
   if (active && a.final_state) a.final_state[sidx] = h;
 }
 
+
+// v3 (int8 inputs): a block owns 128 consecutive channels of one batch row and walks time in chunks of
+// kChunk steps staged in shared memory with coalesced loads; B and C are dequantized once per block.
+constexpr int kChunk = 32;
+constexpr int kTile = 128;
+
+template <int N>
+__global__ void __launch_bounds__(kTile) scan_chunk_kernel(qm_scan_args a) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  __shared__ int8_t su[kChunk][kTile], sdt[kChunk][kTile], sz[kChunk][kTile];
+  __shared__ uint8_t smask[kChunk][kTile];
+  __shared__ float sB[kChunk][N], sC[kChunk][N];
+  const int D = a.dim, L = a.seqlen, b = blockIdx.y;
+  const int d0 = blockIdx.x * kTile, d = d0 + threadIdx.x;
+  const bool active = d < D;
+  const int8_t* U = static_cast<const int8_t*>(a.u);
+  const int8_t* DT = static_cast<const int8_t*>(a.dt);
+  const int8_t* Z = static_cast<const int8_t*>(a.z);
+  const int8_t* Bq = static_cast<const int8_t*>(a.B);
+  const int8_t* Cq = static_cast<const int8_t*>(a.C);
+  float h[N], A2[N];
+  const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    h[n] = (active && a.initial_state) ? a.initial_state[sbase + n] : 0.f;
+    A2[n] = active ? a.A[static_cast<int64_t>(d) * N + n] * kLog2e : 0.f;
+  }
+  const float dskip = (active && a.Dskip) ? a.Dskip[d] : 0.f;
+  const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
+  for (int t0 = 0; t0 < L; t0 += kChunk) {
+    const int nt = min(kChunk, L - t0);
+    for (int i = threadIdx.x; i < nt * kTile; i += kTile) {
+      const int tt = i / kTile, dd = i % kTile;
+      if (d0 + dd < D) {
+        const int64_t e = (static_cast<int64_t>(b) * L + t0 + tt) * D + d0 + dd;
+        su[tt][dd] = U[e];
+        sdt[tt][dd] = DT[e];
+        if (Z) sz[tt][dd] = Z[e];
+        if (a.dual_scale) smask[tt][dd] = a.u_mask[e];
+      }
+    }
+    for (int i = threadIdx.x; i < nt * N; i += kTile) {
+      const int tt = i / N, n = i % N;
+      const int64_t e = (static_cast<int64_t>(b) * L + t0 + tt) * N + n;
+      sB[tt][n] = static_cast<float>(Bq[e]) * a.B_scale;
+      sC[tt][n] = static_cast<float>(Cq[e]) * a.C_scale;
+    }
+    __syncthreads();
+    if (active) {
+      for (int tt = 0; tt < nt; ++tt) {
+        const float su_s = (a.dual_scale && smask[tt][threadIdx.x]) ? a.u_outlier_scale : a.u_scale;
+        const float u = static_cast<float>(su[tt][threadIdx.x]) * su_s;
+        const float x = static_cast<float>(sdt[tt][threadIdx.x]) * a.dt_scale + bias;
+        const float delta = x > 20.f ? x : log1pf(__expf(x));
+        const float dlu = delta * u;
+        float y = 0.f;
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          h[n] = exp2f(delta * A2[n]) * h[n] + dlu * sB[tt][n];
+          y += h[n] * sC[tt][n];
+        }
+        y += dskip * u;
+        if (Z) {
+          const float zv = static_cast<float>(sz[tt][threadIdx.x]) * a.z_scale;
+          y *= zv / (1.f + __expf(-zv));
+        }
+        const int64_t e = (static_cast<int64_t>(b) * L + t0 + tt) * D + d;
+        if (a.y_dtype == QM_DTYPE_FLOAT16)
+          static_cast<__half*>(a.y)[e] = __float2half_rn(y);
+        else
+          static_cast<float*>(a.y)[e] = y;
+      }
+    }
+    __syncthreads();
+  }
+  if (active && a.final_state)
+#pragma unroll
+    for (int n = 0; n < N; ++n) a.final_state[sbase + n] = h[n];
+}
+
 int validate(const qm_scan_args* a, const char* fn) {
   QM_CHECK_ARG(a, "%s: args must be non-null", fn);
   QM_CHECK_ARG(a->u && a->dt && a->B && a->C && a->A && a->y, "%s: u, dt, B, C, A and y must be non-null", fn);
@@ -146,7 +227,18 @@ int launch(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   const int threads = 128;
   unsigned blocks = static_cast<unsigned>((rows + threads - 1) / threads);
   const unsigned lane_blocks = static_cast<unsigned>((rows * a->dstate + threads - 1) / threads);
-  // v2 wins while the GPU is under-filled (B*D <= 8192 measured on the H100); v1 beyond (NOTES.md)
+  if (a->input_dtype == QM_DTYPE_INT8) {  // v3
+    dim3 grid(static_cast<unsigned>((a->dim + kTile - 1) / kTile), static_cast<unsigned>(a->batch));
+    switch (a->dstate) {
+      case 8: scan_chunk_kernel<8><<<grid, kTile, 0, stream>>>(*a); break;
+      case 16: scan_chunk_kernel<16><<<grid, kTile, 0, stream>>>(*a); break;
+      case 32: scan_chunk_kernel<32><<<grid, kTile, 0, stream>>>(*a); break;
+      default: scan_chunk_kernel<64><<<grid, kTile, 0, stream>>>(*a); break;
+    }
+    QM_CHECK_LAUNCH(fn);
+    return QM_OK;
+  }
+  // float inputs. v2 wins while the GPU is under-filled (B*D <= 8192 measured on the H100); v1 beyond
   const bool lanes = rows <= 8192;
   switch (lanes ? a->dstate : 64 + a->dstate) {
     case 8: scan_lanes_kernel<8><<<lane_blocks, threads, 0, stream>>>(*a); break;

@@ -31,6 +31,14 @@ class LayerState:
     ssm: torch.Tensor  # [B, D, N] float32
 
 
+def check_inputs(input_ids: torch.Tensor, states: list[LayerState] | None, n_layer: int) -> None:
+    """The forward() contract shared by the float and quantized models."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if states is not None and len(states) != n_layer:
+        raise ValueError(f"states has {len(states)} layers, model has {n_layer}")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float) -> None:
         super().__init__()
@@ -189,10 +197,7 @@ class MambaLM(nn.Module):
         states: list[LayerState] | None = None,
         fast: bool = False,
     ) -> tuple[torch.Tensor, list[LayerState]]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if states is not None and len(states) != self.cfg.n_layer:
-            raise ValueError(f"states has {len(states)} layers, model has {self.cfg.n_layer}")
+        check_inputs(input_ids, states, self.cfg.n_layer)
         residual = self.backbone.embeddings(input_ids).float()
         new_states = []
         for i, blk in enumerate(self.backbone.layers):

@@ -21,41 +21,30 @@ import torch
 SUPPORTED_M = (1, 12, 20, 28)
 
 
-def _legendre(q: int):
-    """chi(a): the quadratic character mod the prime q (0, 1 or -1)."""
+def _conference(q: int, column_sign: int) -> torch.Tensor:
+    """The (q+1)x(q+1) bordered Jacobsthal matrix: Q[i,j] = chi(j - i) (quadratic character mod the prime q),
+    a border row of +1 and a border column of column_sign, zero diagonal."""
     residues = {(i * i) % q for i in range(1, q)}
-
-    def chi(a: int) -> int:
-        a %= q
-        return 0 if a == 0 else (1 if a in residues else -1)
-
-    return chi
+    n = q + 1
+    c = torch.zeros(n, n, dtype=torch.int64)
+    c[0, 1:] = 1
+    c[1:, 0] = column_sign
+    for i in range(q):
+        for j in range(q):
+            a = (j - i) % q
+            c[i + 1, j + 1] = 0 if a == 0 else (1 if a in residues else -1)
+    return c
 
 
 def _paley1(q: int) -> torch.Tensor:
-    """Paley construction I (q prime, q = 3 mod 4): Hadamard matrix of order q + 1."""
-    chi = _legendre(q)
-    n = q + 1
-    h = torch.zeros(n, n, dtype=torch.int64)
-    h[0, 1:] = 1
-    h[1:, 0] = -1
-    for i in range(q):
-        for j in range(q):
-            h[i + 1, j + 1] = chi(j - i)
-    h += torch.eye(n, dtype=torch.int64)
-    return h
+    """Paley construction I (q prime, q = 3 mod 4): H = I + C, C skew, order q + 1."""
+    return _conference(q, -1) + torch.eye(q + 1, dtype=torch.int64)
 
 
 def _paley2(q: int) -> torch.Tensor:
-    """Paley construction II (q prime, q = 1 mod 4): Hadamard matrix of order 2(q + 1)."""
-    chi = _legendre(q)
+    """Paley construction II (q prime, q = 1 mod 4): C symmetric, each entry -> a 2x2 block, order 2(q + 1)."""
+    s = _conference(q, 1)
     n = q + 1
-    s = torch.zeros(n, n, dtype=torch.int64)
-    s[0, 1:] = 1
-    s[1:, 0] = 1
-    for i in range(q):
-        for j in range(q):
-            s[i + 1, j + 1] = chi(j - i)
     h = torch.zeros(2 * n, 2 * n, dtype=torch.int64)
     for i in range(n):
         for j in range(n):

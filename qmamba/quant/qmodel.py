@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from qmamba import trace
 from qmamba.config import MambaConfig
-from qmamba.model.mamba import LayerState
+from qmamba.model.mamba import LayerState, check_inputs
 from qmamba.ops import ref
 from qmamba.ops.hadamard import hadamard_transform
 from qmamba.ops.specmath import (
@@ -206,10 +206,7 @@ class QuantMambaLM:
         states: list[LayerState] | None = None,
         simulate: bool = False,
     ) -> tuple[torch.Tensor, list[LayerState]]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if states is not None and len(states) != self.cfg.n_layer:
-            raise ValueError(f"states has {len(states)} layers, model has {self.cfg.n_layer}")
+        check_inputs(input_ids, states, self.cfg.n_layer)
         ops = SimOps() if simulate else IntOps()
         residual = F.embedding(input_ids, self.embedding).float()
         new_states = []

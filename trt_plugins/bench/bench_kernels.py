@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import statistics
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -18,26 +22,73 @@ from qmamba import cuda as k
 from qmamba.ops import ref
 
 
-def timeit(fn, sets, reps=30, warmup=5) -> float:
+def timeit(fn, sets, reps=30, warmup=5, calls=10, graph: bool = True) -> float:
+    """Median GPU time of one call, in ms. The calls are captured in a CUDA graph (`calls` per replay, inputs
+    rotating over `sets`) so that Python and launch overhead do not count; falls back to eager launches
+    (each timed with events) for functions that cannot be captured or when graph=False."""
     for i in range(warmup):
         fn(*sets[i % len(sets)])
     torch.cuda.synchronize()
+    try:
+        if not graph:
+            raise RuntimeError("eager timing requested")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(*sets[i % len(sets)])
+        graph.replay()
+        torch.cuda.synchronize()
+    except RuntimeError:
+        graph = None
     times = []
     for i in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn(*sets[i % len(sets)])
+        if graph is not None:
+            graph.replay()
+        else:
+            fn(*sets[i % len(sets)])
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(s.elapsed_time(e) / (calls if graph is not None else 1))
     return statistics.median(times)
 
 
 def hbm_bandwidth() -> float:
     x = torch.empty(2 * 1024**3 // 4, device="cuda")
     y = torch.empty_like(x)
-    ms = timeit(lambda a, b: b.copy_(a), [(x, y)], reps=20)
+    ms = timeit(lambda a, b: b.copy_(a), [(x, y)], reps=20, graph=False)
     return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def exp_throughput() -> float:
+    """exp2/s of this GPU, from trt_plugins/bench/exp_throughput.cu (built here with nvcc)."""
+    src = Path(__file__).with_name("exp_throughput.cu")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "exp_throughput"
+        subprocess.run(["nvcc", "-O3", "-gencode", "arch=compute_90,code=sm_90", str(src), "-o", str(exe)], check=True)
+        return float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+
+
+def import_mamba_ssm(build_dir: str | None):
+    """mamba_ssm's selective_scan_cuda if importable (installed, or a local build dir); else (None, reason)."""
+    if build_dir:
+        sys.path.insert(0, build_dir)
+    try:
+        return importlib.import_module("selective_scan_cuda"), ""
+    except ImportError as e:
+        return None, f"selective_scan_cuda not importable ({e})"
+
+
+def mamba_ssm_sets(sets):
+    """The same problems in mamba_ssm's fp16 layout: u/delta/z [B, D, L], B/C [B, 1 group, N, L]."""
+    out = []
+    for u, _mask, dt, bm, cm, z, A, D, dtb in sets:
+        def chan(x, s):
+            return (x.float() * s).transpose(1, 2).contiguous().half()
+        out.append((chan(u, 0.02), chan(dt, 0.03), A, chan(bm, 0.02).unsqueeze(1), chan(cm, 0.02).unsqueeze(1), D,
+                    chan(z, 0.03), dtb))
+    return out
 
 
 def scan_sets(b, l, d, n, count):
@@ -61,15 +112,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--exp-rate", type=float, default=4.0e12, help="exp2/s (issue's measured H100 figure)")
+    ap.add_argument("--exp-rate", type=float, default=None, help="exp2/s; default: measured (exp_throughput.cu)")
+    ap.add_argument("--mamba-ssm-build", default=None, help="directory holding a built selective_scan_cuda module")
     args = ap.parse_args()
     bw = hbm_bandwidth()
+    measured_exp = args.exp_rate is None
+    if measured_exp:
+        args.exp_rate = exp_throughput()
+    mssm, why = import_mamba_ssm(args.mamba_ssm_build)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"device {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
              f"{datetime.date.today()}, commit {commit or 'n/a'}; measured HBM copy bandwidth "
-             f"{bw / 1e12:.2f} TB/s (read + write); exp throughput {args.exp_rate / 1e12:.1f} T/s (issue's "
-             f"measurement, not re-measured)", "",
-             "| op | shape | ours ms | floor ms | % of floor | PyTorch ref ms |", "|---|---|---|---|---|---|"]
+             f"{bw / 1e12:.2f} TB/s (read + write); exp2 throughput {args.exp_rate / 1e12:.2f} T/s "
+             f"({'measured: exp_throughput.cu, best of 10' if measured_exp else 'given with --exp-rate'}); "
+             f"mamba_ssm: {'selective_scan_cuda.fwd, fp16, z + delta_bias + softplus' if mssm else why}", "",
+             "| op | shape | ours ms | floor ms | % of floor | mamba_ssm fp16 ms | speed-up | PyTorch ref ms |",
+             "|---|---|---|---|---|---|---|---|"]
     n = 16
     for d in (1536, 4096, 5120):
         for b in (1, 8):
@@ -78,20 +136,23 @@ def main() -> None:
                 ms = timeit(lambda *a: k.dual_scale_selective_scan(*a, **SCALES), sets, args.reps)
                 by = b * l * d * (1 + 1 + 1 + 1 + 2) + 2 * b * l * n + b * d * n * 4 * 2 + d * n * 4
                 floor = max(by / bw, b * d * l * n / args.exp_rate) * 1e3
-                refms = ""
+                refms = mms = speed = ""
                 if l <= 1 or (l <= 512 and b == 1 and d == 1536):
-                    refms = f"{timeit(lambda *a: ref.dual_scale_selective_scan(*a, **SCALES), sets, 3, 1):.2f}"
+                    r = timeit(lambda *a: ref.dual_scale_selective_scan(*a, **SCALES), sets, 3, 1, graph=False)
+                    refms = f"{r:.2f}"
+                if mssm is not None:
+                    m = timeit(lambda *a: mssm.fwd(*a, True), mamba_ssm_sets(sets), args.reps)
+                    mms, speed = f"{m:.4f}", f"{m / ms:.2f}x"
                 lines.append(f"| scan (int8 dual-scale in, fp16 y) | B{b} D{d} L{l} | {ms:.4f} | {floor:.4f} | "
-                             f"{100 * floor / ms:.0f}% | {refms} |")
+                             f"{100 * floor / ms:.0f}% | {mms} | {speed} | {refms} |")
                 print(lines[-1], flush=True)
-    for b in (1, 16, 64):
-        d = 5120
-        sets = scan_sets(b, 1, d, n, 3)
-        st = torch.randn(b, d, n, device="cuda")
-        ms = timeit(lambda *a, st=st: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
-        by = b * d * 6 + b * 2 * n + b * d * n * 4 * 2
+    for d, b in ((1536, 1), (1536, 16), (1536, 64), (5120, 1), (5120, 16), (5120, 64)):
+        # one state per input set, 3 sets: at B64 D5120 they (63 MB) exceed the 50 MB L2, as in serving
+        sets = [(torch.randn(b, d, n, device="cuda"), *s) for s in scan_sets(b, 1, d, n, 3)]
+        ms = timeit(lambda st, *a: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
+        by = b * d * 6 + b * 2 * n + b * d * n * 4 * 2 + d * n * 4
         lines.append(f"| state update (decode) | B{b} D{d} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | |")
+                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
         print(lines[-1], flush=True)
     for b, l, d in ((1, 2048, 1536), (8, 2048, 5120)):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -102,13 +163,13 @@ def main() -> None:
                     [(x,)], args.reps)
         by = b * l * d * 3
         lines.append(f"| conv1d + SiLU + dual-scale quant | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | |")
+                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
         print(lines[-1], flush=True)
         y = torch.randn(b, l, d, device="cuda", dtype=torch.float16)
         ms = timeit(lambda y_: k.hadamard_quant(y_, 0.01), [(y,)], args.reps)
         by = b * l * d * 3
         lines.append(f"| Hadamard + quant (fp16 in) | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | |")
+                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:

@@ -104,13 +104,22 @@ def test_conv_bit_exact_with_state(k, b, l, dual):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [8, 32, 64])
-@pytest.mark.parametrize("d", [256, 4096])  # B*D 768 -> lane-parallel path (N <= 32); 12288 -> thread per (b, d)
-def test_scan_state_sizes(k, n, d):
-    ins, h0, scales = _scan_inputs(3, 37, d, n, n, True)
+@pytest.mark.parametrize("n", [8, 16, 32, 64])
+# D not a multiple of 8; several chunks; B*D/8 > 1024 blocks (the int8 N = 16 kernel switches to 8 steps per lane)
+@pytest.mark.parametrize(("d", "l"), [(100, 37), (4096, 37), (20, 300), (4096, 600)])
+def test_scan_state_sizes(k, n, d, l):
+    ins, h0, scales = _scan_inputs(3, l, d, n, n + d + l, True)
     y, h = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
     wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
     assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+    state = h0.clone()  # decode: every step through the state update kernel, in place
+    for t in range(min(l, 5)):
+        step = [x[:, t : t + 1].contiguous() if x is not None and x.dim() == 3 else x for x in ins]
+        y1, _ = k.selective_state_update(state, *step, in_place=True, **scales)
+        assert rel(y1[:, 0], wy[:, t]) <= 1e-5
+    head = [x[:, :5].contiguous() if x is not None and x.dim() == 3 else x for x in ins]
+    _, wh5 = ref.dual_scale_selective_scan(*head, initial_state=h0, **scales)
+    assert rel(state, wh5) <= 1e-5
 
 
 def _scan_inputs(b, l, d, n, seed, dual):
@@ -148,8 +157,9 @@ def test_scan_matches_reference(k, b, l, d, dual):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_float_scan_and_decode_update(k):
-    b, l, d, n = 3, 33, 512, 16
+@pytest.mark.parametrize(("n", "d", "l"), [(16, 512, 33), (64, 100, 300), (8, 24, 1)])
+def test_float_scan_and_decode_update(k, n, d, l):
+    b = 3
     g = _g(7)
     f = [torch.randn(b, l, d, device="cuda", generator=g), torch.randn(b, l, d, device="cuda", generator=g)]
     A = -torch.rand(d, n, device="cuda", generator=g) - 0.1

@@ -1,0 +1,16 @@
+#include "selectiveStateUpdatePlugin.h"
+
+namespace qmamba {
+OpInfo const& SelectiveStateUpdatePlugin::info() {
+  static OpInfo const i{"SelectiveStateUpdate", ScanPlugin::int8Fields()};
+  return i;
+}
+
+IPluginV3* SelectiveStateUpdatePlugin::clone() noexcept {
+  try {
+    return new SelectiveStateUpdatePlugin(mValues);
+  } catch (...) {
+    return nullptr;
+  }
+}
+}  // namespace qmamba

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
-#include <sstream>
+#include <cstdio>
 
 namespace qmamba {
 namespace {
@@ -49,19 +49,27 @@ char const* dataTypeName(DataType t) noexcept {
   }
 }
 
+namespace {
+// printf-style formatting into a std::string. No iostreams: the plugin runs inside other programs' processes,
+// where the global locale and the libstdc++ that iostreams would use are not ours to assume.
+template <class... Args>
+std::string format(char const* fmt, Args... args) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), fmt, args...);
+  return buf;
+}
+}  // namespace
+
 bool parseFields(char const* plugin, std::vector<FieldSpec> const& schema, PluginFieldCollection const* fc,
                  std::vector<double>& values, std::string& why) noexcept {
   try {
-    std::ostringstream err;
-    err << plugin << ": ";
+    const std::string op = std::string(plugin) + ": ";
     if (fc == nullptr) {
-      why = err.str() + "the field collection is null";
+      why = op + "the field collection is null";
       return false;
     }
     if (fc->nbFields < 0 || (fc->nbFields > 0 && fc->fields == nullptr)) {
-      err << "invalid field collection (nbFields=" << fc->nbFields << ", fields=" << (fc->fields ? "set" : "null")
-          << ")";
-      why = err.str();
+      why = op + format("invalid field collection (nbFields=%d, fields=%s)", fc->nbFields, fc->fields ? "set" : "null");
       return false;
     }
     values.assign(schema.size(), 0.0);
@@ -69,55 +77,47 @@ bool parseFields(char const* plugin, std::vector<FieldSpec> const& schema, Plugi
     for (int32_t i = 0; i < fc->nbFields; ++i) {
       PluginField const& f = fc->fields[i];
       if (f.name == nullptr) {
-        err << "field #" << i << " has no name";
-        why = err.str();
+        why = op + format("field #%d has no name", i);
         return false;
       }
       size_t k = 0;
       while (k < schema.size() && std::strcmp(schema[k].name, f.name) != 0) ++k;
       if (k == schema.size()) {
-        err << "unknown field '" << f.name << "' (fields:";
-        for (auto const& s : schema) err << " " << s.name;
-        err << ")";
-        why = err.str();
+        std::string known;
+        for (auto const& s : schema) known += std::string(" ") + s.name;
+        why = op + "unknown field '" + f.name + "' (fields:" + known + ")";
         return false;
       }
       FieldSpec const& s = schema[k];
+      const std::string name = std::string("field '") + s.name + "'";
       if (seen[k]) {
-        err << "field '" << s.name << "' given twice";
-        why = err.str();
+        why = op + name + " given twice";
         return false;
       }
       seen[k] = true;
       if (f.type != s.type) {
-        err << "field '" << s.name << "' has type " << typeName(f.type) << ", expected " << typeName(s.type);
-        why = err.str();
+        why = op + name + " has type " + typeName(f.type) + ", expected " + typeName(s.type);
         return false;
       }
       if (f.length != 1) {
-        err << "field '" << s.name << "' has length " << f.length << ", expected 1";
-        why = err.str();
+        why = op + name + format(" has length %d, expected 1", f.length);
         return false;
       }
       if (f.data == nullptr) {
-        err << "field '" << s.name << "' has no data";
-        why = err.str();
+        why = op + name + " has no data";
         return false;
       }
       double v = s.type == PluginFieldType::kFLOAT32 ? static_cast<double>(*static_cast<float const*>(f.data))
                                                      : static_cast<double>(*static_cast<int32_t const*>(f.data));
       if (!std::isfinite(v) || v < s.lo || v > s.hi || (s.loOpen && v == s.lo)) {
-        err << "field '" << s.name << "' = " << v << " is out of range " << (s.loOpen ? "(" : "[") << s.lo << ", "
-            << s.hi << "]";
-        why = err.str();
+        why = op + name + format(" = %g is out of range %s%g, %g]", v, s.loOpen ? "(" : "[", s.lo, s.hi);
         return false;
       }
       values[k] = v;
     }
     for (size_t k = 0; k < schema.size(); ++k)
       if (!seen[k]) {
-        err << "missing field '" << schema[k].name << "'";
-        why = err.str();
+        why = op + "missing field '" + schema[k].name + "'";
         return false;
       }
     return true;

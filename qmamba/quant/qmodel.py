@@ -72,6 +72,12 @@ class Act:
     outlier_scale: float | None = None
 
 
+def _ref_scan(ops, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None):
+    """The selective scan on dequantized stage values (spec 4.4): (y, final state)."""
+    return ref.selective_scan(ops.dequant(u), ops.dequant(dt), a_from_a_log(lyr.A_log), ops.dequant(bm),
+                              ops.dequant(cm), lyr.D, ops.dequant(z), lyr.dt_bias, state)
+
+
 class IntOps:
     """Stages computed on integer tensors with the reference ops."""
 
@@ -107,6 +113,8 @@ class IntOps:
 
     def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
         return torch.zeros(bsz, d, k - 1, dtype=torch.int8)
+
+    scan = _ref_scan
 
 
 class SimOps:
@@ -179,6 +187,8 @@ class SimOps:
     def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
         return torch.zeros(bsz, d, k - 1)
 
+    scan = _ref_scan
+
 
 class QuantMambaLM:
     """A calibrated, quantized Mamba LM. Not an nn.Module: it holds fixed integer weights."""
@@ -205,9 +215,12 @@ class QuantMambaLM:
         input_ids: torch.Tensor,
         states: list[LayerState] | None = None,
         simulate: bool = False,
+        ops=None,
     ) -> tuple[torch.Tensor, list[LayerState]]:
+        """ops: how the stages compute (default IntOps, or SimOps with simulate=True; the CUDA runtime passes
+        its kernel-backed ops, qmamba/runtime/cuda_model.py)."""
         check_inputs(input_ids, states, self.cfg.n_layer)
-        ops = SimOps() if simulate else IntOps()
+        ops = ops or (SimOps() if simulate else IntOps())
         residual = F.embedding(input_ids, self.embedding).float()
         new_states = []
         for i, lyr in enumerate(self.layers):
@@ -272,18 +285,7 @@ class QuantMambaLM:
         dt = ops.quantize(dt_f, s["dt_proj"]) if rc.int8_ssm else Act(dt_f)
         rec("dt_proj", dt)
 
-        A = a_from_a_log(lyr.A_log)
-        y, ssm_state = ref.selective_scan(
-            ops.dequant(u),
-            ops.dequant(dt),
-            A,
-            ops.dequant(bm),
-            ops.dequant(cm),
-            lyr.D,
-            ops.dequant(z),
-            lyr.dt_bias,
-            None if state is None else state.ssm,
-        )
+        y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, None if state is None else state.ssm)
         rec("ssm", y)
         hq = ops.hadamard_quant(y, s["hadamard"])
         rec("hadamard", hq)
@@ -294,6 +296,21 @@ class QuantMambaLM:
         if conv_state is None:
             conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)
         return residual, LayerState(conv_state, ssm_state)
+
+    def to(self, device: str | torch.device) -> QuantMambaLM:
+        """A copy with every tensor on `device` (scales stay Python floats)."""
+
+        def mv(x):
+            if isinstance(x, torch.Tensor):
+                return x.to(device)
+            if isinstance(x, QLinear):
+                return QLinear(mv(x.weight_q), mv(x.weight_scale))
+            return x
+
+        names = [f.name for f in dataclasses.fields(QLayer)]
+        layers = [QLayer(**{k: mv(getattr(lyr, k)) for k in names}) for lyr in self.layers]
+        return QuantMambaLM(self.cfg, self.recipe, layers, self.embedding.to(device), self.norm_f_weight.to(device),
+                            self.meta)
 
     def init_states(self, batch: int, simulate: bool = False) -> list[LayerState]:
         ops = SimOps() if simulate else IntOps()

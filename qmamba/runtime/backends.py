@@ -38,8 +38,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model, device: str = "cpu") -> None:
-        self.model = model
         self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.vocab_size = model.cfg.vocab_size
 
     @torch.no_grad()
@@ -71,6 +71,10 @@ def load_backend(kind: str, model: str | Path, recipe: str | None = None, device
         from qmamba.quant.checkpoint import is_qdir, load_quantized
 
         if is_qdir(model):
+            if torch.device(device).type == "cuda":  # kernels + int8 GEMMs + CUDA-graph decode
+                from qmamba.runtime.cuda_model import CudaBackend
+
+                return CudaBackend(load_quantized(model), device)
             return TorchBackend(load_quantized(model), device)
         dtype = torch.float16 if recipe == "fp16" else torch.float32
         return TorchBackend(load_model(model, dtype), device)

@@ -1,0 +1,146 @@
+"""End-to-end benchmark of the torch backend on a GPU (a script, not a test): writes a markdown table.
+
+For the shipped tiny model and random-weight models at mamba-130m / 1.4b / 2.8b sizes (w8a8-dualscale,
+calibrated on a few random tokens): prefill tokens/s (B=1, L=2048), decode ms/token at B in {1, 16, 64}
+(one CUDA-graph replay of a decode step, CUDA events, median), GPU memory of weights and of one sequence's
+state; next to the fp16 float model of this project (qmamba.model.MambaLM, the HF layout, checked against
+transformers.MambaForCausalLM on CPU in tests/test_hf_equivalence.py) and transformers itself where it can
+be imported. The decode floor is the int8 weight bytes over the measured HBM bandwidth.
+
+    PYTHONPATH=. python3 bench/e2e.py --out e2e.md [--sizes tiny,130m,1.4b,2.8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import math
+import statistics
+import subprocess
+import time
+
+import torch
+
+from qmamba.config import MambaConfig
+from qmamba.model.checkpoint import load_model
+from qmamba.model.mamba import MambaLM
+from qmamba.quant.calibrate import CalibOptions, calibrate
+from qmamba.quant.recipes import get_recipe
+from qmamba.runtime.cuda_model import CudaQuantModel, _DecodeGraph
+
+SIZES = {"130m": (768, 24), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+
+
+def events_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return statistics.median(out)
+
+
+def hbm_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 4, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / (events_ms(lambda: y.copy_(x), 10) * 1e-3)
+
+
+def float_model(size: str) -> MambaLM:
+    if size == "tiny":
+        return load_model("models/qmamba-tiny")
+    d, n = SIZES[size]
+    cfg = MambaConfig(d_model=d, n_layer=n, vocab_size=50280, dt_rank=math.ceil(d / 16))
+    return MambaLM(cfg).init_weights(0).eval()
+
+
+def transformers_baseline(cfg: MambaConfig):
+    try:
+        tr = importlib.import_module("transformers")
+    except ImportError as e:
+        return None, f"transformers not importable here ({e})"
+    hf = tr.MambaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                        state_size=cfg.d_state, expand=cfg.expand, conv_kernel=cfg.d_conv)
+    return tr.MambaForCausalLM(hf).half().cuda().eval(), ""
+
+
+@torch.no_grad()
+def bench_size(size: str, bw: float, prefill_len: int) -> list[str]:
+    rows = []
+    t0 = time.time()
+    fm = float_model(size)
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    q = calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False)
+    setup_s = time.time() - t0
+    cfg = fm.cfg
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    gpu = CudaQuantModel(q)
+    torch.cuda.synchronize()
+    weight_bytes = torch.cuda.memory_allocated() - base
+    int8_bytes = sum(lyr.in_proj.weight_q.numel() + lyr.x_proj.weight_q.numel() + lyr.dt_proj.weight_q.numel() +
+                     lyr.out_proj.weight_q.numel() for lyr in gpu.model.layers)
+    fp16_bytes = 2 * sum(p.numel() for p in fm.parameters())
+    state_bytes = sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * 4 for s in gpu.init_states(1))
+    ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), device="cuda")
+    pre_ms = events_ms(lambda: gpu(ids), reps=5, warmup=1)
+    decode = {}
+    for b in (1, 16, 64):
+        g = _DecodeGraph(gpu, b)
+        decode[b] = events_ms(g.graph.replay, reps=30)
+        del g
+    # fp16 float baseline (this project's HF-layout model; fast float32-internal path)
+    fm16 = fm.half().cuda()
+    base_pre = events_ms(lambda: fm16(ids, fast=True), reps=3, warmup=1)
+    base_dec = {}
+    for b in (1, 16, 64):
+        tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
+        _, st = fm16(tok, fast=True)  # states in the float model's own layout
+        base_dec[b] = events_ms(lambda tok=tok, st=st: fm16(tok, st, fast=True), reps=10)
+    floor = int8_bytes / bw * 1e3
+    rows.append(f"| {size} | ours (w8a8-dualscale, kernels + int8 GEMM + CUDA graphs) | "
+                f"{prefill_len / (pre_ms * 1e-3):,.0f} | {decode[1]:.3f} | {decode[16]:.3f} | {decode[64]:.3f} | "
+                f"{weight_bytes / 2**20:,.1f} MiB ({100 * weight_bytes / fp16_bytes:.0f}% of fp16) | "
+                f"{state_bytes / 2**10:,.0f} KiB | {floor:.3f} |")
+    rows.append(f"| {size} | fp16 float model (qmamba.model.MambaLM, eager) | "
+                f"{prefill_len / (base_pre * 1e-3):,.0f} | {base_dec[1]:.3f} | {base_dec[16]:.3f} | "
+                f"{base_dec[64]:.3f} | {fp16_bytes / 2**20:,.1f} MiB | | |")
+    print(f"{size}: set-up (init + calibration on CPU) {setup_s:.0f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sizes", default="tiny,130m,1.4b,2.8b")
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    args = ap.parse_args()
+    bw = hbm_bandwidth()
+    _, why = transformers_baseline(MambaConfig(d_model=64, n_layer=1, vocab_size=256))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [f"device {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
+             f"{datetime.date.today()}, commit {commit or 'n/a'}; HBM copy bandwidth {bw / 1e12:.2f} TB/s; "
+             f"transformers: {why or 'importable'}", "",
+             "| model | backend | prefill tok/s (B1 L" + str(args.prefill_len) + ") | decode ms/token B1 | B16 | B64 | "
+             "weights on GPU | state per sequence | decode floor ms (int8 weights / HBM) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for size in args.sizes.split(","):
+        for row in bench_size(size, bw, args.prefill_len):
+            lines.append(row)
+            print(row, flush=True)
+        torch.cuda.empty_cache()  # the previous size's models are gone with bench_size's frame
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        open(args.out, "w").write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

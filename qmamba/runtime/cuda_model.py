@@ -1,0 +1,196 @@
+"""The quantized model on a CUDA GPU: the project's kernels (qmamba.cuda) + int8 GEMMs, decode in CUDA graphs.
+
+`CudaOps` computes every stage of QuantMambaLM's block program (the same `_block` as the CPU integer path)
+on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels, the linears as int8 x int8
+-> int32 GEMMs (`torch._int_mm`) with the reference's float32 epilogue, quantizers dividing by a CUDA tensor
+(a CPU scalar divisor makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
+integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
+float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).
+
+`CudaBackend` serves it: prefill eagerly, decode steps replayed from CUDA graphs captured per batch-size
+bucket over static token/state buffers (the states returned by decode *are* those buffers, so consecutive
+steps of the same batch copy nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qmamba import cuda as k
+from qmamba.model.mamba import LayerState
+from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
+from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
+
+_INT_MM_MIN_ROWS = 17  # torch._int_mm (cuBLASLt int8) needs M > 16
+
+
+class CudaOps(IntOps):
+    """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._scales: dict[float, torch.Tensor] = {}
+        self._mult: dict[tuple[int, float], torch.Tensor] = {}
+        self._A: dict[int, torch.Tensor] = {}
+
+    def _s(self, s: float) -> torch.Tensor:
+        t = self._scales.get(s)
+        if t is None:
+            t = self._scales[s] = torch.tensor(s, dtype=torch.float32, device=self.device)
+        return t
+
+    def quantize(self, x: torch.Tensor, s: float) -> Act:
+        q = torch.round(x.float() / self._s(s))  # a CUDA tensor divisor: IEEE division
+        return Act(q.clamp_(QMIN, QMAX).to(torch.int8), s)
+
+    def norm_quant(self, r: torch.Tensor, w: torch.Tensor, eps: float, s: float) -> Act:
+        return Act(k.rms_norm_quant(r.float().contiguous(), w, eps, s), s)
+
+    def _multiplier(self, in_scale: float, lin: QLinear) -> torch.Tensor:
+        key = (id(lin), in_scale)
+        m = self._mult.get(key)
+        if m is None:
+            m = self._mult[key] = scale_product(in_scale, lin.weight_scale.cpu()).to(self.device)
+        return m
+
+    def _int_mm(self, x: torch.Tensor, lin: QLinear) -> torch.Tensor:
+        lead, kdim = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, kdim)
+        rows = x2.shape[0]
+        if rows < _INT_MM_MIN_ROWS:  # pad rows with zeros; the padded rows are dropped below
+            x2 = torch.cat([x2, x2.new_zeros(_INT_MM_MIN_ROWS - rows, kdim)])
+        acc = torch._int_mm(x2, lin.weight_q.t())
+        return acc[:rows].reshape(*lead, lin.weight_q.shape[0])
+
+    def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
+        if a.mask is None:
+            return self._int_mm(a.value, lin).float() * self._multiplier(a.scale, lin)
+        m = a.mask.bool()
+        zero = torch.zeros((), dtype=torch.int8, device=self.device)
+        y = self._int_mm(torch.where(m, zero, a.value), lin).float() * self._multiplier(a.scale, lin)
+        return y + self._int_mm(torch.where(m, a.value, zero), lin).float() * self._multiplier(a.outlier_scale, lin)
+
+    def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
+        u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,
+                                            lyr.conv_bias, x.scale, s_u, state, s_out)
+        return Act(u, s_u, mask, s_out), st
+
+    def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
+        return Act(k.hadamard_quant(y.contiguous(), s), s)
+
+    def conv_state_zeros(self, bsz: int, d: int, kk: int) -> torch.Tensor:
+        return torch.zeros(bsz, d, kk - 1, dtype=torch.int8, device=self.device)
+
+    def _a(self, lyr: QLayer) -> torch.Tensor:
+        a = self._A.get(id(lyr))
+        if a is None:
+            a = self._A[id(lyr)] = a_from_a_log(lyr.A_log.cpu()).to(self.device)
+        return a
+
+    def scan(self, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None):
+        if u.scale is None:  # w8a8-fpssm: float inputs
+            return k.selective_scan(u.value.contiguous(), dt.value.contiguous(), self._a(lyr), bm.value.contiguous(),
+                                    cm.value.contiguous(), lyr.D, z.value.contiguous(), lyr.dt_bias,
+                                    initial_state=state)
+        return k.dual_scale_selective_scan(
+            u.value, u.mask, dt.value, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(),
+            self._a(lyr), lyr.D, lyr.dt_bias, u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=dt.scale,
+            B_scale=bm.scale, C_scale=cm.scale, z_scale=z.scale, initial_state=state)
+
+
+class CudaQuantModel:
+    """A QuantMambaLM on the GPU, called like the CPU model: (logits, states) = model(ids, states)."""
+
+    def __init__(self, model: QuantMambaLM, device: str | torch.device = "cuda") -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("the CUDA model needs a CUDA GPU (torch.cuda.is_available() is False)")
+        self.device = torch.device(device)
+        k.load_library()
+        self.model = model.to(self.device)
+        self.cfg = model.cfg
+        self.ops = CudaOps(self.device)
+
+    def __call__(self, ids: torch.Tensor, states: list[LayerState] | None = None):
+        return self.model(ids.to(self.device), states, ops=self.ops)
+
+    def init_states(self, batch: int) -> list[LayerState]:
+        cfg = self.cfg
+        conv_dtype = torch.int8 if self.model.recipe.int8_ssm else torch.float32
+        return [LayerState(torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1, dtype=conv_dtype, device=self.device),
+                           torch.zeros(batch, cfg.d_inner, cfg.d_state, device=self.device))
+                for _ in range(cfg.n_layer)]
+
+
+class _DecodeGraph:
+    """One captured decode step for a fixed batch size: static token and state buffers, updated in place."""
+
+    def __init__(self, model: CudaQuantModel, batch: int) -> None:
+        self.batch = batch
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.states = model.init_states(batch)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (library load, cuBLASLt heuristics)
+            for _ in range(2):
+                model(self.ids, self.states)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            logits, new = model(self.ids, self.states)
+            for st, nw in zip(self.states, new, strict=True):
+                st.conv.copy_(nw.conv)
+                st.ssm.copy_(nw.ssm)
+            self.logits = logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
+        n = tokens.shape[0]
+        self.ids[:n, 0].copy_(tokens.to(self.ids.device))
+        if states is not self.states:  # another batch (or a changed one): copy its states in, zero the padding
+            for st, src in zip(self.states, states, strict=True):
+                st.conv[:n].copy_(src.conv)
+                st.ssm[:n].copy_(src.ssm)
+                st.conv[n:].zero_()
+                st.ssm[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n], self.states
+
+
+class CudaBackend:
+    """The `torch` backend on a GPU: CudaQuantModel, prefill eager, decode from CUDA graphs per batch bucket."""
+
+    name = "torch"
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+    def __init__(self, model: QuantMambaLM, device: str = "cuda", graphs: bool = True) -> None:
+        self.model = CudaQuantModel(model, device)
+        self.vocab_size = model.cfg.vocab_size
+        self.graphs = graphs
+        self._graphs: dict[int, _DecodeGraph] = {}
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerState]]:
+        logits, states = self.model(ids)
+        return logits[:, -1].float().cpu(), states
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
+        n = tokens.shape[0]
+        bucket = next((b for b in self.BUCKETS if b >= n), None)
+        if not self.graphs or bucket is None:
+            logits, states = self.model(tokens.view(-1, 1), states)
+            return logits[:, -1].float().cpu(), states
+        g = self._graphs.get(bucket)
+        if g is None:
+            g = self._graphs[bucket] = _DecodeGraph(self.model, bucket)
+        logits, st = g.step(tokens, states)
+        if bucket != n:  # padded bucket: hand back views of the live rows (copied in again next step)
+            st = [LayerState(s.conv[:n], s.ssm[:n]) for s in st]
+        return logits.cpu(), st
+
+    def cat_states(self, states: list[list[LayerState]]) -> list[LayerState]:
+        return [LayerState(torch.cat([s[i].conv for s in states]), torch.cat([s[i].ssm for s in states]))
+                for i in range(len(states[0]))]
+
+    def select_states(self, states: list[LayerState], index: list[int]) -> list[LayerState]:
+        idx = torch.tensor(index, dtype=torch.long, device=self.model.device)
+        return [LayerState(s.conv[idx], s.ssm[idx]) for s in states]

@@ -104,6 +104,22 @@ def bench_size(size: str, bw: float, prefill_len: int) -> list[str]:
         tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
         _, st = fm16(tok, fast=True)  # states in the float model's own layout
         base_dec[b] = events_ms(lambda tok=tok, st=st: fm16(tok, st, fast=True), reps=10)
+    hf, why = transformers_baseline(cfg)
+    hf_row = f"| {size} | transformers.MambaForCausalLM fp16 | {why} | | | | | | |"
+    if hf is not None:
+        hf_pre = events_ms(lambda: hf(ids), reps=3, warmup=1)
+        hf_dec = {}
+        for b in (1, 16, 64):
+            prompt = torch.zeros(b, 8, dtype=torch.long, device="cuda")
+
+            def gen(n: int, prompt=prompt) -> None:
+                hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            hf_dec[b] = (events_ms(lambda gen=gen: gen(17), reps=3, warmup=1) -
+                         events_ms(lambda gen=gen: gen(1), reps=3, warmup=1)) / 16
+        hf_row = (f"| {size} | transformers.MambaForCausalLM fp16 (generate; slow path without mamba_ssm) | "
+                  f"{prefill_len / (hf_pre * 1e-3):,.0f} | {hf_dec[1]:.3f} | {hf_dec[16]:.3f} | {hf_dec[64]:.3f} | "
+                  f"{2 * sum(p.numel() for p in hf.parameters()) / 2**20:,.1f} MiB | | |")
+        del hf
     floor = int8_bytes / bw * 1e3
     rows.append(f"| {size} | ours (w8a8-dualscale, kernels + int8 GEMM + CUDA graphs) | "
                 f"{prefill_len / (pre_ms * 1e-3):,.0f} | {decode[1]:.3f} | {decode[16]:.3f} | {decode[64]:.3f} | "
@@ -112,6 +128,7 @@ def bench_size(size: str, bw: float, prefill_len: int) -> list[str]:
     rows.append(f"| {size} | fp16 float model (qmamba.model.MambaLM, eager) | "
                 f"{prefill_len / (base_pre * 1e-3):,.0f} | {base_dec[1]:.3f} | {base_dec[16]:.3f} | "
                 f"{base_dec[64]:.3f} | {fp16_bytes / 2**20:,.1f} MiB | | |")
+    rows.append(hf_row)
     print(f"{size}: set-up (init + calibration on CPU) {setup_s:.0f} s", flush=True)
     return rows
 

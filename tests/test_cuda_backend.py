@@ -2,7 +2,8 @@
 
 Marked `gpu`; without a CUDA device every test skips with the reason. The tiny model, calibrated here, runs
 through the kernels + int8 GEMMs: every integer stage before the first scan is identical to the CPU integer
-path; the scan's float output is within 1e-5 (fast float32 math in the kernel); logits stay close; prefill +
+path; the scan's float output is within 1e-5 (fast float32 math in the kernel), after which int8 codes may
+differ by one step at rounding ties (<= 0.1% of them) and logits stay within 2% relative L2; prefill +
 graph-replayed decode steps equal a longer prefill; greedy generation matches the CPU backend.
 """
 
@@ -52,7 +53,12 @@ def test_stages_match_the_cpu_integer_path(qmodel, b, l):
         if a.mask is not None:
             assert torch.equal(a.mask, g.mask), f"{name}: outlier masks differ"
     assert rel(dev["layers.0.ssm"], cpu["layers.0.ssm"]) <= 1e-5
-    assert rel(logits_gpu.cpu(), logits_cpu) <= 1e-3
+    # after the scan, int8 codes may differ at rounding ties (the scan is fast float32 math), by one step
+    for i in range(qmodel.cfg.n_layer):
+        a, g = cpu[f"layers.{i}.hadamard"].codes.int(), dev[f"layers.{i}.hadamard"].codes.int()
+        diff = (a - g).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, f"layer {i}: hadamard codes drift"
+    assert rel(logits_gpu.cpu(), logits_cpu) <= 2e-2
 
 
 def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):

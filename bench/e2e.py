@@ -153,10 +153,8 @@ def main() -> None:
             lines.append(row)
             print(row, flush=True)
         torch.cuda.empty_cache()  # the previous size's models are gone with bench_size's frame
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        open(args.out, "w").write(text)
-    print(text)
+        if args.out:  # after every size, so a cut-short run keeps what it measured
+            open(args.out, "w").write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ def test_stages_match_the_cpu_integer_path(qmodel, b, l):
         if a.mask is not None:
             assert torch.equal(a.mask, g.mask), f"{name}: outlier masks differ"
     assert rel(dev["layers.0.ssm"], cpu["layers.0.ssm"]) <= 1e-5
-    # after the scan, int8 codes may differ at rounding ties (the scan is fast float32 math), by one step
-    for i in range(qmodel.cfg.n_layer):
-        a, g = cpu[f"layers.{i}.hadamard"].codes.int(), dev[f"layers.{i}.hadamard"].codes.int()
-        diff = (a - g).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, f"layer {i}: hadamard codes drift"
+    # right after the scan, int8 codes may differ at rounding ties (the scan is fast float32 math) by one step;
+    # later layers see inputs that already differ, so only the logits are bounded from there on
+    a, g = cpu["layers.0.hadamard"].codes.int(), dev["layers.0.hadamard"].codes.int()
+    diff = (a - g).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, "layer 0: hadamard codes drift"
     assert rel(logits_gpu.cpu(), logits_cpu) <= 2e-2
 
 

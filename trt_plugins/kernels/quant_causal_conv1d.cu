@@ -1,4 +1,4 @@
-// QuantCausalConv1d (spec 4.3, 4.5): one thread per output element (b, t, d); int32 taps, float64 SiLU.
+// QuantCausalConv1d (spec 4.3, 4.5): 4 channels of one token per thread; int32 taps, float64 SiLU.
 // The new conv state (last K-1 input tokens) is written by a second kernel after the first has read the
 // old state, one thread per (b, d) in ascending order, so state_out may alias state_in.
 #include "common.cuh"
@@ -13,31 +13,66 @@ __device__ __forceinline__ int8_t tap(const int8_t* x, const int8_t* state, int 
   return x[(static_cast<int64_t>(b) * L + (t - km1)) * D + d];
 }
 
-__global__ void conv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
-                            const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u,
-                            uint8_t* __restrict__ mask, int B, int L, int D, int K, float in_scale, float out_scale,
-                            float outlier_scale) {
-  int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t total = static_cast<int64_t>(B) * L * D;
-  if (idx >= total) return;
-  int d = static_cast<int>(idx % D);
-  int t = static_cast<int>((idx / D) % L);
-  int b = static_cast<int>(idx / (static_cast<int64_t>(D) * L));
-  int km1 = K - 1;
+// One block per (token, 1024-channel tile); each thread owns 4 consecutive channels of one token (char4 loads
+// and stores when D % 4 == 0 and the pointers are aligned), so there is no per-element 64-bit index division.
+constexpr int kConvThreads = 256, kConvVec = 4;
+
+__device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                                             const float* __restrict__ ws, const float* __restrict__ bias,
+                                             const int8_t* state, int b, int t, int d, int L, int D, int K,
+                                             float in_scale, float out_scale, float outlier_scale, bool dual,
+                                             int8_t& u_out, uint8_t& mask_out) {
+  const int km1 = K - 1;
   int acc = 0;
-  for (int k = 0; k < K; ++k) acc += static_cast<int>(tap(x, state, b, t + k, d, L, D, km1)) * w[d * K + k];
-  float m = qm::scale_product(in_scale, ws[d]);
-  float v = __fadd_rn(__fmul_rn(static_cast<float>(acc), m), bias[d]);
-  float s = qm::silu_r(v);
-  if (mask == nullptr) {
-    u[idx] = qm::quantize(s, out_scale);
+  for (int k = 0; k < K; ++k) {
+    const int src = t + k - km1;  // time index into x; negative: from the conv state
+    int8_t v;
+    if (src >= 0)
+      v = x[(static_cast<int64_t>(b) * L + src) * D + d];
+    else
+      v = state ? state[(static_cast<int64_t>(b) * D + d) * km1 + (km1 + src)] : 0;
+    acc += static_cast<int>(v) * w[d * K + k];
+  }
+  const float m = qm::scale_product(in_scale, ws[d]);
+  const float sv = qm::silu_r(__fadd_rn(__fmul_rn(static_cast<float>(acc), m), bias[d]));
+  if (!dual) {
+    u_out = qm::quantize(sv, out_scale);
+    mask_out = 0;
     return;
   }
-  float q_in = rintf(__fdiv_rn(s, out_scale));
-  bool outlier = q_in < -128.f || q_in > 127.f;
-  float q = outlier ? rintf(__fdiv_rn(s, outlier_scale)) : q_in;
-  u[idx] = static_cast<int8_t>(fminf(fmaxf(q, -128.f), 127.f));
-  mask[idx] = outlier ? 1 : 0;
+  const float q_in = rintf(__fdiv_rn(sv, out_scale));
+  const bool outlier = q_in < -128.f || q_in > 127.f;
+  const float q = outlier ? rintf(__fdiv_rn(sv, outlier_scale)) : q_in;
+  u_out = static_cast<int8_t>(fminf(fmaxf(q, -128.f), 127.f));
+  mask_out = outlier ? 1 : 0;
+}
+
+__global__ void __launch_bounds__(kConvThreads) conv_kernel(
+    const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
+    const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask, int L,
+    int D, int K, float in_scale, float out_scale, float outlier_scale, bool vec) {
+  const int64_t row = blockIdx.x;  // token b * L + t
+  const int b = static_cast<int>(row / L), t = static_cast<int>(row % L);
+  const int d0 = (blockIdx.y * kConvThreads + threadIdx.x) * kConvVec;
+  if (d0 >= D) return;
+  const bool dual = mask != nullptr;
+  int8_t uo[kConvVec];
+  uint8_t mo[kConvVec];
+#pragma unroll
+  for (int j = 0; j < kConvVec; ++j)
+    if (d0 + j < D)
+      conv_channel(x, w, ws, bias, state, b, t, d0 + j, L, D, K, in_scale, out_scale, outlier_scale, dual, uo[j],
+                   mo[j]);
+  const int64_t e = row * D + d0;
+  if (vec) {  // D % 4 == 0: the 4 channels are in range and 4-byte aligned
+    *reinterpret_cast<char4*>(u + e) = make_char4(uo[0], uo[1], uo[2], uo[3]);
+    if (dual) *reinterpret_cast<uchar4*>(mask + e) = make_uchar4(mo[0], mo[1], mo[2], mo[3]);
+    return;
+  }
+  for (int j = 0; j < kConvVec && d0 + j < D; ++j) {
+    u[e + j] = uo[j];
+    if (dual) mask[e + j] = mo[j];
+  }
 }
 
 __global__ void state_kernel(const int8_t* __restrict__ x, const int8_t* state_in, int8_t* state_out, int B, int L,
@@ -75,9 +110,12 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   int64_t total = static_cast<int64_t>(batch) * seqlen * dim;
   QM_CHECK_ARG(total < (1ll << 40), "qm_quant_causal_conv1d: tensor too large");
   const int threads = 256;
-  conv_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(
-      x, weight, weight_scale, bias, state_in, u, mask, batch, seqlen, dim, kernel_size, in_scale, out_scale,
-      outlier_scale);
+  const bool vec = dim % kConvVec == 0 && reinterpret_cast<uintptr_t>(u) % 4 == 0 &&
+                   (!mask || reinterpret_cast<uintptr_t>(mask) % 4 == 0);
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),
+                  static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
+  conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, seqlen, dim,
+                                                 kernel_size, in_scale, out_scale, outlier_scale, vec);
   QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
   if (state_out) {
     int64_t rows = static_cast<int64_t>(batch) * dim;

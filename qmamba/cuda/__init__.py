@@ -39,6 +39,16 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
+class LinearArgs(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("x_mask", ctypes.c_void_p), ("w", ctypes.c_void_p), ("acc_in", ctypes.c_void_p),
+        ("acc_out", ctypes.c_void_p), ("m_in", ctypes.c_void_p), ("m_out", ctypes.c_void_p),
+        ("rows", ctypes.c_int), ("k", ctypes.c_int), ("n", ctypes.c_int), ("n_seg", ctypes.c_int),
+        ("seg_end", ctypes.c_int * 3), ("seg_scale", ctypes.c_float * 3), ("seg_out", ctypes.c_void_p * 3),
+        ("residual", ctypes.c_void_p),
+    ]
+
+
 def build_library(out_dir: Path = DEFAULT_LIB.parent, arch: str = "-gencode arch=compute_90,code=sm_90") -> Path:
     script = ROOT / "trt_plugins" / "kernels" / "build.sh"
     r = subprocess.run(["bash", str(script), str(out_dir), *arch.split()], capture_output=True, text=True)
@@ -164,3 +174,34 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
     _check(lib.qm_hadamard_quant(_ptr(y), dtype, _ptr(out), ctypes.c_int64(y.numel() // d), ctypes.c_int(d),
                                  ctypes.c_float(scale), _stream()))
     return out
+
+
+GEMV_MAX_ROWS = 16
+
+
+def int8_linear(x_q: torch.Tensor, w_q: torch.Tensor, m_in: torch.Tensor, segments: list[tuple[int, float | None]],
+                x_mask: torch.Tensor | None = None, m_out: torch.Tensor | None = None,
+                acc_in: torch.Tensor | None = None, acc_out: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
+    for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
+    GEMV (rows <= 16); x_q [..., k], w_q [n, k]."""
+    lib = load_library()
+    lead, kdim, n = x_q.shape[:-1], x_q.shape[-1], w_q.shape[0]
+    rows = x_q.numel() // kdim
+    outs, ends, scales, c = [], [], [], 0
+    for width, scale in segments:
+        c += width
+        ends.append(c)
+        scales.append(scale or 0.0)
+        if residual is not None:
+            outs.append(residual)
+        else:
+            outs.append(torch.empty(*lead, width, dtype=torch.int8 if scale else torch.float32, device=x_q.device))
+    args = LinearArgs(_ptr(x_q), _ptr(x_mask), _ptr(w_q), _ptr(acc_in), _ptr(acc_out), _ptr(m_in), _ptr(m_out),
+                      rows, kdim, n, len(segments), (ctypes.c_int * 3)(*ends, *[0] * (3 - len(ends))),
+                      (ctypes.c_float * 3)(*scales, *[0.0] * (3 - len(scales))),
+                      (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
+                      _ptr(residual))
+    _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
+    return outs

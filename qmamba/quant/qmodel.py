@@ -78,6 +78,16 @@ def _ref_scan(ops, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state
                               ops.dequant(cm), lyr.D, ops.dequant(z), lyr.dt_bias, state)
 
 
+def _linear_quant(ops, a: Act, lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
+    """A linear whose output splits along the last dim into segments (width, scale), each quantized."""
+    y = ops.linear(a, lin)
+    out, c = [], 0
+    for width, scale in segments:
+        out.append(ops.quantize(y[..., c : c + width], scale))
+        c += width
+    return out
+
+
 class IntOps:
     """Stages computed on integer tensors with the reference ops."""
 
@@ -115,6 +125,7 @@ class IntOps:
         return torch.zeros(bsz, d, k - 1, dtype=torch.int8)
 
     scan = _ref_scan
+    linear_quant = _linear_quant
 
 
 class SimOps:
@@ -188,6 +199,7 @@ class SimOps:
         return torch.zeros(bsz, d, k - 1)
 
     scan = _ref_scan
+    linear_quant = _linear_quant
 
 
 class QuantMambaLM:
@@ -251,10 +263,10 @@ class QuantMambaLM:
 
         h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
         rec("norm", h)
-        xz = ops.linear(h, lyr.in_proj)
         if rc.int8_ssm:
-            x, z = ops.quantize(xz[..., :d], s["in_proj.x"]), ops.quantize(xz[..., d:], s["in_proj.z"])
+            x, z = ops.linear_quant(h, lyr.in_proj, [(d, s["in_proj.x"]), (d, s["in_proj.z"])])
         else:
+            xz = ops.linear(h, lyr.in_proj)
             x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
         rec("in_proj.x", x)
         rec("in_proj.z", z)
@@ -269,20 +281,23 @@ class QuantMambaLM:
             u_lin = ops.quantize(u_f, s["x_proj.in"])
         rec("conv1d", u)
 
-        xdbl = ops.linear(u_lin, lyr.x_proj)
-        dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
-        dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
         if rc.int8_ssm:
-            bm, cm = ops.quantize(b_f, s["x_proj.B"]), ops.quantize(c_f, s["x_proj.C"])
+            dt_lr, bm, cm = ops.linear_quant(
+                u_lin, lyr.x_proj, [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])])
             rec("x_proj.dt_lowrank", dt_lr)
         else:
+            xdbl = ops.linear(u_lin, lyr.x_proj)
+            dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
+            dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
             bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
             rec("x_proj.dt_lowrank", dt_lr_f)
         rec("x_proj.B", bm)
         rec("x_proj.C", cm)
 
-        dt_f = ops.linear(dt_lr, lyr.dt_proj)
-        dt = ops.quantize(dt_f, s["dt_proj"]) if rc.int8_ssm else Act(dt_f)
+        if rc.int8_ssm:
+            (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(d, s["dt_proj"])])
+        else:
+            dt = Act(ops.linear(dt_lr, lyr.dt_proj))
         rec("dt_proj", dt)
 
         y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, None if state is None else state.ssm)

@@ -1,9 +1,10 @@
 """The quantized model on a CUDA GPU: the project's kernels (qmamba.cuda) + int8 GEMMs, decode in CUDA graphs.
 
 `CudaOps` computes every stage of QuantMambaLM's block program (the same `_block` as the CPU integer path)
-on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels, the linears as int8 x int8
--> int32 GEMMs (`torch._int_mm`) with the reference's float32 epilogue, quantizers dividing by a CUDA tensor
-(a CPU scalar divisor makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
+on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels; each linear with its
+dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 16 rows, else a cuBLASLt int8 GEMM
+via `torch._int_mm` + the epilogue kernel); other quantizers divide by a CUDA tensor (a CPU scalar divisor
+makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
 float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).
 
@@ -20,8 +21,6 @@ from qmamba import cuda as k
 from qmamba.model.mamba import LayerState
 from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
 from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
-
-_INT_MM_MIN_ROWS = 17  # torch._int_mm (cuBLASLt int8) needs M > 16
 
 
 class CudaOps(IntOps):
@@ -53,22 +52,30 @@ class CudaOps(IntOps):
             m = self._mult[key] = scale_product(in_scale, lin.weight_scale.cpu()).to(self.device)
         return m
 
-    def _int_mm(self, x: torch.Tensor, lin: QLinear) -> torch.Tensor:
-        lead, kdim = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, kdim)
-        rows = x2.shape[0]
-        if rows < _INT_MM_MIN_ROWS:  # pad rows with zeros; the padded rows are dropped below
-            x2 = torch.cat([x2, x2.new_zeros(_INT_MM_MIN_ROWS - rows, kdim)])
-        acc = torch._int_mm(x2, lin.weight_q.t())
-        return acc[:rows].reshape(*lead, lin.weight_q.shape[0])
+    def _linear(self, a: Act, lin: QLinear, segments: list[tuple[int, float | None]]) -> list[torch.Tensor]:
+        """One W8A8 linear: GEMV + epilogue for <= 16 rows (decode), else cuBLASLt int8 GEMM + epilogue kernel."""
+        x = a.value.contiguous()
+        rows = x.numel() // x.shape[-1]
+        m_out = None if a.mask is None else self._multiplier(a.outlier_scale, lin)
+        acc_in = acc_out = None
+        if rows > k.GEMV_MAX_ROWS:
+            x2 = x.reshape(rows, -1)
+            if a.mask is None:
+                acc_in = torch._int_mm(x2, lin.weight_q.t())
+            else:
+                m = a.mask.reshape(rows, -1).bool()
+                zero = torch.zeros((), dtype=torch.int8, device=self.device)
+                acc_in = torch._int_mm(torch.where(m, zero, x2), lin.weight_q.t())
+                acc_out = torch._int_mm(torch.where(m, x2, zero), lin.weight_q.t())
+        return k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
+                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out)
 
     def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
-        if a.mask is None:
-            return self._int_mm(a.value, lin).float() * self._multiplier(a.scale, lin)
-        m = a.mask.bool()
-        zero = torch.zeros((), dtype=torch.int8, device=self.device)
-        y = self._int_mm(torch.where(m, zero, a.value), lin).float() * self._multiplier(a.scale, lin)
-        return y + self._int_mm(torch.where(m, a.value, zero), lin).float() * self._multiplier(a.outlier_scale, lin)
+        return self._linear(a, lin, [(lin.weight_q.shape[0], None)])[0]
+
+    def linear_quant(self, a: Act, lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
+        outs = self._linear(a, lin, segments)
+        return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
 
     def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
         u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,

@@ -76,6 +76,29 @@ QM_API int qm_selective_scan(const qm_scan_args* args, cudaStream_t stream);
 /* Decode: one token (args->seqlen must be 1); initial_state required, final_state may alias it. */
 QM_API int qm_selective_state_update(const qm_scan_args* args, cudaStream_t stream);
 
+/* W8A8 linear (spec 4.2): y[r, n] = fl(fl(acc_in) * m_in[n]) (+ fl(fl(acc_out) * m_out[n]) with x_mask), written
+ * per output segment [seg_end[s-1], seg_end[s]) as int8 Q(y, seg_scale[s]) or, with seg_scale[s] == 0, as float32
+ * (plus residual, in place allowed, for a single float segment). Each segment output is [rows, width] contiguous.
+ * acc_in/acc_out: int32 [rows, n] from a GEMM; when acc_in is NULL the accumulators come from a GEMV over
+ * x [rows, k] int8 (x_mask uint8 0/1 splits inliers/outliers) and w [n, k] int8, for rows <= 16, k % 4 == 0. */
+typedef struct {
+  const int8_t* x;
+  const uint8_t* x_mask;
+  const int8_t* w;
+  const int32_t* acc_in;
+  const int32_t* acc_out;
+  const float* m_in;
+  const float* m_out;
+  int rows, k, n;
+  int n_seg;
+  int seg_end[3];
+  float seg_scale[3];
+  void* seg_out[3];
+  float* residual;
+} qm_linear_args;
+
+QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
+
 /* HadamardQuant (spec 4.6): rows = B*L vectors of length dim; x_dtype float32 or float16. */
 QM_API int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t rows, int dim, float scale,
                              cudaStream_t stream);

@@ -208,3 +208,37 @@ def test_invalid_arguments_are_reported(k):
     f = ctypes.c_float
     assert lib.qm_rmsnorm_quant(None, None, None, ctypes.c_int64(1), 8, f(1e-5), f(0.1), None) == 1
     assert b"non-null" in lib.qm_last_error()
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("dual", [False, True])
+def test_int8_linear_epilogue_bit_exact(k, rows, dual):
+    from qmamba.ops.specmath import quantize, scale_product
+
+    g = _g(rows * 10 + dual)
+    kdim, widths, scales = 96, (24, 16, 16), (0.5, 0.3, 0.7)
+    x = torch.randint(-128, 128, (rows, kdim), dtype=torch.int8, generator=g, device="cuda")
+    w = torch.randint(-128, 128, (sum(widths), kdim), dtype=torch.int8, generator=g, device="cuda")
+    ws = torch.rand(sum(widths), generator=g, device="cuda") * 0.01 + 1e-3
+    mask = (torch.rand(rows, kdim, generator=g, device="cuda") < 0.05).to(torch.uint8) if dual else None
+    s_in, s_out = 0.02, 0.3
+    m_in = scale_product(s_in, ws.cpu()).cuda()
+    m_out = scale_product(s_out, ws.cpu()).cuda() if dual else None
+    acc = {}
+    if rows > k.GEMV_MAX_ROWS:  # the GEMM path: accumulators from cuBLASLt, epilogue from the kernel
+        xm = x if mask is None else torch.where(mask.bool(), torch.zeros((), dtype=torch.int8, device="cuda"), x)
+        acc["acc_in"] = torch._int_mm(xm, w.t())
+        if dual:
+            acc["acc_out"] = torch._int_mm(torch.where(mask.bool(), x, torch.zeros_like(x)), w.t())
+    outs = k.int8_linear(x, w, m_in, list(zip(widths, scales, strict=True)), mask, m_out, **acc)
+    y = ref.quant_linear(x.cpu(), w.cpu(), s_in, ws.cpu(), None, None if mask is None else mask.cpu(), s_out)
+    c = 0
+    for o, wd, sc in zip(outs, widths, scales, strict=True):
+        assert torch.equal(o.cpu(), quantize(y[:, c : c + wd], sc))
+        c += wd
+    res = torch.randn(rows, sum(widths), generator=g, device="cuda")
+    want = res.cpu() + y
+    (same,) = k.int8_linear(x, w, m_in, [(sum(widths), None)], mask, m_out, residual=res, **acc)
+    assert same.data_ptr() == res.data_ptr() and torch.equal(res.cpu(), want)

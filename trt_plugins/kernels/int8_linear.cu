@@ -1,0 +1,123 @@
+// W8A8 linear epilogue (spec 4.2) and a small-batch GEMV, so a quantized linear is one or two kernels:
+//   y[r, n] = fl(fl(acc_in) * m_in[n])  (+ fl(fl(acc_out) * m_out[n]) for a dual-scale input, added after)
+// then per output segment: int8 = Q(y, scale) (division, ties to even), or float32 y, or residual + y.
+// acc comes from a GEMM (int32, e.g. cuBLASLt via torch._int_mm) or, for rows <= 16 (decode), from the GEMV
+// here: one warp per output column, dp4a over K, x rows masked per byte for the dual-scale split.
+#include "common.cuh"
+
+namespace {
+constexpr int kMaxGemvRows = 16;
+
+struct Seg {
+  int end[3];
+  float scale[3];
+  void* out[3];
+  int n;
+};
+
+__device__ __forceinline__ void store(const Seg& sg, const qm_linear_args& a, int r, int n, float y) {
+  int s = 0;
+  while (s < sg.n - 1 && n >= sg.end[s]) ++s;
+  const int begin = s ? sg.end[s - 1] : 0, width = sg.end[s] - begin;
+  const int64_t o = static_cast<int64_t>(r) * width + (n - begin);
+  if (sg.scale[s] > 0.f) {
+    static_cast<int8_t*>(sg.out[s])[o] = qm::quantize(y, sg.scale[s]);
+  } else {
+    float* out = static_cast<float*>(sg.out[s]);
+    out[o] = a.residual ? __fadd_rn(a.residual[o], y) : y;
+  }
+}
+
+__device__ __forceinline__ float dequant(const qm_linear_args& a, int n, int32_t acc_in, int32_t acc_out) {
+  float y = __fmul_rn(static_cast<float>(acc_in), a.m_in[n]);
+  if (a.x_mask) y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), a.m_out[n]));
+  return y;
+}
+
+__global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(a.rows) * a.n) return;
+  const int r = static_cast<int>(i / a.n), n = static_cast<int>(i % a.n);
+  store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
+}
+
+template <int R>
+__global__ void gemv_kernel(qm_linear_args a, Seg sg) {
+  const int lane = threadIdx.x % 32;
+  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (n >= a.n) return;
+  const int words = a.k / 4;
+  const int* w = reinterpret_cast<const int*>(a.w + static_cast<int64_t>(n) * a.k);
+  int acc_in[R], acc_out[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
+  for (int j = lane; j < words; j += 32) {
+    const int wv = w[j];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= a.rows) break;
+      const int xv = reinterpret_cast<const int*>(a.x + static_cast<int64_t>(r) * a.k)[j];
+      if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
+        const unsigned mv = reinterpret_cast<const unsigned*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j] * 0xffu;
+        acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xv) & ~mv), wv, acc_in[r]);
+        acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xv) & mv), wv, acc_out[r]);
+      } else {
+        acc_in[r] = __dp4a(xv, wv, acc_in[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= a.rows) break;
+    for (int off = 16; off > 0; off >>= 1) {
+      acc_in[r] += __shfl_xor_sync(0xffffffffu, acc_in[r], off);
+      acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
+    }
+    if (lane == 0) store(sg, a, r, n, dequant(a, n, acc_in[r], acc_out[r]));
+  }
+}
+}  // namespace
+
+extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
+  QM_CHECK_ARG(a, "qm_int8_linear: args must be non-null");
+  QM_CHECK_ARG(a->rows > 0 && a->k > 0 && a->n > 0, "qm_int8_linear: rows=%d k=%d n=%d must be positive", a->rows,
+               a->k, a->n);
+  QM_CHECK_ARG(a->m_in && (!a->x_mask || a->m_out), "qm_int8_linear: m_in (and m_out with a mask) must be non-null");
+  QM_CHECK_ARG(a->n_seg >= 1 && a->n_seg <= 3, "qm_int8_linear: n_seg=%d must be 1..3", a->n_seg);
+  Seg sg{};
+  sg.n = a->n_seg;
+  for (int s = 0; s < a->n_seg; ++s) {
+    QM_CHECK_ARG(a->seg_out[s], "qm_int8_linear: segment %d output is null", s);
+    QM_CHECK_ARG(a->seg_end[s] > (s ? a->seg_end[s - 1] : 0), "qm_int8_linear: segment ends must increase");
+    QM_CHECK_ARG(a->seg_scale[s] == 0.f || QM_VALID_SCALE(a->seg_scale[s]),
+                 "qm_int8_linear: segment %d scale must be positive and finite (0: float output)", s);
+    sg.end[s] = a->seg_end[s];
+    sg.scale[s] = a->seg_scale[s];
+    sg.out[s] = a->seg_out[s];
+  }
+  QM_CHECK_ARG(sg.end[sg.n - 1] == a->n, "qm_int8_linear: the last segment must end at n=%d", a->n);
+  QM_CHECK_ARG(!a->residual || (sg.n == 1 && sg.scale[0] == 0.f), "qm_int8_linear: residual needs one float segment");
+  const int threads = 256;
+  if (a->acc_in) {
+    QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
+    const int64_t total = static_cast<int64_t>(a->rows) * a->n;
+    epilogue_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(*a, sg);
+    QM_CHECK_LAUNCH("qm_int8_linear epilogue launch");
+    return QM_OK;
+  }
+  QM_CHECK_ARG(a->x && a->w, "qm_int8_linear: without acc_in, x and w must be non-null (GEMV)");
+  QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
+               kMaxGemvRows, a->rows);
+  QM_CHECK_ARG(a->k % 4 == 0 && reinterpret_cast<uintptr_t>(a->x) % 4 == 0 &&
+               reinterpret_cast<uintptr_t>(a->w) % 4 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 4 == 0,
+               "qm_int8_linear: the GEMV needs k %% 4 == 0 and 4-byte aligned x, w, mask (k=%d)", a->k);
+  const unsigned blocks = static_cast<unsigned>((a->n + threads / 32 - 1) / (threads / 32));
+  if (a->rows <= 1)
+    gemv_kernel<1><<<blocks, threads, 0, stream>>>(*a, sg);
+  else if (a->rows <= 4)
+    gemv_kernel<4><<<blocks, threads, 0, stream>>>(*a, sg);
+  else
+    gemv_kernel<kMaxGemvRows><<<blocks, threads, 0, stream>>>(*a, sg);
+  QM_CHECK_LAUNCH("qm_int8_linear gemv launch");
+  return QM_OK;
+}

@@ -72,7 +72,7 @@ def transformers_baseline(cfg: MambaConfig):
 
 
 @torch.no_grad()
-def bench_size(size: str, bw: float, prefill_len: int) -> list[str]:
+def bench_size(size: str, bw: float, prefill_len: int, with_hf: bool) -> list[str]:
     rows = []
     t0 = time.time()
     fm = float_model(size)
@@ -104,7 +104,7 @@ def bench_size(size: str, bw: float, prefill_len: int) -> list[str]:
         tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
         _, st = fm16(tok, fast=True)  # states in the float model's own layout
         base_dec[b] = events_ms(lambda tok=tok, st=st: fm16(tok, st, fast=True), reps=10)
-    hf, why = transformers_baseline(cfg)
+    hf, why = transformers_baseline(cfg) if with_hf else (None, "not run at this size (--hf-sizes)")
     hf_row = f"| {size} | transformers.MambaForCausalLM fp16 | {why} | | | | | | |"
     if hf is not None:
         hf_pre = events_ms(lambda: hf(ids), reps=3, warmup=1)
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sizes", default="tiny,130m,1.4b,2.8b")
     ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--hf-sizes", default="tiny,130m", help="sizes that also time transformers (its slow path)")
     args = ap.parse_args()
     bw = hbm_bandwidth()
     _, why = transformers_baseline(MambaConfig(d_model=64, n_layer=1, vocab_size=256))
@@ -149,7 +150,7 @@ def main() -> None:
              "weights on GPU | state per sequence | decode floor ms (int8 weights / HBM) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes.split(","):
-        for row in bench_size(size, bw, args.prefill_len):
+        for row in bench_size(size, bw, args.prefill_len, size in args.hf_sizes.split(",")):
             lines.append(row)
             print(row, flush=True)
         torch.cuda.empty_cache()  # the previous size's models are gone with bench_size's frame

@@ -139,17 +139,20 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     return y
 
 
-def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32):
-    """Float-input scan, as ref.selective_scan: (y, final state)."""
-    state = torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32, device=u.device)
+def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None):
+    """Float-input scan, as ref.selective_scan: (y, final state). final_state may be initial_state (in place)."""
+    state = final_state if final_state is not None else \
+        torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32, device=u.device)
     y = _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, state, y_dtype, {})
     return y, state
 
 
 def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, u_scale, u_outlier_scale,
-                              dt_scale, B_scale, C_scale, z_scale, initial_state=None, y_dtype=torch.float32):
-    """int8-input scan, as ref.dual_scale_selective_scan: (y, final state)."""
-    state = torch.empty(u_q.shape[0], u_q.shape[2], A.shape[1], dtype=torch.float32, device=u_q.device)
+                              dt_scale, B_scale, C_scale, z_scale, initial_state=None, y_dtype=torch.float32,
+                              final_state=None):
+    """int8-input scan, as ref.dual_scale_selective_scan: (y, final state). final_state may be initial_state."""
+    state = final_state if final_state is not None else \
+        torch.empty(u_q.shape[0], u_q.shape[2], A.shape[1], dtype=torch.float32, device=u_q.device)
     scales = dict(u_scale=u_scale, u_outlier_scale=u_outlier_scale, dt_scale=dt_scale, B_scale=B_scale,
                   C_scale=C_scale, z_scale=z_scale)
     y = _scan("qm_selective_scan", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, initial_state, state,

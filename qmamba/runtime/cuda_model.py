@@ -24,10 +24,12 @@ from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 
 
 class CudaOps(IntOps):
-    """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer."""
+    """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
+    in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, in_place_states: bool = False) -> None:
         self.device = device
+        self.in_place = in_place_states
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -79,7 +81,8 @@ class CudaOps(IntOps):
 
     def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
         u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,
-                                            lyr.conv_bias, x.scale, s_u, state, s_out)
+                                            lyr.conv_bias, x.scale, s_u, state, s_out,
+                                            state_out=state if self.in_place else None)
         return Act(u, s_u, mask, s_out), st
 
     def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
@@ -95,14 +98,15 @@ class CudaOps(IntOps):
         return a
 
     def scan(self, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None):
+        out = state if self.in_place else None
         if u.scale is None:  # w8a8-fpssm: float inputs
             return k.selective_scan(u.value.contiguous(), dt.value.contiguous(), self._a(lyr), bm.value.contiguous(),
                                     cm.value.contiguous(), lyr.D, z.value.contiguous(), lyr.dt_bias,
-                                    initial_state=state)
+                                    initial_state=state, final_state=out)
         return k.dual_scale_selective_scan(
             u.value, u.mask, dt.value, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(),
             self._a(lyr), lyr.D, lyr.dt_bias, u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=dt.scale,
-            B_scale=bm.scale, C_scale=cm.scale, z_scale=z.scale, initial_state=state)
+            B_scale=bm.scale, C_scale=cm.scale, z_scale=z.scale, initial_state=state, final_state=out)
 
 
 class CudaQuantModel:
@@ -116,9 +120,11 @@ class CudaQuantModel:
         self.model = model.to(self.device)
         self.cfg = model.cfg
         self.ops = CudaOps(self.device)
+        self.in_place_ops = CudaOps(self.device, in_place_states=True)
 
-    def __call__(self, ids: torch.Tensor, states: list[LayerState] | None = None):
-        return self.model(ids.to(self.device), states, ops=self.ops)
+    def __call__(self, ids: torch.Tensor, states: list[LayerState] | None = None, in_place: bool = False):
+        """in_place: write the new states into `states` (the decode graphs) instead of new tensors."""
+        return self.model(ids.to(self.device), states, ops=self.in_place_ops if in_place else self.ops)
 
     def init_states(self, batch: int) -> list[LayerState]:
         cfg = self.cfg
@@ -139,14 +145,16 @@ class _DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (library load, cuBLASLt heuristics)
             for _ in range(2):
-                model(self.ids, self.states)
+                model(self.ids, self.states, in_place=True)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            logits, new = model(self.ids, self.states)
-            for st, nw in zip(self.states, new, strict=True):
-                st.conv.copy_(nw.conv)
-                st.ssm.copy_(nw.ssm)
+            logits, new = model(self.ids, self.states, in_place=True)
+            for st, nw in zip(self.states, new, strict=True):  # in place: nothing to copy (checked, not assumed)
+                if nw.conv.data_ptr() != st.conv.data_ptr():
+                    st.conv.copy_(nw.conv)
+                if nw.ssm.data_ptr() != st.ssm.data_ptr():
+                    st.ssm.copy_(nw.ssm)
             self.logits = logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:

@@ -179,7 +179,7 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = 4  # qm_int8_linear computes its own accumulators for <= 4 rows (k % 16 == 0)
 
 
 def int8_linear(x_q: torch.Tensor, w_q: torch.Tensor, m_in: torch.Tensor, segments: list[tuple[int, float | None]],

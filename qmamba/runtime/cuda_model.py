@@ -2,7 +2,7 @@
 
 `CudaOps` computes every stage of QuantMambaLM's block program (the same `_block` as the CPU integer path)
 on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels; each linear with its
-dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 16 rows, else a cuBLASLt int8 GEMM
+dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows, else a cuBLASLt int8 GEMM
 via `torch._int_mm` + the epilogue kernel); other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
@@ -60,17 +60,25 @@ class CudaOps(IntOps):
         rows = x.numel() // x.shape[-1]
         m_out = None if a.mask is None else self._multiplier(a.outlier_scale, lin)
         acc_in = acc_out = None
-        if rows > k.GEMV_MAX_ROWS:
+        if rows > k.GEMV_MAX_ROWS or x.shape[-1] % 16:
             x2 = x.reshape(rows, -1)
             if a.mask is None:
-                acc_in = torch._int_mm(x2, lin.weight_q.t())
+                acc_in = self._int_mm(x2, lin)
             else:
                 m = a.mask.reshape(rows, -1).bool()
                 zero = torch.zeros((), dtype=torch.int8, device=self.device)
-                acc_in = torch._int_mm(torch.where(m, zero, x2), lin.weight_q.t())
-                acc_out = torch._int_mm(torch.where(m, x2, zero), lin.weight_q.t())
+                acc_in = self._int_mm(torch.where(m, zero, x2), lin)
+                acc_out = self._int_mm(torch.where(m, x2, zero), lin)
         return k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
                              None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out)
+
+    @staticmethod
+    def _int_mm(x2: torch.Tensor, lin: QLinear) -> torch.Tensor:
+        """int32 [rows, n] = x2 @ W^T by cuBLASLt (torch._int_mm needs more than 16 rows: zero rows pad it)."""
+        rows = x2.shape[0]
+        if rows <= 16:
+            x2 = torch.cat([x2, x2.new_zeros(17 - rows, x2.shape[1])])
+        return torch._int_mm(x2, lin.weight_q.t())[:rows].contiguous()
 
     def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
         return self._linear(a, lin, [(lin.weight_q.shape[0], None)])[0]

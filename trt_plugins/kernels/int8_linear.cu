@@ -1,12 +1,12 @@
 // W8A8 linear epilogue (spec 4.2) and a small-batch GEMV, so a quantized linear is one or two kernels:
 //   y[r, n] = fl(fl(acc_in) * m_in[n])  (+ fl(fl(acc_out) * m_out[n]) for a dual-scale input, added after)
 // then per output segment: int8 = Q(y, scale) (division, ties to even), or float32 y, or residual + y.
-// acc comes from a GEMM (int32, e.g. cuBLASLt via torch._int_mm) or, for rows <= 16 (decode), from the GEMV
-// here: one warp per output column, dp4a over K, x rows masked per byte for the dual-scale split.
+// acc comes from a GEMM (int32, e.g. cuBLASLt via torch._int_mm) or, for rows <= 4 (decode), from the GEMV
+// here: 1 or 4 warps per output column, 16-byte loads and dp4a over K, x masked per byte for the dual split.
 #include "common.cuh"
 
 namespace {
-constexpr int kMaxGemvRows = 16;
+constexpr int kMaxGemvRows = 4;  // beyond, cuBLASLt's int8 GEMM + the epilogue kernel is faster (H100)
 
 struct Seg {
   int end[3];
@@ -41,40 +41,72 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
-template <int R>
-__global__ void gemv_kernel(qm_linear_args a, Seg sg) {
-  const int lane = threadIdx.x % 32;
-  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (n >= a.n) return;
-  const int words = a.k / 4;
-  const int* w = reinterpret_cast<const int*>(a.w + static_cast<int64_t>(n) * a.k);
+// One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
+// split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
+template <int R, int S>
+__global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
+  constexpr int kWarps = 256 / 32, kCols = kWarps / S;
+  __shared__ int part[kWarps][R][2];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = blockIdx.x * kCols + warp / S, slice = warp % S;
+  const bool active = n < a.n;
+  const int chunks = a.k / 16;  // 16-byte pieces of a row
   int acc_in[R], acc_out[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
-  for (int j = lane; j < words; j += 32) {
-    const int wv = w[j];
+  if (active) {
+    const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+#pragma unroll 4
+    for (int j = slice * 32 + lane; j < chunks; j += 32 * S) {
+      const int4 wv = w[j];
+      const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r >= a.rows) break;
-      const int xv = reinterpret_cast<const int*>(a.x + static_cast<int64_t>(r) * a.k)[j];
-      if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
-        const unsigned mv = reinterpret_cast<const unsigned*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j] * 0xffu;
-        acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xv) & ~mv), wv, acc_in[r]);
-        acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xv) & mv), wv, acc_out[r]);
-      } else {
-        acc_in[r] = __dp4a(xv, wv, acc_in[r]);
+      for (int r = 0; r < R; ++r) {
+        if (r >= a.rows) break;
+        const int4 xv = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(r) * a.k)[j];
+        const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
+        if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
+          const int4 mv4 = reinterpret_cast<const int4*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j];
+          const unsigned mm[4] = {static_cast<unsigned>(mv4.x) * 0xffu, static_cast<unsigned>(mv4.y) * 0xffu,
+                                  static_cast<unsigned>(mv4.z) * 0xffu, static_cast<unsigned>(mv4.w) * 0xffu};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & ~mm[q]), ww[q], acc_in[r]);
+            acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & mm[q]), ww[q], acc_out[r]);
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc_in[r] = __dp4a(xx[q], ww[q], acc_in[r]);
+        }
       }
     }
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (r >= a.rows) break;
     for (int off = 16; off > 0; off >>= 1) {
       acc_in[r] += __shfl_xor_sync(0xffffffffu, acc_in[r], off);
-      acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
+      if (a.x_mask) acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
     }
-    if (lane == 0) store(sg, a, r, n, dequant(a, n, acc_in[r], acc_out[r]));
+    if (S > 1 && lane == 0) {
+      part[warp][r][0] = acc_in[r];
+      part[warp][r][1] = acc_out[r];
+    }
   }
+  if (S > 1) __syncthreads();
+  if (!active || slice != 0 || lane >= R || lane >= a.rows) return;
+  const int r = lane;  // lane r of the column's first warp finishes row r
+  int ai = 0, ao = 0;
+  if (S > 1) {
+    for (int t = 0; t < S; ++t) {
+      ai += part[warp + t][r][0];
+      ao += part[warp + t][r][1];
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < R; ++q)
+      if (q == r) ai = acc_in[q], ao = acc_out[q];
+  }
+  store(sg, a, r, n, dequant(a, n, ai, ao));
 }
 }  // namespace
 
@@ -108,16 +140,16 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   QM_CHECK_ARG(a->x && a->w, "qm_int8_linear: without acc_in, x and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);
-  QM_CHECK_ARG(a->k % 4 == 0 && reinterpret_cast<uintptr_t>(a->x) % 4 == 0 &&
-               reinterpret_cast<uintptr_t>(a->w) % 4 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 4 == 0,
-               "qm_int8_linear: the GEMV needs k %% 4 == 0 and 4-byte aligned x, w, mask (k=%d)", a->k);
-  const unsigned blocks = static_cast<unsigned>((a->n + threads / 32 - 1) / (threads / 32));
+  QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
+               "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
+  const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
+  const int cols = few ? 2 : 8;
+  const unsigned blocks = static_cast<unsigned>((a->n + cols - 1) / cols);
   if (a->rows <= 1)
-    gemv_kernel<1><<<blocks, threads, 0, stream>>>(*a, sg);
-  else if (a->rows <= 4)
-    gemv_kernel<4><<<blocks, threads, 0, stream>>>(*a, sg);
+    few ? gemv_kernel<1, 4><<<blocks, threads, 0, stream>>>(*a, sg) : gemv_kernel<1, 1><<<blocks, threads, 0, stream>>>(*a, sg);
   else
-    gemv_kernel<kMaxGemvRows><<<blocks, threads, 0, stream>>>(*a, sg);
+    few ? gemv_kernel<4, 4><<<blocks, threads, 0, stream>>>(*a, sg) : gemv_kernel<4, 1><<<blocks, threads, 0, stream>>>(*a, sg);
   QM_CHECK_LAUNCH("qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -80,7 +80,7 @@ QM_API int qm_selective_state_update(const qm_scan_args* args, cudaStream_t stre
  * per output segment [seg_end[s-1], seg_end[s]) as int8 Q(y, seg_scale[s]) or, with seg_scale[s] == 0, as float32
  * (plus residual, in place allowed, for a single float segment). Each segment output is [rows, width] contiguous.
  * acc_in/acc_out: int32 [rows, n] from a GEMM; when acc_in is NULL the accumulators come from a GEMV over
- * x [rows, k] int8 (x_mask uint8 0/1 splits inliers/outliers) and w [n, k] int8, for rows <= 16, k % 4 == 0. */
+ * x [rows, k] int8 (x_mask uint8 0/1 splits inliers/outliers) and w [n, k] int8, for rows <= 4, k % 16 == 0 (16-byte aligned). */
 typedef struct {
   const int8_t* x;
   const uint8_t* x_mask;

@@ -25,7 +25,8 @@ test: install lint
 demo: install
 	bash scripts/demo.sh $(BIN)/qmamba
 
-# Inside docker/ (TensorRT + GPU): engine build, per-stage check on engines, generation.
+# Inside docker/ (TensorRT + GPU): engine build, per-stage check on engines, generation, and the GPU suites
+# (kernels, plugin harness against the image's TensorRT headers, the CUDA torch backend).
 PYTHON_BIN ?= $(BIN)/python
 test-trt:
-	$(PYTHON_BIN) -m pytest -ra -m tensorrt tests
+	$(PYTHON_BIN) -m pytest -ra -m "tensorrt or gpu" tests trt_plugins/tests

@@ -13,29 +13,33 @@ __device__ __forceinline__ float load<float>(const float* p, int64_t i) { return
 template <>
 __device__ __forceinline__ float load<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
 
+// p and every stage width h are powers of two: indices by shifts and masks (runtime integer division costs
+// ~20 instructions each, and the butterfly stages needed four per pair).
 template <typename T>
-__global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int p, float c,
+__global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int lp, float c,
                                 float scale) {
   extern __shared__ float buf[];  // 2 * d floats
   float* t = buf;
   float* o = buf + d;
-  int64_t base = static_cast<int64_t>(blockIdx.x) * d;
+  const int p = 1 << lp, half = p >> 1;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   for (int i = threadIdx.x; i < d; i += kThreads) t[i] = load<T>(x, base + i);
   __syncthreads();
-  for (int h = 1; h < p; h <<= 1) {
+  for (int lh = 0; (1 << lh) < p; ++lh) {
+    const int h = 1 << lh;
     for (int k = threadIdx.x; k < d / 2; k += kThreads) {
-      int a = k / (p / 2);          // row of the [m, p] view
-      int r = k % (p / 2);          // pair index within the row
-      int i = (r / h) * (2 * h) + (r % h);
-      float lo = t[a * p + i], hi = t[a * p + i + h];
-      t[a * p + i] = __fadd_rn(lo, hi);
-      t[a * p + i + h] = __fsub_rn(lo, hi);
+      const int a = k >> (lp - 1);   // row of the [m, p] view
+      const int r = k & (half - 1);  // pair index within the row
+      const int i = a * p + ((r >> lh) << (lh + 1)) + (r & (h - 1));
+      const float lo = t[i], hi = t[i + h];
+      t[i] = __fadd_rn(lo, hi);
+      t[i + h] = __fsub_rn(lo, hi);
     }
     __syncthreads();
   }
   const signed char* hm = m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28;
   for (int idx = threadIdx.x; idx < d; idx += kThreads) {
-    int a = idx / p, i = idx % p;
+    const int a = idx >> lp, i = idx & (p - 1);
     float acc;
     if (m == 1) {
       acc = t[i];
@@ -86,11 +90,13 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
   }
   if (rows == 0) return QM_OK;
   float c = static_cast<float>(1.0 / sqrt(static_cast<double>(dim)));
+  int lp = 0;
+  while ((1 << lp) < p) ++lp;
   if (x_dtype == QM_DTYPE_FLOAT32)
-    hadamard_kernel<float><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const float*>(x), y, dim, m, p, c,
+    hadamard_kernel<float><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const float*>(x), y, dim, m, lp, c,
                                                                      scale);
   else
-    hadamard_kernel<__half><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const __half*>(x), y, dim, m, p,
+    hadamard_kernel<__half><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const __half*>(x), y, dim, m, lp,
                                                                       c, scale);
   QM_CHECK_LAUNCH("qm_hadamard_quant launch");
   return QM_OK;

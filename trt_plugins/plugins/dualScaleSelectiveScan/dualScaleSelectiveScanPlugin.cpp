@@ -6,11 +6,5 @@ OpInfo const& DualScaleSelectiveScanPlugin::info() {
   return i;
 }
 
-IPluginV3* DualScaleSelectiveScanPlugin::clone() noexcept {
-  try {
-    return new DualScaleSelectiveScanPlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* DualScaleSelectiveScanPlugin::clone() noexcept { return cloneAs(*this); }
 }  // namespace qmamba

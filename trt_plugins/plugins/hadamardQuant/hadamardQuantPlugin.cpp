@@ -9,13 +9,7 @@ OpInfo const& HadamardQuantPlugin::info() {
   return i;
 }
 
-IPluginV3* HadamardQuantPlugin::clone() noexcept {
-  try {
-    return new HadamardQuantPlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* HadamardQuantPlugin::clone() noexcept { return cloneAs(*this); }
 
 bool HadamardQuantPlugin::typeAllowed(int32_t pos, DataType t, DynamicPluginTensorDesc const*) const noexcept {
   return pos == 0 ? (t == DataType::kFLOAT || t == DataType::kHALF) : t == DataType::kINT8;

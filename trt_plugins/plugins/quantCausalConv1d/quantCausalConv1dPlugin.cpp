@@ -24,13 +24,7 @@ bool QuantCausalConv1dPlugin::checkFields(std::vector<double> const& v, std::str
   return true;
 }
 
-IPluginV3* QuantCausalConv1dPlugin::clone() noexcept {
-  try {
-    return new QuantCausalConv1dPlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* QuantCausalConv1dPlugin::clone() noexcept { return cloneAs(*this); }
 
 bool QuantCausalConv1dPlugin::typeAllowed(int32_t pos, DataType t, DynamicPluginTensorDesc const*) const noexcept {
   switch (pos) {

@@ -12,13 +12,7 @@ OpInfo const& RMSNormQuantPlugin::info() {
   return i;
 }
 
-IPluginV3* RMSNormQuantPlugin::clone() noexcept {
-  try {
-    return new RMSNormQuantPlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* RMSNormQuantPlugin::clone() noexcept { return cloneAs(*this); }
 
 bool RMSNormQuantPlugin::typeAllowed(int32_t pos, DataType t, DynamicPluginTensorDesc const*) const noexcept {
   return pos < 2 ? t == DataType::kFLOAT : t == DataType::kINT8;

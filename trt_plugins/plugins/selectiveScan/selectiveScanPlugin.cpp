@@ -6,11 +6,5 @@ OpInfo const& SelectiveScanPlugin::info() {
   return i;
 }
 
-IPluginV3* SelectiveScanPlugin::clone() noexcept {
-  try {
-    return new SelectiveScanPlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* SelectiveScanPlugin::clone() noexcept { return cloneAs(*this); }
 }  // namespace qmamba

@@ -6,11 +6,5 @@ OpInfo const& SelectiveStateUpdatePlugin::info() {
   return i;
 }
 
-IPluginV3* SelectiveStateUpdatePlugin::clone() noexcept {
-  try {
-    return new SelectiveStateUpdatePlugin(mValues);
-  } catch (...) {
-    return nullptr;
-  }
-}
+IPluginV3* SelectiveStateUpdatePlugin::clone() noexcept { return cloneAs(*this); }
 }  // namespace qmamba

@@ -87,3 +87,24 @@ def test_greedy_generation_matches_the_cpu_backend(qmodel):
     a = Generator(TorchBackend(qmodel), ByteTokenizer()).generate(prompts, params)
     b = Generator(CudaBackend(qmodel), ByteTokenizer()).generate(prompts, params)
     assert [c.text for c in a] == [c.text for c in b]
+
+
+def test_server_on_the_gpu_backend_batches_concurrent_streams(qmodel):
+    """`qmamba serve --device cuda` path: 12 concurrent greedy streams through CUDA-graph decode steps give
+    the CPU backend's texts; the server stays healthy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for mod in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(mod, reason=f"{mod} is not installed: the server extra is needed for this test")
+    import httpx
+    from test_server import _read_stream, live_server
+
+    from qmamba.runtime.cuda_model import CudaBackend
+
+    prompts = [f"{w} " for w in ("KING", "QUEEN", "ROMEO", "JULIET", "HAMLET", "LEAR")] * 2
+    want = Generator(TorchBackend(qmodel), ByteTokenizer()).generate(prompts, [SamplingParams(16)] * len(prompts))
+    with live_server(None, backend=CudaBackend(qmodel), max_queue=64, max_batch=16) as (url, _):
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: _read_stream(url, p, 16)[0], prompts))
+        assert got == [c.text for c in want]
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"

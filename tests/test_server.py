@@ -26,8 +26,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(tiny_model_dir, **engine_kw):
-    backend = load_backend("torch", tiny_model_dir)
+def live_server(tiny_model_dir, backend=None, **engine_kw):
+    backend = backend or load_backend("torch", tiny_model_dir)
     engine = Engine(backend, ByteTokenizer(), **engine_kw)
     app = create_app(engine, "qmamba-tiny", max_prompt_tokens=200, max_tokens_limit=64)
     port = _free_port()

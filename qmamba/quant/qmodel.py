@@ -88,6 +88,11 @@ def _linear_quant(ops, a: Act, lin: QLinear, segments: list[tuple[int, float]]) 
     return out
 
 
+def _linear_add(ops, a: Act, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(a): the block's output (float32 add after the linear's epilogue)."""
+    return residual + ops.linear(a, lin)
+
+
 class IntOps:
     """Stages computed on integer tensors with the reference ops."""
 
@@ -126,6 +131,7 @@ class IntOps:
 
     scan = _ref_scan
     linear_quant = _linear_quant
+    linear_add = _linear_add
 
 
 class SimOps:
@@ -200,6 +206,7 @@ class SimOps:
 
     scan = _ref_scan
     linear_quant = _linear_quant
+    linear_add = _linear_add
 
 
 class QuantMambaLM:
@@ -304,9 +311,13 @@ class QuantMambaLM:
         rec("ssm", y)
         hq = ops.hadamard_quant(y, s["hadamard"])
         rec("hadamard", hq)
-        out = ops.linear(hq, lyr.out_proj)
-        rec("out_proj", out)
-        residual = residual + out
+        tr = trace.active()
+        if tr is not None and tr.wants(trace.stage_name(i, "out_proj")):
+            out = ops.linear(hq, lyr.out_proj)
+            rec("out_proj", out)
+            residual = residual + out
+        else:  # nobody looks at out_proj alone: ops may fuse the residual add into the linear
+            residual = ops.linear_add(hq, lyr.out_proj, residual)
         rec("block", residual)
         if conv_state is None:
             conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)

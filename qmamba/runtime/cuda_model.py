@@ -54,7 +54,8 @@ class CudaOps(IntOps):
             m = self._mult[key] = scale_product(in_scale, lin.weight_scale.cpu()).to(self.device)
         return m
 
-    def _linear(self, a: Act, lin: QLinear, segments: list[tuple[int, float | None]]) -> list[torch.Tensor]:
+    def _linear(self, a: Act, lin: QLinear, segments: list[tuple[int, float | None]],
+                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One W8A8 linear: GEMV + epilogue for <= 16 rows (decode), else cuBLASLt int8 GEMM + epilogue kernel."""
         x = a.value.contiguous()
         rows = x.numel() // x.shape[-1]
@@ -70,7 +71,7 @@ class CudaOps(IntOps):
                 acc_in = self._int_mm(torch.where(m, zero, x2), lin)
                 acc_out = self._int_mm(torch.where(m, x2, zero), lin)
         return k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
-                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out)
+                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual)
 
     @staticmethod
     def _int_mm(x2: torch.Tensor, lin: QLinear) -> torch.Tensor:
@@ -82,6 +83,11 @@ class CudaOps(IntOps):
 
     def linear(self, a: Act, lin: QLinear) -> torch.Tensor:
         return self._linear(a, lin, [(lin.weight_q.shape[0], None)])[0]
+
+    def linear_add(self, a: Act, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
+        """residual += linear(a) inside the linear's epilogue (the block owns its residual tensor)."""
+        residual = residual.contiguous()
+        return self._linear(a, lin, [(lin.weight_q.shape[0], None)], residual=residual)[0]
 
     def linear_quant(self, a: Act, lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
         outs = self._linear(a, lin, segments)

@@ -49,8 +49,8 @@ __device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const
 
 __global__ void __launch_bounds__(kConvThreads) conv_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
-    const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask, int L,
-    int D, int K, float in_scale, float out_scale, float outlier_scale, bool vec) {
+    const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask,
+    int8_t* state_out, int L, int D, int K, float in_scale, float out_scale, float outlier_scale, bool vec) {
   const int64_t row = blockIdx.x;  // token b * L + t
   const int b = static_cast<int>(row / L), t = static_cast<int>(row % L);
   const int d0 = (blockIdx.y * kConvThreads + threadIdx.x) * kConvVec;
@@ -63,6 +63,15 @@ __global__ void __launch_bounds__(kConvThreads) conv_kernel(
     if (d0 + j < D)
       conv_channel(x, w, ws, bias, state, b, t, d0 + j, L, D, K, in_scale, out_scale, outlier_scale, dual, uo[j],
                    mo[j]);
+  if (state_out != nullptr) {  // L == 1 (decode): this thread alone reads and writes its channels' state rows
+    const int km1 = K - 1;
+    for (int j = 0; j < kConvVec && d0 + j < D; ++j) {
+      const int64_t srow = (static_cast<int64_t>(b) * D + d0 + j) * km1;
+      const int8_t xv = x[row * D + d0 + j];
+      for (int q = 0; q < km1 - 1; ++q) state_out[srow + q] = state ? state[srow + q + 1] : 0;
+      state_out[srow + km1 - 1] = xv;
+    }
+  }
   const int64_t e = row * D + d0;
   if (vec) {  // D % 4 == 0: the 4 channels are in range and 4-byte aligned
     *reinterpret_cast<char4*>(u + e) = make_char4(uo[0], uo[1], uo[2], uo[3]);
@@ -114,10 +123,12 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                    (!mask || reinterpret_cast<uintptr_t>(mask) % 4 == 0);
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),
                   static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
-  conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, seqlen, dim,
-                                                 kernel_size, in_scale, out_scale, outlier_scale, vec);
+  // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
+  int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
+  conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen,
+                                                 dim, kernel_size, in_scale, out_scale, outlier_scale, vec);
   QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
-  if (state_out) {
+  if (state_out && !fused_state) {
     int64_t rows = static_cast<int64_t>(batch) * dim;
     state_kernel<<<static_cast<unsigned>((rows + threads - 1) / threads), threads, 0, stream>>>(
         x, state_in, state_out, batch, seqlen, dim, kernel_size);

@@ -133,13 +133,49 @@ def bench_size(size: str, bw: float, prefill_len: int, with_hf: bool) -> list[st
     return rows
 
 
+@torch.no_grad()
+def profile_decode(size: str, batch: int) -> str:
+    """Per-kernel GPU time of one eager decode step (torch.profiler): where a graph replay's time goes."""
+    fm = float_model(size)
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    states = gpu.init_states(batch)
+    for _ in range(3):
+        gpu(ids, states, in_place=True)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        gpu(ids, states, in_place=True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by: dict[str, list[float]] = {}
+    for e in kernels:
+        by.setdefault(e.name[:90], []).append(e.device_time)
+    lines = [f"## decode step, {size} B{batch}: {len(kernels)} kernels, "
+             f"{sum(sum(v) for v in by.values()) / 1e3:.3f} ms of kernel time", "",
+             "| kernel | calls | total us | mean us |", "|---|---|---|---|"]
+    for name, ts in sorted(by.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| `{name}` | {len(ts)} | {sum(ts):.1f} | {sum(ts) / len(ts):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--sizes", default="tiny,130m,1.4b,2.8b")
     ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--profile-decode", default=None, metavar="SIZE:B",
+                    help="only print the per-kernel times of one eager decode step, e.g. 130m:1")
     ap.add_argument("--hf-sizes", default="tiny,130m", help="sizes that also time transformers (its slow path)")
     args = ap.parse_args()
+    if args.profile_decode:
+        size, b = args.profile_decode.split(":")
+        text = profile_decode(size, int(b))
+        print(text)
+        if args.out:
+            open(args.out, "w").write(text)
+        return
     bw = hbm_bandwidth()
     _, why = transformers_baseline(MambaConfig(d_model=64, n_layer=1, vocab_size=256))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

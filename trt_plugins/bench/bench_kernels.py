@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--exp-rate", type=float, default=None, help="exp2/s; default: measured (exp_throughput.cu)")
+    ap.add_argument("--ops", default="scan,update,conv,hadamard", help="which kernels to time (comma list)")
     ap.add_argument("--mamba-ssm-build", default=None, help="directory holding a built selective_scan_cuda module")
     args = ap.parse_args()
     bw = hbm_bandwidth()
@@ -129,7 +130,8 @@ def main() -> None:
              "| op | shape | ours ms | floor ms | % of floor | mamba_ssm fp16 ms | speed-up | PyTorch ref ms |",
              "|---|---|---|---|---|---|---|---|"]
     n = 16
-    for d in (1536, 4096, 5120):
+    ops = set(args.ops.split(","))
+    for d in (1536, 4096, 5120) if "scan" in ops else ():
         for b in (1, 8):
             for l in (1, 512, 2048, 8192):
                 sets = scan_sets(b, l, d, n, 3)
@@ -146,7 +148,7 @@ def main() -> None:
                 lines.append(f"| scan (int8 dual-scale in, fp16 y) | B{b} D{d} L{l} | {ms:.4f} | {floor:.4f} | "
                              f"{100 * floor / ms:.0f}% | {mms} | {speed} | {refms} |")
                 print(lines[-1], flush=True)
-    for d, b in ((1536, 1), (1536, 16), (1536, 64), (5120, 1), (5120, 16), (5120, 64)):
+    for d, b in ((1536, 1), (1536, 16), (1536, 64), (5120, 1), (5120, 16), (5120, 64)) if "update" in ops else ():
         # one state per input set, 3 sets: at B64 D5120 they (63 MB) exceed the 50 MB L2, as in serving
         sets = [(torch.randn(b, d, n, device="cuda"), *s) for s in scan_sets(b, 1, d, n, 3)]
         ms = timeit(lambda st, *a: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
@@ -154,19 +156,23 @@ def main() -> None:
         lines.append(f"| state update (decode) | B{b} D{d} | {ms:.4f} | {by / bw * 1e3:.4f} | "
                      f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
         print(lines[-1], flush=True)
-    for b, l, d in ((1, 2048, 1536), (8, 2048, 5120)):
+    for b, l, d in ((1, 2048, 1536), (8, 2048, 1536), (8, 2048, 4096), (8, 2048, 5120)):
         g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)
-        w = torch.randint(-128, 128, (d, 4), dtype=torch.int8, device="cuda", generator=g)
-        ws, bias = torch.rand(d, device="cuda") * 0.01, torch.randn(d, device="cuda")
-        ms = timeit(lambda x_, w=w, ws=ws, bias=bias: k.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None, 0.05),
-                    [(x,)], args.reps)
-        by = b * l * d * 3
-        lines.append(f"| conv1d + SiLU + dual-scale quant | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
-        print(lines[-1], flush=True)
-        y = torch.randn(b, l, d, device="cuda", dtype=torch.float16)
-        ms = timeit(lambda y_: k.hadamard_quant(y_, 0.01), [(y,)], args.reps)
+        if "conv" in ops:  # 3 rotating input sets
+            xs = [(torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g),)
+                  for _ in range(3)]
+            w = torch.randint(-128, 128, (d, 4), dtype=torch.int8, device="cuda", generator=g)
+            ws, bias = torch.rand(d, device="cuda") * 0.01, torch.randn(d, device="cuda")
+            ms = timeit(lambda x_, w=w, ws=ws, bias=bias: k.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None,
+                                                                                0.05), xs, args.reps)
+            by = b * l * d * 3  # int8 x in, int8 u + uint8 mask out
+            lines.append(f"| conv1d + SiLU + dual-scale quant | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
+                         f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
+            print(lines[-1], flush=True)
+        if "hadamard" not in ops:
+            continue
+        ys = [(torch.randn(b, l, d, device="cuda", dtype=torch.float16),) for _ in range(3)]
+        ms = timeit(lambda y_: k.hadamard_quant(y_, 0.01), ys, args.reps)
         by = b * l * d * 3
         lines.append(f"| Hadamard + quant (fp16 in) | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
                      f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")

@@ -21,6 +21,17 @@ __device__ __forceinline__ int8_t quantize(float x, float s) {
   return static_cast<int8_t>(q);
 }
 
+// True when rint() of every real number within |r| * 2^-17 of r equals rint(r): r is far from a half-integer, or so
+// large that the int8 code saturates either way. Kernels that approximate a quotient x / s by x * fl(1 / s) (error
+// <= 2 ulp, or ~8 ulp with a float32 SiLU in front) take rint(r) when this holds and the spec's exact path otherwise.
+__device__ __forceinline__ bool code_is_certain(float r) {
+  const float a = fabsf(r);
+  return a > 1024.f || 0.5f - fabsf(__fsub_rn(r, rintf(r))) > __fmul_rn(a, 0x1p-17f);
+}
+
+// Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where code_is_certain's bound holds.
+inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
+
 // Spec rule 4: silu evaluated in float64, rounded once.
 __device__ __forceinline__ float silu_r(float v) {
   double x = static_cast<double>(v);

@@ -1,5 +1,6 @@
-// HadamardQuant (spec 4.6): one block per row; the row in shared memory; FWHT stages over p in the spec
-// order, then left-to-right mixing across m with H_m from the generated table, then * c and quantize.
+// HadamardQuant (spec 4.6): FWHT stages over p in the spec order, then left-to-right mixing across m with H_m from
+// the generated table, then * c and quantize. Every butterfly of a stage is independent, so any assignment of pairs
+// to threads gives the same bits as long as the stages run in order h = 1, 2, 4, ...
 #include "common.cuh"
 #include "hadamard_tables.h"
 
@@ -53,6 +54,110 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
   for (int idx = threadIdx.x; idx < d; idx += kThreads) y[base + idx] = qm::quantize(__fmul_rn(o[idx], c), scale);
 }
 
+// Fast path: one block per row, 8 consecutive elements per thread. Stages h = 1, 2, 4 in registers, h = 8 .. 128
+// by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
+// row from shared memory as float4 and accumulates with exact +-1 FMAs (the product is exact, so the FMA rounds
+// exactly like the spec's add). The quotient by the scale is a reciprocal multiply where the code is certain.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* v);
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float* v) {
+  const uint4 r = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    v[2 * j] = f.x, v[2 * j + 1] = f.y;
+  }
+}
+
+template <typename T>
+__global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int lp, float c,
+                                 float scale, float inv_scale, bool fast_quant) {
+  extern __shared__ float4 row4[];  // d floats, used when m > 1 or p > 256
+  float* row = reinterpret_cast<float*>(row4);
+  const int p = 1 << lp, tid = threadIdx.x, e0 = tid * 8;
+  const bool live = e0 < d;  // the block is rounded up to whole warps; dead lanes only feed shuffles
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
+  float v[8];
+  if (live) {
+    load8<T>(x + base + e0, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = 0.f;
+  }
+#pragma unroll
+  for (int h = 1; h < 8; h <<= 1) {
+    if (h >= p) break;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if ((j & h) == 0) {
+        const float lo = v[j], hi = v[j + h];
+        v[j] = __fadd_rn(lo, hi);
+        v[j + h] = __fsub_rn(lo, hi);
+      }
+  }
+#pragma unroll
+  for (int h = 8; h <= 128; h <<= 1) {
+    if (h >= p) break;
+    const int lanes = h >> 3;
+    const bool upper = tid & lanes;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[j], lanes);
+      v[j] = upper ? __fsub_rn(other, v[j]) : __fadd_rn(v[j], other);
+    }
+  }
+  if (p > 256 || m > 1) {
+    if (live) {
+      row4[tid * 2] = make_float4(v[0], v[1], v[2], v[3]);
+      row4[tid * 2 + 1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    __syncthreads();
+    for (int lh = 8; (1 << lh) < p; ++lh) {  // h = 256 ... p / 2: pairs through shared memory
+      const int h = 1 << lh, half = p >> 1;
+      for (int k = tid; k < d / 2; k += blockDim.x) {
+        const int a = k >> (lp - 1), r = k & (half - 1);
+        const int i = a * p + ((r >> lh) << (lh + 1)) + (r & (h - 1));
+        const float lo = row[i], hi = row[i + h];
+        row[i] = __fadd_rn(lo, hi);
+        row[i + h] = __fsub_rn(lo, hi);
+      }
+      __syncthreads();
+    }
+    if (!live) return;
+    if (m == 1) {
+      const float4 a = row4[tid * 2], b = row4[tid * 2 + 1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+      const signed char* hm = (m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28) + (e0 >> lp) * m;
+      const int i4 = (e0 & (p - 1)) >> 2;  // float4 index of this thread's 8 elements within a sub-row
+      for (int b = 0; b < m; ++b) {
+        const float sgn = static_cast<float>(hm[b]);
+        const float4 lo = row4[((b * p) >> 2) + i4], hi = row4[((b * p) >> 2) + i4 + 1];
+        const float t[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = b == 0 ? __fmul_rn(sgn, t[j]) : __fmaf_rn(sgn, t[j], v[j]);
+      }
+    }
+  }
+  if (!live) return;
+  int8_t out[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float hy = __fmul_rn(v[j], c);
+    const float r = __fmul_rn(hy, inv_scale);
+    out[j] = fast_quant && qm::code_is_certain(r) ? static_cast<int8_t>(fminf(fmaxf(rintf(r), -128.f), 127.f))
+                                                  : qm::quantize(hy, scale);
+  }
+  *reinterpret_cast<uint2*>(y + base + e0) = *reinterpret_cast<const uint2*>(out);
+}
+
 bool factor(int d, int* m, int* p) {
   const int ms[] = {1, 12, 20, 28};
   for (int mm : ms) {
@@ -92,12 +197,31 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
   float c = static_cast<float>(1.0 / sqrt(static_cast<double>(dim)));
   int lp = 0;
   while ((1 << lp) < p) ++lp;
-  if (x_dtype == QM_DTYPE_FLOAT32)
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  if (p >= 8 && dim <= 8192 && aligned) {
+    const int threads = ((dim / 8 + 31) / 32) * 32;
+    const size_t row_smem = sizeof(float) * static_cast<size_t>(dim);
+    if (row_smem > 48 * 1024) {
+      cudaError_t e = x_dtype == QM_DTYPE_FLOAT32
+          ? cudaFuncSetAttribute(hadamard8_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)row_smem)
+          : cudaFuncSetAttribute(hadamard8_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)row_smem);
+      if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
+    }
+    const bool fast_quant = qm::has_accurate_reciprocal(scale);
+    const float inv = fast_quant ? static_cast<float>(1.0 / scale) : 0.f;
+    if (x_dtype == QM_DTYPE_FLOAT32)
+      hadamard8_kernel<float><<<(unsigned)rows, threads, row_smem, stream>>>(static_cast<const float*>(x), y, dim, m,
+                                                                              lp, c, scale, inv, fast_quant);
+    else
+      hadamard8_kernel<__half><<<(unsigned)rows, threads, row_smem, stream>>>(static_cast<const __half*>(x), y, dim,
+                                                                               m, lp, c, scale, inv, fast_quant);
+  } else if (x_dtype == QM_DTYPE_FLOAT32) {
     hadamard_kernel<float><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const float*>(x), y, dim, m, lp, c,
                                                                      scale);
-  else
+  } else {
     hadamard_kernel<__half><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const __half*>(x), y, dim, m, lp,
                                                                       c, scale);
+  }
   QM_CHECK_LAUNCH("qm_hadamard_quant launch");
   return QM_OK;
 }

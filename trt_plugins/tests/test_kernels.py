@@ -102,6 +102,64 @@ def test_conv_bit_exact_with_state(k, b, l, dual):
     assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
 
 
+def _near_half_codes(scale: float, codes: range) -> torch.Tensor:
+    """float32 conv pre-activations v whose silu_r(v) / scale lies within 0-200 ulps of a half-integer code: the
+    conv kernel's float32 SiLU must fall back to float64 inside its error window and may not round wrongly outside."""
+    vs = []
+    for c in codes:
+        target = (c + 0.5) * scale
+        lo, hi = -1.2, 300.0  # silu is increasing above -1.28; targets here are > -0.27
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mid / (1 + torch.exp(torch.tensor(-mid, dtype=torch.float64)).item()) < target \
+                else (lo, mid)
+        v = torch.tensor(lo, dtype=torch.float32)
+        for off in (0, 1, 2, 3, 30, 60, 64, 70, 100, 200):
+            for sign in (1, -1):
+                w = v.clone()
+                for _ in range(off):
+                    w = torch.nextafter(w, torch.tensor(sign * float("inf")))
+                vs.append(w.item())
+    return torch.tensor(vs, dtype=torch.float32)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kk", [4, 3])  # 4: the tiled fast kernel; 3: the generic one
+@pytest.mark.parametrize("dual", [False, True])
+def test_conv_codes_at_rounding_boundaries(k, kk, dual):
+    s_in, s_out = 0.01, 0.05
+    codes = range(-1, 12) if not dual else range(12, 60)  # dual: outlier codes at s_out, above 127 at s_in
+    v = _near_half_codes(s_out if dual else s_in, codes)
+    d = (v.numel() + 3) // 4 * 4
+    bias = torch.zeros(d)
+    bias[: v.numel()] = v
+    x = torch.zeros(1, 2, d, dtype=torch.int8)  # acc = 0, so v = bias exactly
+    w = torch.randint(-128, 128, (d, kk), dtype=torch.int8)
+    ws = torch.rand(d) * 0.01 + 1e-4
+    args = (x, w, ws, bias, 0.03, s_in, None, s_out if dual else None)
+    u, mask, _ = k.quant_causal_conv1d(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    wu, wm, _ = ref.quant_causal_conv1d(*args)
+    assert torch.equal(u.cpu(), wu)
+    if dual:
+        assert torch.equal(mask.cpu(), wm) and 0.5 < wm.float().mean() < 1
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("d", "kk"), [(1538, 4), (1536, 3), (64, 2)])
+def test_conv_generic_shapes_bit_exact(k, d, kk):
+    g = _g(d + kk)
+    x = torch.randint(-128, 128, (3, 37, d), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (d, kk), dtype=torch.int8, device="cuda", generator=g)
+    ws = torch.rand(d, device="cuda", generator=g) * 0.01 + 1e-4
+    bias = torch.randn(d, device="cuda", generator=g)
+    st = torch.randint(-128, 128, (3, d, kk - 1), dtype=torch.int8, device="cuda", generator=g)
+    u, mask, new = k.quant_causal_conv1d(x, w, ws, bias, 0.03, 0.01, st, 0.05)
+    wu, wm, wn = ref.quant_causal_conv1d(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, st.cpu(), 0.05)
+    assert torch.equal(u.cpu(), wu) and torch.equal(mask.cpu(), wm) and torch.equal(new.cpu(), wn)
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [8, 16, 32, 64])
@@ -181,7 +239,7 @@ def test_float_scan_and_decode_update(k, n, d, l):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [768, 1536, 4096, 5120])
+@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 2048, 12288])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_hadamard_quant_bit_exact(k, d, dtype):
     y = (torch.randn(3, 41, d, device="cuda", generator=_g(d)) * 2).to(dtype)

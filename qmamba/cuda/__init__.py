@@ -36,6 +36,8 @@ class ScanArgs(ctypes.Structure):
         ("u_scale", ctypes.c_float), ("u_outlier_scale", ctypes.c_float), ("dt_scale", ctypes.c_float),
         ("B_scale", ctypes.c_float), ("C_scale", ctypes.c_float), ("z_scale", ctypes.c_float),
         ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
+        ("dt_lowrank", ctypes.c_void_p), ("dt_w", ctypes.c_void_p), ("dt_m", ctypes.c_void_p),
+        ("dt_rank", ctypes.c_int),
     ]
 
 
@@ -46,6 +48,8 @@ class LinearArgs(ctypes.Structure):
         ("rows", ctypes.c_int), ("k", ctypes.c_int), ("n", ctypes.c_int), ("n_seg", ctypes.c_int),
         ("seg_end", ctypes.c_int * 3), ("seg_scale", ctypes.c_float * 3), ("seg_out", ctypes.c_void_p * 3),
         ("residual", ctypes.c_void_p),
+        ("norm_x", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
+        ("norm_scale", ctypes.c_float),
     ]
 
 
@@ -69,8 +73,8 @@ def load_library(path: str | Path | None = None, build: bool = True) -> ctypes.C
     lib = ctypes.CDLL(str(p))
     lib.qm_last_error.restype = ctypes.c_char_p
     lib.qm_status_string.restype = ctypes.c_char_p
-    if lib.qm_abi_version() != 1:
-        raise KernelError(f"{p} has C ABI version {lib.qm_abi_version()}, this binding speaks 1")
+    if lib.qm_abi_version() != 2:
+        raise KernelError(f"{p} has C ABI version {lib.qm_abi_version()}, this binding speaks 2")
     if path is None:
         _lib = lib
     return lib
@@ -124,7 +128,7 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
 
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
-          scales: dict) -> torch.Tensor:
+          scales: dict, dt_proj: tuple | None = None) -> torch.Tensor:
     lib = load_library()
     bsz, l, d = u.shape
     n = A.shape[1]
@@ -135,6 +139,9 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
         bsz, l, d, n, int(mask is not None), scales.get("u_scale", 1.0), scales.get("u_outlier_scale") or 0.0,
         scales.get("dt_scale", 1.0), scales.get("B_scale", 1.0), scales.get("C_scale", 1.0),
         scales.get("z_scale", 1.0), None, 0)
+    if dt_proj is not None:  # (dt_lowrank int8 [B, R], dt_w int8 [D, R], multiplier float32 [D])
+        lr, w, m = dt_proj
+        args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), w.shape[1]
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
     return y
 
@@ -161,11 +168,12 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
 
 
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
-                           y_dtype=torch.float32, **scales):
-    """Decode step (L = 1): (y, new state); in_place=True updates `state` itself."""
+                           y_dtype=torch.float32, dt_proj: tuple | None = None, **scales):
+    """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. dt_proj = (dt_lowrank int8
+    [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself."""
     out = state if in_place else torch.empty_like(state)
     y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
-              y_dtype, scales)
+              y_dtype, scales, dt_proj)
     return y, out
 
 
@@ -182,16 +190,19 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
 GEMV_MAX_ROWS = 4  # qm_int8_linear computes its own accumulators for <= 4 rows (k % 16 == 0)
 
 
-def int8_linear(x_q: torch.Tensor, w_q: torch.Tensor, m_in: torch.Tensor, segments: list[tuple[int, float | None]],
-                x_mask: torch.Tensor | None = None, m_out: torch.Tensor | None = None,
-                acc_in: torch.Tensor | None = None, acc_out: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
+                segments: list[tuple[int, float | None]], x_mask: torch.Tensor | None = None,
+                m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
+                acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
-    GEMV (rows <= 16); x_q [..., k], w_q [n, k]."""
+    GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
+    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k])."""
     lib = load_library()
-    lead, kdim, n = x_q.shape[:-1], x_q.shape[-1], w_q.shape[0]
-    rows = x_q.numel() // kdim
+    src = x_q if norm is None else norm[0]
+    lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
+    rows = src.numel() // kdim
     outs, ends, scales, c = [], [], [], 0
     for width, scale in segments:
         c += width
@@ -200,11 +211,12 @@ def int8_linear(x_q: torch.Tensor, w_q: torch.Tensor, m_in: torch.Tensor, segmen
         if residual is not None:
             outs.append(residual)
         else:
-            outs.append(torch.empty(*lead, width, dtype=torch.int8 if scale else torch.float32, device=x_q.device))
+            outs.append(torch.empty(*lead, width, dtype=torch.int8 if scale else torch.float32, device=src.device))
+    nx, nw, neps, nscale = norm if norm is not None else (None, None, 0.0, 0.0)
     args = LinearArgs(_ptr(x_q), _ptr(x_mask), _ptr(w_q), _ptr(acc_in), _ptr(acc_out), _ptr(m_in), _ptr(m_out),
                       rows, kdim, n, len(segments), (ctypes.c_int * 3)(*ends, *[0] * (3 - len(ends))),
                       (ctypes.c_float * 3)(*scales, *[0.0] * (3 - len(scales))),
                       (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
-                      _ptr(residual))
+                      _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale)
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

@@ -93,6 +93,19 @@ def _linear_add(ops, a: Act, lin: QLinear, residual: torch.Tensor) -> torch.Tens
     return residual + ops.linear(a, lin)
 
 
+def _norm_linear_quant(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, s_norm: float, lin: QLinear,
+                       segments: list[tuple[int, float]]) -> list[Act]:
+    """linear_quant(norm_quant(residual)): ops may fuse the two when nobody records the norm stage."""
+    return ops.linear_quant(ops.norm_quant(residual, norm_w, eps, s_norm), lin, segments)
+
+
+def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
+                  state: torch.Tensor | None):
+    """scan(u, dt_proj(dt_lr) quantized at s_dt, ...): ops may fuse the two when nobody records dt_proj."""
+    (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(lyr.dt_proj.weight_q.shape[0], s_dt)])
+    return ops.scan(u, dt, bm, cm, z, lyr, state)
+
+
 class IntOps:
     """Stages computed on integer tensors with the reference ops."""
 
@@ -132,6 +145,8 @@ class IntOps:
     scan = _ref_scan
     linear_quant = _linear_quant
     linear_add = _linear_add
+    norm_linear_quant = _norm_linear_quant
+    dt_proj_scan = _dt_proj_scan
 
 
 class SimOps:
@@ -207,6 +222,8 @@ class SimOps:
     scan = _ref_scan
     linear_quant = _linear_quant
     linear_add = _linear_add
+    norm_linear_quant = _norm_linear_quant
+    dt_proj_scan = _dt_proj_scan
 
 
 class QuantMambaLM:
@@ -268,11 +285,21 @@ class QuantMambaLM:
             if qt.mask is not None:
                 tr.record(name + ".mask", qt.mask)
 
-        h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
-        rec("norm", h)
-        if rc.int8_ssm:
-            x, z = ops.linear_quant(h, lyr.in_proj, [(d, s["in_proj.x"]), (d, s["in_proj.z"])])
+        def wanted(stage: str) -> bool:
+            tr = trace.active()
+            return tr is not None and tr.wants(trace.stage_name(i, stage))
+
+        xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])]
+        if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
+            x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
+                                         xz_segments)
+        elif rc.int8_ssm:
+            h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
+            rec("norm", h)
+            x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
         else:
+            h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
+            rec("norm", h)
             xz = ops.linear(h, lyr.in_proj)
             x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
         rec("in_proj.x", x)
@@ -301,18 +328,20 @@ class QuantMambaLM:
         rec("x_proj.B", bm)
         rec("x_proj.C", cm)
 
-        if rc.int8_ssm:
-            (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(d, s["dt_proj"])])
+        ssm_in = None if state is None else state.ssm
+        if rc.int8_ssm and not wanted("dt_proj"):  # ops may fuse dt_proj into the scan
+            y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in)
         else:
-            dt = Act(ops.linear(dt_lr, lyr.dt_proj))
-        rec("dt_proj", dt)
-
-        y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, None if state is None else state.ssm)
+            if rc.int8_ssm:
+                (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(d, s["dt_proj"])])
+            else:
+                dt = Act(ops.linear(dt_lr, lyr.dt_proj))
+            rec("dt_proj", dt)
+            y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in)
         rec("ssm", y)
         hq = ops.hadamard_quant(y, s["hadamard"])
         rec("hadamard", hq)
-        tr = trace.active()
-        if tr is not None and tr.wants(trace.stage_name(i, "out_proj")):
+        if wanted("out_proj"):
             out = ops.linear(hq, lyr.out_proj)
             rec("out_proj", out)
             residual = residual + out

@@ -93,6 +93,30 @@ class CudaOps(IntOps):
         outs = self._linear(a, lin, segments)
         return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
 
+    def norm_linear_quant(self, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, s_norm: float,
+                          lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
+        """Decode (rows <= GEMV_MAX_ROWS): the GEMV computes RMSNormQuant itself, one kernel instead of two."""
+        r = residual.float().contiguous()
+        kdim = r.shape[-1]
+        if r.numel() // kdim > k.GEMV_MAX_ROWS or kdim % 16 or kdim > 8192:
+            return super().norm_linear_quant(residual, norm_w, eps, s_norm, lin, segments)
+        outs = k.int8_linear(None, lin.weight_q, self._multiplier(s_norm, lin), segments,
+                             norm=(r, norm_w, eps, s_norm))
+        return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
+
+    def dt_proj_scan(self, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
+                     state: torch.Tensor | None):
+        """Decode (one token, a state): the state-update kernel computes dt_proj itself."""
+        if state is None or u.value.shape[1] != 1 or u.scale is None:
+            return super().dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state)
+        lin = lyr.dt_proj
+        return k.selective_state_update(
+            state, u.value, u.mask, None, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(),
+            self._a(lyr), lyr.D, lyr.dt_bias, in_place=self.in_place,
+            dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
+            u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
+            z_scale=z.scale)
+
     def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
         u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,
                                             lyr.conv_bias, x.scale, s_u, state, s_out,

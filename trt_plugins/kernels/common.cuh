@@ -48,6 +48,17 @@ __device__ __forceinline__ float softplus_r(float v) {
   return static_cast<float>(lp);
 }
 
+// Spec 4.1: 1 / rms from the float64 sum of float32 squares: fl(sum) / d (IEEE), + eps, sqrt_r, reciprocal.
+__device__ __forceinline__ float rms_reciprocal(double sumsq, int d, float eps) {
+  const float ms = __fdiv_rn(static_cast<float>(sumsq), static_cast<float>(d));
+  return __frcp_rn(static_cast<float>(sqrt(static_cast<double>(__fadd_rn(ms, eps)))));
+}
+
+// Spec 4.1: the int8 code of element x of a row with reciprocal rms rr and norm weight w.
+__device__ __forceinline__ int8_t rms_code(float x, float rr, float w, float scale) {
+  return quantize(__fmul_rn(__fmul_rn(x, rr), w), scale);
+}
+
 // Spec rule 7: fl(a * b) in float64.
 __device__ __forceinline__ float scale_product(float a, float b) {
   return static_cast<float>(static_cast<double>(a) * static_cast<double>(b));

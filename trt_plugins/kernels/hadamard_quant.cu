@@ -38,15 +38,15 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
     }
     __syncthreads();
   }
-  const signed char* hm = m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28;
+  const float* hm = m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28;
   for (int idx = threadIdx.x; idx < d; idx += kThreads) {
     const int a = idx >> lp, i = idx & (p - 1);
     float acc;
     if (m == 1) {
       acc = t[i];
     } else {
-      acc = __fmul_rn(static_cast<float>(hm[a * m]), t[i]);
-      for (int b = 1; b < m; ++b) acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(hm[a * m + b]), t[b * p + i]));
+      acc = __fmul_rn(hm[a * m], t[i]);
+      for (int b = 1; b < m; ++b) acc = __fadd_rn(acc, __fmul_rn(hm[a * m + b], t[b * p + i]));
     }
     o[idx] = acc;
   }
@@ -76,10 +76,22 @@ __device__ __forceinline__ void load8<__half>(const __half* p, float* v) {
   }
 }
 
-template <typename T>
-__global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int lp, float c,
+template <int M>
+__device__ __forceinline__ const float* hadamard_table() {
+  return M == 12 ? kHadamard12 : M == 20 ? kHadamard20 : kHadamard28;
+}
+
+__device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
+  const float r = __fmul_rn(hy, inv_scale);
+  return fast_quant && qm::code_is_certain(r) ? static_cast<int8_t>(fminf(fmaxf(rintf(r), -128.f), 127.f))
+                                              : qm::quantize(hy, scale);
+}
+
+template <typename T, int M>
+__global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c,
                                  float scale, float inv_scale, bool fast_quant) {
-  extern __shared__ float4 row4[];  // d floats, used when m > 1 or p > 256
+  // d floats (m > 1 or p > 256), then d int8 codes (m > 1)
+  extern __shared__ float4 row4[];
   float* row = reinterpret_cast<float*>(row4);
   const int p = 1 << lp, tid = threadIdx.x, e0 = tid * 8;
   const bool live = e0 < d;  // the block is rounded up to whole warps; dead lanes only feed shuffles
@@ -113,7 +125,7 @@ __global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y
       v[j] = upper ? __fsub_rn(other, v[j]) : __fadd_rn(v[j], other);
     }
   }
-  if (p > 256 || m > 1) {
+  if (p > 256 || M > 1) {
     if (live) {
       row4[tid * 2] = make_float4(v[0], v[1], v[2], v[3]);
       row4[tid * 2 + 1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -130,32 +142,64 @@ __global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y
       }
       __syncthreads();
     }
-    if (!live) return;
-    if (m == 1) {
-      const float4 a = row4[tid * 2], b = row4[tid * 2 + 1];
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-      const signed char* hm = (m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28) + (e0 >> lp) * m;
-      const int i4 = (e0 & (p - 1)) >> 2;  // float4 index of this thread's 8 elements within a sub-row
-      for (int b = 0; b < m; ++b) {
-        const float sgn = static_cast<float>(hm[b]);
-        const float4 lo = row4[((b * p) >> 2) + i4], hi = row4[((b * p) >> 2) + i4 + 1];
-        const float t[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    if (M > 1) {
+      // mixing: one thread per column i of the [M, p] view reads its M values once and writes M codes; the
+      // entries of H_M come from the constant bank (compile-time indices), the codes go through shared memory
+      // so that the global stores stay 8 bytes wide
+      int8_t* codes = reinterpret_cast<int8_t*>(row + d);
+      const float* hm = hadamard_table<M>();
+      for (int i = tid; i < p; i += blockDim.x) {
+        float t[M];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = b == 0 ? __fmul_rn(sgn, t[j]) : __fmaf_rn(sgn, t[j], v[j]);
+        for (int b = 0; b < M; ++b) t[b] = row[b * p + i];
+#pragma unroll
+        for (int a = 0; a < M; ++a) {
+          float acc = __fmul_rn(hm[a * M], t[0]);
+#pragma unroll
+          for (int b = 1; b < M; ++b) acc = __fmaf_rn(hm[a * M + b], t[b], acc);  // exact product: FMA == add
+          codes[a * p + i] = quantize_fast(__fmul_rn(acc, c), scale, inv_scale, fast_quant);
+        }
       }
+      __syncthreads();
+      if (live)
+        *reinterpret_cast<uint2*>(y + base + e0) = *reinterpret_cast<const uint2*>(codes + e0);
+      return;
     }
+    if (!live) return;
+    const float4 a = row4[tid * 2], b = row4[tid * 2 + 1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   }
   if (!live) return;
   int8_t out[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float hy = __fmul_rn(v[j], c);
-    const float r = __fmul_rn(hy, inv_scale);
-    out[j] = fast_quant && qm::code_is_certain(r) ? static_cast<int8_t>(fminf(fmaxf(rintf(r), -128.f), 127.f))
-                                                  : qm::quantize(hy, scale);
-  }
+  for (int j = 0; j < 8; ++j) out[j] = quantize_fast(__fmul_rn(v[j], c), scale, inv_scale, fast_quant);
   *reinterpret_cast<uint2*>(y + base + e0) = *reinterpret_cast<const uint2*>(out);
+}
+
+template <typename T, int M>
+int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, float c, float scale, float inv,
+                       bool fast_quant, cudaStream_t stream) {
+  const int threads = ((dim / 8 + 31) / 32) * 32;
+  const size_t smem = (M > 1 ? sizeof(float) + 1 : (dim > 256 ? sizeof(float) : 0)) * static_cast<size_t>(dim);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(hadamard8_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
+  }
+  hadamard8_kernel<T, M><<<static_cast<unsigned>(rows), threads, smem, stream>>>(x, y, dim, lp, c, scale, inv,
+                                                                                  fast_quant);
+  return QM_OK;
+}
+
+template <typename T>
+int launch_hadamard8(const T* x, int8_t* y, int64_t rows, int dim, int m, int lp, float c, float scale, float inv,
+                     bool fast_quant, cudaStream_t stream) {
+  switch (m) {
+    case 1: return launch_hadamard8_m<T, 1>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+    case 12: return launch_hadamard8_m<T, 12>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+    case 20: return launch_hadamard8_m<T, 20>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+    default: return launch_hadamard8_m<T, 28>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+  }
 }
 
 bool factor(int d, int* m, int* p) {
@@ -199,22 +243,13 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
   while ((1 << lp) < p) ++lp;
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (p >= 8 && dim <= 8192 && aligned) {
-    const int threads = ((dim / 8 + 31) / 32) * 32;
-    const size_t row_smem = sizeof(float) * static_cast<size_t>(dim);
-    if (row_smem > 48 * 1024) {
-      cudaError_t e = x_dtype == QM_DTYPE_FLOAT32
-          ? cudaFuncSetAttribute(hadamard8_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)row_smem)
-          : cudaFuncSetAttribute(hadamard8_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)row_smem);
-      if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
-    }
     const bool fast_quant = qm::has_accurate_reciprocal(scale);
     const float inv = fast_quant ? static_cast<float>(1.0 / scale) : 0.f;
-    if (x_dtype == QM_DTYPE_FLOAT32)
-      hadamard8_kernel<float><<<(unsigned)rows, threads, row_smem, stream>>>(static_cast<const float*>(x), y, dim, m,
-                                                                              lp, c, scale, inv, fast_quant);
-    else
-      hadamard8_kernel<__half><<<(unsigned)rows, threads, row_smem, stream>>>(static_cast<const __half*>(x), y, dim,
-                                                                               m, lp, c, scale, inv, fast_quant);
+    int e = x_dtype == QM_DTYPE_FLOAT32 ? launch_hadamard8<float>(static_cast<const float*>(x), y, rows, dim, m, lp, c,
+                                                                  scale, inv, fast_quant, stream)
+                                        : launch_hadamard8<__half>(static_cast<const __half*>(x), y, rows, dim, m, lp,
+                                                                   c, scale, inv, fast_quant, stream);
+    if (e != QM_OK) return e;
   } else if (x_dtype == QM_DTYPE_FLOAT32) {
     hadamard_kernel<float><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const float*>(x), y, dim, m, lp, c,
                                                                      scale);

@@ -41,6 +41,31 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
+// RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
+// against a separate kernel launch and its round trip through memory).
+template <int R>
+__device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
+  __shared__ double red[8];
+  __shared__ float rr[R];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = 0; r < R && r < a.rows; ++r) {
+    const float* row = a.norm_x + static_cast<int64_t>(r) * a.k;
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < a.k; i += 256) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) red[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0.0;
+      for (int w = 0; w < 8; ++w) sum += red[w];
+      rr[r] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < a.k; i += 256) xs[r * a.k + i] = qm::rms_code(row[i], rr[r], a.norm_w[i], a.norm_scale);
+  }
+  __syncthreads();
+}
+
 // One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
 // split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
 template <int R, int S>
@@ -51,6 +76,12 @@ __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
   const int n = blockIdx.x * kCols + warp / S, slice = warp % S;
   const bool active = n < a.n;
   const int chunks = a.k / 16;  // 16-byte pieces of a row
+  extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant is fused in
+  const int8_t* xsrc = a.x;
+  if (a.norm_x) {
+    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
+    xsrc = reinterpret_cast<const int8_t*>(xs_norm);
+  }
   int acc_in[R], acc_out[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
@@ -63,7 +94,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r >= a.rows) break;
-        const int4 xv = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(r) * a.k)[j];
+        const int4 xv = reinterpret_cast<const int4*>(xsrc + static_cast<int64_t>(r) * a.k)[j];
         const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
         if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
           const int4 mv4 = reinterpret_cast<const int4*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j];
@@ -137,7 +168,12 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
     QM_CHECK_LAUNCH("qm_int8_linear epilogue launch");
     return QM_OK;
   }
-  QM_CHECK_ARG(a->x && a->w, "qm_int8_linear: without acc_in, x and w must be non-null (GEMV)");
+  const bool norm = a->norm_x != nullptr;
+  QM_CHECK_ARG(!norm || (!a->acc_in && !a->x_mask && a->norm_w && QM_VALID_SCALE(a->norm_scale) &&
+                         isfinite(a->norm_eps) && a->norm_eps > 0.f && a->k <= 8192),
+               "qm_int8_linear: a fused RMSNormQuant needs the GEMV (no acc_in), no x_mask, norm_w, a positive "
+               "finite norm_scale and norm_eps, and k <= 8192 (k=%d)", a->k);
+  QM_CHECK_ARG((a->x || norm) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
@@ -146,10 +182,13 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
   const int cols = few ? 2 : 8;
   const unsigned blocks = static_cast<unsigned>((a->n + cols - 1) / cols);
+  const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
   if (a->rows <= 1)
-    few ? gemv_kernel<1, 4><<<blocks, threads, 0, stream>>>(*a, sg) : gemv_kernel<1, 1><<<blocks, threads, 0, stream>>>(*a, sg);
+    few ? gemv_kernel<1, 4><<<blocks, threads, smem, stream>>>(*a, sg)
+        : gemv_kernel<1, 1><<<blocks, threads, smem, stream>>>(*a, sg);
   else
-    few ? gemv_kernel<4, 4><<<blocks, threads, 0, stream>>>(*a, sg) : gemv_kernel<4, 1><<<blocks, threads, 0, stream>>>(*a, sg);
+    few ? gemv_kernel<4, 4><<<blocks, threads, smem, stream>>>(*a, sg)
+        : gemv_kernel<4, 1><<<blocks, threads, smem, stream>>>(*a, sg);
   QM_CHECK_LAUNCH("qm_int8_linear gemv launch");
   return QM_OK;
 }

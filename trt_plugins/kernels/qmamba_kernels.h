@@ -31,7 +31,7 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 1 */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 2 */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -69,6 +69,13 @@ typedef struct {
   float u_scale, u_outlier_scale, dt_scale, B_scale, C_scale, z_scale;
   void* workspace; /* qm_selective_scan_workspace_size bytes, may be NULL when that is 0 */
   size_t workspace_bytes;
+  /* Decode only (qm_selective_state_update), optional: dt_proj fused in. When dt_w is non-NULL, dt is not read;
+   * the kernel computes dt = Q(fl(fl(sum_r dt_lowrank[b, r] * dt_w[d, r]) * dt_m[d]), dt_scale) itself (spec 4.2,
+   * int32 accumulation) from dt_lowrank int8 [B, dt_rank], dt_w int8 [D, dt_rank] and the multiplier dt_m [D]. */
+  const int8_t* dt_lowrank;
+  const int8_t* dt_w;
+  const float* dt_m;
+  int dt_rank;
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);
@@ -95,6 +102,11 @@ typedef struct {
   float seg_scale[3];
   void* seg_out[3];
   float* residual;
+  /* Optional, GEMV only: RMSNormQuant (spec 4.1) fused in front. When norm_x is non-NULL, x is not read: each
+   * block computes x = RMSNormQuant(norm_x [rows, k] float32, norm_w [k], norm_eps, norm_scale) itself. */
+  const float* norm_x;
+  const float* norm_w;
+  float norm_eps, norm_scale;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

@@ -20,18 +20,10 @@ __global__ void rmsnorm_quant_kernel(const float* __restrict__ x, const float* _
     __syncthreads();
   }
   __shared__ float rr;
-  if (threadIdx.x == 0) {
-    float sum = static_cast<float>(part[0]);
-    float ms = __fdiv_rn(sum, static_cast<float>(d));
-    float root = static_cast<float>(sqrt(static_cast<double>(__fadd_rn(ms, eps))));  // spec sqrt_r
-    rr = __frcp_rn(root);
-  }
+  if (threadIdx.x == 0) rr = qm::rms_reciprocal(part[0], d, eps);
   __syncthreads();
   int8_t* out = y + static_cast<int64_t>(blockIdx.x) * d;
-  for (int i = threadIdx.x; i < d; i += kThreads) {
-    float v = __fmul_rn(__fmul_rn(row[i], rr), w[i]);
-    out[i] = qm::quantize(v, scale);
-  }
+  for (int i = threadIdx.x; i < d; i += kThreads) out[i] = qm::rms_code(row[i], rr, w[i], scale);
 }
 }  // namespace
 

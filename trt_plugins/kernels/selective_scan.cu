@@ -398,7 +398,18 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   if constexpr (kInt8) {
     const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
     u = static_cast<float>(static_cast<const int8_t*>(a.u)[r]) * s;
-    x = static_cast<float>(static_cast<const int8_t*>(a.dt)[r]) * a.dt_scale;
+    if (a.dt_w) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, then the epilogue
+      const int8_t* lr = a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
+      const int8_t* wr = a.dt_w + static_cast<int64_t>(d) * a.dt_rank;
+      int acc = 0;
+      for (int j = q; j < a.dt_rank; j += G) acc += static_cast<int>(lr[j]) * static_cast<int>(wr[j]);
+#pragma unroll
+      for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, G);
+      const int8_t code = qm::quantize(__fmul_rn(static_cast<float>(acc), a.dt_m[d]), a.dt_scale);
+      x = static_cast<float>(code) * a.dt_scale;
+    } else {
+      x = static_cast<float>(static_cast<const int8_t*>(a.dt)[r]) * a.dt_scale;
+    }
     if (a.z) zv = static_cast<float>(static_cast<const int8_t*>(a.z)[r]) * a.z_scale;
   } else {
     u = static_cast<const float*>(a.u)[r];
@@ -454,7 +465,8 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
 
 int validate(const qm_scan_args* a, const char* fn) {
   QM_CHECK_ARG(a, "%s: args must be non-null", fn);
-  QM_CHECK_ARG(a->u && a->dt && a->B && a->C && a->A && a->y, "%s: u, dt, B, C, A and y must be non-null", fn);
+  QM_CHECK_ARG(a->u && (a->dt || a->dt_w) && a->B && a->C && a->A && a->y,
+               "%s: u, dt (or dt_w), B, C, A and y must be non-null", fn);
   QM_CHECK_ARG(a->batch > 0 && a->seqlen > 0 && a->dim > 0, "%s: batch=%d seqlen=%d dim=%d must be positive", fn,
                a->batch, a->seqlen, a->dim);
   QM_CHECK_ARG(a->dstate == 16 || a->dstate == 8 || a->dstate == 32 || a->dstate == 64,
@@ -473,6 +485,10 @@ int validate(const qm_scan_args* a, const char* fn) {
   } else {
     QM_CHECK_ARG(!a->dual_scale, "%s: dual_scale needs int8 inputs", fn);
   }
+  if (a->dt_w)
+    QM_CHECK_ARG(a->input_dtype == QM_DTYPE_INT8 && a->dt_lowrank && a->dt_m && a->dt_rank > 0,
+                 "%s: a fused dt_proj (dt_w) needs int8 inputs, dt_lowrank, dt_m and dt_rank > 0 (dt_rank=%d)", fn,
+                 a->dt_rank);
   return QM_OK;
 }
 
@@ -545,6 +561,7 @@ extern "C" int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, 
 extern "C" int qm_selective_scan(const qm_scan_args* args, cudaStream_t stream) {
   int rc = validate(args, "qm_selective_scan");
   if (rc != QM_OK) return rc;
+  QM_CHECK_ARG(!args->dt_w, "qm_selective_scan: dt_w (a fused dt_proj) is for qm_selective_state_update only");
   const bool i8 = args->input_dtype == QM_DTYPE_INT8;
   if (args->seqlen == 1)  // one step: the decode kernel (a prefill chunk would leave 31 of 32 lanes idle)
     return i8 ? launch_update<true>(args, stream, "qm_selective_scan launch (L = 1)")

@@ -301,3 +301,49 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
     want = res.cpu() + y
     (same,) = k.int8_linear(x, w, m_in, [(sum(widths), None)], mask, m_out, residual=res, **acc)
     assert same.data_ptr() == res.data_ptr() and torch.equal(res.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "kdim", "ncols"), [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40)])
+def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
+    from qmamba.ops.specmath import quantize, scale_product
+
+    g = _g(rows + kdim + ncols)
+    r = torch.randn(rows, kdim, generator=g, device="cuda") * 3
+    nw = torch.rand(kdim, generator=g, device="cuda") + 0.5
+    eps, s_norm = 1e-5, 0.05
+    w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
+    ws = torch.rand(ncols, generator=g, device="cuda") * 0.01 + 1e-3
+    m_in = scale_product(s_norm, ws.cpu()).cuda()
+    segs = [(ncols - 16, 0.5), (16, None)]
+    outs = k.int8_linear(None, w, m_in, segs, norm=(r, nw, eps, s_norm))
+    codes = ref.rms_norm_quant(r.cpu(), nw.cpu(), eps, s_norm)
+    y = ref.quant_linear(codes, w.cpu(), s_norm, ws.cpu(), None, None, None)
+    assert torch.equal(outs[0].cpu(), quantize(y[:, : ncols - 16], 0.5))
+    assert torch.equal(outs[1].cpu(), y[:, ncols - 16 :])
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "d", "rank"), [(1, 1536, 48), (3, 5120, 160), (2, 100, 7)])
+@pytest.mark.parametrize("n", [16, 64])
+def test_state_update_with_fused_dt_proj_equals_separate(k, b, d, rank, n):
+    from qmamba.ops.specmath import quantize, scale_product
+
+    ins, h0, scales = _scan_inputs(b, 1, d, n, b + d + rank + n, True)
+    g = _g(d * rank)
+    lr = torch.randint(-128, 128, (b, 1, rank), dtype=torch.int8, generator=g, device="cuda")
+    w = torch.randint(-128, 128, (d, rank), dtype=torch.int8, generator=g, device="cuda")
+    ws = torch.rand(d, generator=g, device="cuda") * 0.01 + 1e-3
+    s_lr = 0.05
+    dt_codes = quantize(ref.quant_linear(lr.cpu(), w.cpu(), s_lr, ws.cpu(), None, None, None), scales["dt_scale"])
+    sep, fused = list(ins), list(ins)
+    sep[2], fused[2] = dt_codes.cuda(), None
+    s1, s2 = h0.clone(), h0.clone()
+    y1, _ = k.selective_state_update(s1, *sep, in_place=True, **scales)
+    y2, _ = k.selective_state_update(s2, *fused, in_place=True, dt_proj=(lr, w, scale_product(s_lr, ws.cpu()).cuda()),
+                                     **scales)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    wy, _ = ref.dual_scale_selective_scan(*sep, initial_state=h0, **scales)
+    assert rel(y2, wy) <= 1e-5

@@ -16,8 +16,9 @@ def main() -> None:
              "#pragma once", ""]
     for m in SUPPORTED_M[1:]:
         h = hadamard_m(m).tolist()
-        flat = ", ".join(str(int(v)) for row in h for v in row)
-        lines.append(f"__constant__ signed char kHadamard{m}[{m * m}] = {{{flat}}};")
+        flat = ", ".join(f"{int(v)}.f" for row in h for v in row)
+        # float entries: with compile-time indices an FFMA takes them straight from the constant bank
+        lines.append(f"__constant__ float kHadamard{m}[{m * m}] = {{{flat}}};")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -10,6 +10,39 @@
 
 namespace qm {
 
+// Programmatic dependent launch (Hopper, sm_90+). A kernel started with qm::launch may begin while the kernel
+// before it in the stream is still finishing (its launch latency and its weight loads overlap that tail). Such a
+// kernel calls wait_for_inputs() before it reads anything but constant weights and before it writes anything,
+// then allow_dependents() so that the next kernel may start early in turn. Both are no-ops below sm_90 and when
+// the kernel was launched without the attribute.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<KernelArgs>(args)...);
+}
+
 // Thread-local last error message, set by fail().
 void set_error(const char* fmt, ...);
 int fail_cuda(const char* what, cudaError_t e);
@@ -77,6 +110,12 @@ __device__ __forceinline__ float scale_product(float a, float b) {
 #define QM_CHECK_LAUNCH(what)                                  \
   do {                                                         \
     cudaError_t e_ = cudaGetLastError();                       \
+    if (e_ != cudaSuccess) return qm::fail_cuda((what), e_);   \
+  } while (0)
+
+#define QM_CHECK_LAUNCHED(expr, what)                          \
+  do {                                                         \
+    cudaError_t e_ = (expr);                                   \
     if (e_ != cudaSuccess) return qm::fail_cuda((what), e_);   \
   } while (0)
 

@@ -95,6 +95,8 @@ __global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y
   float* row = reinterpret_cast<float*>(row4);
   const int p = 1 << lp, tid = threadIdx.x, e0 = tid * 8;
   const bool live = e0 < d;  // the block is rounded up to whole warps; dead lanes only feed shuffles
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   float v[8];
   if (live) {
@@ -186,8 +188,9 @@ int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, flo
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
   }
-  hadamard8_kernel<T, M><<<static_cast<unsigned>(rows), threads, smem, stream>>>(x, y, dim, lp, c, scale, inv,
-                                                                                  fast_quant);
+  QM_CHECK_LAUNCHED(qm::launch(hadamard8_kernel<T, M>, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream,
+                               x, y, dim, lp, c, scale, inv, fast_quant),
+                    "qm_hadamard_quant launch");
   return QM_OK;
 }
 

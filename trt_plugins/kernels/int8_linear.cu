@@ -35,6 +35,8 @@ __device__ __forceinline__ float dequant(const qm_linear_args& a, int n, int32_t
 }
 
 __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(a.rows) * a.n) return;
   const int r = static_cast<int>(i / a.n), n = static_cast<int>(i % a.n);
@@ -78,39 +80,51 @@ __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
   const int chunks = a.k / 16;  // 16-byte pieces of a row
   extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant is fused in
   const int8_t* xsrc = a.x;
+  int acc_in[R], acc_out[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
+  const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+  auto step = [&](const int4 wv, int j) {
+    const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= a.rows) break;
+      const int4 xv = reinterpret_cast<const int4*>(xsrc + static_cast<int64_t>(r) * a.k)[j];
+      const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
+      if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
+        const int4 mv4 = reinterpret_cast<const int4*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j];
+        const unsigned mm[4] = {static_cast<unsigned>(mv4.x) * 0xffu, static_cast<unsigned>(mv4.y) * 0xffu,
+                                static_cast<unsigned>(mv4.z) * 0xffu, static_cast<unsigned>(mv4.w) * 0xffu};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & ~mm[q]), ww[q], acc_in[r]);
+          acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & mm[q]), ww[q], acc_out[r]);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc_in[r] = __dp4a(xx[q], ww[q], acc_in[r]);
+      }
+    }
+  };
+  // the first kPre weight pieces of this lane load before waiting for the previous kernel (weights are constant)
+  constexpr int kPre = 4;
+  const int j0 = slice * 32 + lane, stride = 32 * S;
+  int4 pre[kPre];
+#pragma unroll
+  for (int u = 0; u < kPre; ++u)
+    pre[u] = active && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   if (a.norm_x) {
     norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
-  int acc_in[R], acc_out[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
   if (active) {
-    const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+#pragma unroll
+    for (int u = 0; u < kPre; ++u)
+      if (j0 + u * stride < chunks) step(pre[u], j0 + u * stride);
 #pragma unroll 4
-    for (int j = slice * 32 + lane; j < chunks; j += 32 * S) {
-      const int4 wv = w[j];
-      const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= a.rows) break;
-        const int4 xv = reinterpret_cast<const int4*>(xsrc + static_cast<int64_t>(r) * a.k)[j];
-        const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
-        if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
-          const int4 mv4 = reinterpret_cast<const int4*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j];
-          const unsigned mm[4] = {static_cast<unsigned>(mv4.x) * 0xffu, static_cast<unsigned>(mv4.y) * 0xffu,
-                                  static_cast<unsigned>(mv4.z) * 0xffu, static_cast<unsigned>(mv4.w) * 0xffu};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & ~mm[q]), ww[q], acc_in[r]);
-            acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & mm[q]), ww[q], acc_out[r]);
-          }
-        } else {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc_in[r] = __dp4a(xx[q], ww[q], acc_in[r]);
-        }
-      }
-    }
+    for (int j = j0 + kPre * stride; j < chunks; j += stride) step(w[j], j);
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -164,8 +178,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
     const int64_t total = static_cast<int64_t>(a->rows) * a->n;
-    epilogue_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(*a, sg);
-    QM_CHECK_LAUNCH("qm_int8_linear epilogue launch");
+    QM_CHECK_LAUNCHED(qm::launch(epilogue_kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
+                                 dim3(threads), 0, stream, *a, sg),
+                      "qm_int8_linear epilogue launch");
     return QM_OK;
   }
   const bool norm = a->norm_x != nullptr;
@@ -183,12 +198,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int cols = few ? 2 : 8;
   const unsigned blocks = static_cast<unsigned>((a->n + cols - 1) / cols);
   const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
-  if (a->rows <= 1)
-    few ? gemv_kernel<1, 4><<<blocks, threads, smem, stream>>>(*a, sg)
-        : gemv_kernel<1, 1><<<blocks, threads, smem, stream>>>(*a, sg);
-  else
-    few ? gemv_kernel<4, 4><<<blocks, threads, smem, stream>>>(*a, sg)
-        : gemv_kernel<4, 1><<<blocks, threads, smem, stream>>>(*a, sg);
-  QM_CHECK_LAUNCH("qm_int8_linear gemv launch");
+  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4> : gemv_kernel<1, 1>)
+                              : (few ? gemv_kernel<4, 4> : gemv_kernel<4, 1>);
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg),
+                    "qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -75,6 +75,17 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   const int d0 = (blockIdx.y * 256 + threadIdx.x) * 4;
   if (d0 >= D) return;
   const int8_t* xb = x + static_cast<int64_t>(b) * L * D + d0;
+  int wt[4][kTaps];  // weights first: they are constant, so they may load before the previous kernel is done
+  float m[4], bs[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int k = 0; k < kTaps; ++k) wt[j][k] = w[(d0 + j) * kTaps + k];
+    m[j] = qm::scale_product(in_scale, ws[d0 + j]);
+    bs[j] = bias[d0 + j];
+  }
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   char4 rows[kTaps - 1 + kTile];
 #pragma unroll
   for (int i = 0; i < kTaps - 1; ++i) {  // the K-1 tokens before the tile: x, the conv state, or zeros
@@ -92,15 +103,6 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   for (int i = 0; i < kTile; ++i)
     rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const char4*>(xb + static_cast<int64_t>(t0 + i) * D)
                                      : make_char4(0, 0, 0, 0);
-  int wt[4][kTaps];
-  float m[4], bs[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int k = 0; k < kTaps; ++k) wt[j][k] = w[(d0 + j) * kTaps + k];
-    m[j] = qm::scale_product(in_scale, ws[d0 + j]);
-    bs[j] = bias[d0 + j];
-  }
   if (state_out != nullptr) {  // L == 1 (decode): this thread alone reads and writes its channels' state rows
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -237,8 +239,9 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   if (kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(u) && (!mask || aligned4(mask))) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
-    conv_tile_kernel<<<grid, 256, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen,
-                                               dim, in_scale, q);
+    QM_CHECK_LAUNCHED(qm::launch(conv_tile_kernel, grid, dim3(256), 0, stream, x, weight, weight_scale, bias, state_in,
+                                 u, mask, fused_state, seqlen, dim, in_scale, q),
+                      "qm_quant_causal_conv1d conv launch");
   } else {
     const bool vec = dim % kConvVec == 0 && aligned4(u) && (!mask || aligned4(mask));
     const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),

@@ -6,6 +6,8 @@ constexpr int kThreads = 256;
 
 __global__ void rmsnorm_quant_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                      int8_t* __restrict__ y, int d, float eps, float scale) {
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   const float* row = x + static_cast<int64_t>(blockIdx.x) * d;
   double acc = 0.0;
   for (int i = threadIdx.x; i < d; i += kThreads) {
@@ -35,7 +37,8 @@ extern "C" int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, 
   QM_CHECK_ARG(isfinite(eps) && eps > 0.f, "qm_rmsnorm_quant: eps must be positive and finite");
   QM_CHECK_ARG(QM_VALID_SCALE(scale), "qm_rmsnorm_quant: scale must be positive and finite");
   if (tokens == 0) return QM_OK;
-  rmsnorm_quant_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(x, weight, y, d_model, eps, scale);
-  QM_CHECK_LAUNCH("qm_rmsnorm_quant launch");
+  QM_CHECK_LAUNCHED(qm::launch(rmsnorm_quant_kernel, dim3(static_cast<unsigned>(tokens)), dim3(kThreads), 0, stream,
+                               x, weight, y, d_model, eps, scale),
+                    "qm_rmsnorm_quant launch");
   return QM_OK;
 }

@@ -387,6 +387,8 @@ __global__ void __launch_bounds__(kWarps * 32, (V4<N, kInt8, T_>::MIN_BLOCKS)) s
 template <int N, bool kInt8>
 __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   constexpr int G = N / 4;
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t row = gid / G;
   const int q = static_cast<int>(gid % G);
@@ -534,8 +536,9 @@ int launch_update_n(const qm_scan_args* a, cudaStream_t stream, const char* fn) 
   const int64_t total = static_cast<int64_t>(a->batch) * a->dim * G;
   const bool vec = reinterpret_cast<uintptr_t>(a->initial_state) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(a->final_state) % 16 == 0 && reinterpret_cast<uintptr_t>(a->A) % 16 == 0;
-  state_update_kernel<N, kInt8><<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(*a, vec);
-  QM_CHECK_LAUNCH(fn);
+  QM_CHECK_LAUNCHED(qm::launch(state_update_kernel<N, kInt8>, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
+                               dim3(threads), 0, stream, *a, vec),
+                    fn);
   return QM_OK;
 }
 

@@ -289,7 +289,7 @@ class QuantMambaLM:
             tr = trace.active()
             return tr is not None and tr.wants(trace.stage_name(i, stage))
 
-        xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])]
+        xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])] if rc.int8_ssm else []
         if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
             x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
                                          xz_segments)

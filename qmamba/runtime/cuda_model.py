@@ -3,7 +3,9 @@
 `CudaOps` computes every stage of QuantMambaLM's block program (the same `_block` as the CPU integer path)
 on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels; each linear with its
 dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows, else a cuBLASLt int8 GEMM
-via `torch._int_mm` + the epilogue kernel); other quantizers divide by a CUDA tensor (a CPU scalar divisor
+via `torch._int_mm` + the epilogue kernel). In decode, when no tracer asks for those stages, RMSNormQuant runs
+inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); the
+decode-path kernels use programmatic dependent launch. Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
 float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).

@@ -272,11 +272,14 @@ class QuantMambaLM:
         cfg, rc, s = self.cfg, self.recipe, lyr.scales
         d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
 
-        def rec(stage: str, a: Act | torch.Tensor) -> None:
+        def wanted(stage: str) -> bool:
             tr = trace.active()
-            name = trace.stage_name(i, stage)
-            if tr is None or not tr.wants(name):
+            return tr is not None and tr.wants(trace.stage_name(i, stage))
+
+        def rec(stage: str, a: Act | torch.Tensor) -> None:
+            if not wanted(stage):
                 return
+            tr, name = trace.active(), trace.stage_name(i, stage)
             if isinstance(a, torch.Tensor) or a.scale is None:
                 tr.record(name, a if isinstance(a, torch.Tensor) else a.value)
                 return
@@ -285,23 +288,18 @@ class QuantMambaLM:
             if qt.mask is not None:
                 tr.record(name + ".mask", qt.mask)
 
-        def wanted(stage: str) -> bool:
-            tr = trace.active()
-            return tr is not None and tr.wants(trace.stage_name(i, stage))
-
         xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])] if rc.int8_ssm else []
         if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
             x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
                                          xz_segments)
-        elif rc.int8_ssm:
-            h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
-            rec("norm", h)
-            x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
         else:
             h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
             rec("norm", h)
-            xz = ops.linear(h, lyr.in_proj)
-            x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
+            if rc.int8_ssm:
+                x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
+            else:
+                xz = ops.linear(h, lyr.in_proj)
+                x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
         rec("in_proj.x", x)
         rec("in_proj.z", z)
 

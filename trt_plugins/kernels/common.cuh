@@ -47,12 +47,13 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 void set_error(const char* fmt, ...);
 int fail_cuda(const char* what, cudaError_t e);
 
-// Spec rule 1: clamp(rne(x / s), -128, 127), IEEE division, no reciprocal multiply.
-__device__ __forceinline__ int8_t quantize(float x, float s) {
-  float q = rintf(__fdiv_rn(x, s));
-  q = fminf(fmaxf(q, -128.f), 127.f);
-  return static_cast<int8_t>(q);
+// The int8 code of an already rounded quotient: clamp to [-128, 127].
+__device__ __forceinline__ int8_t saturate_code(float rounded) {
+  return static_cast<int8_t>(fminf(fmaxf(rounded, -128.f), 127.f));
 }
+
+// Spec rule 1: clamp(rne(x / s), -128, 127), IEEE division, no reciprocal multiply.
+__device__ __forceinline__ int8_t quantize(float x, float s) { return saturate_code(rintf(__fdiv_rn(x, s))); }
 
 // True when rint() of every real number within |r| * 2^-17 of r equals rint(r): r is far from a half-integer, or so
 // large that the int8 code saturates either way. Kernels that approximate a quotient x / s by x * fl(1 / s) (error

@@ -14,21 +14,14 @@ __device__ __forceinline__ float load<float>(const float* p, int64_t i) { return
 template <>
 __device__ __forceinline__ float load<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
 
-// p and every stage width h are powers of two: indices by shifts and masks (runtime integer division costs
-// ~20 instructions each, and the butterfly stages needed four per pair).
-template <typename T>
-__global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int lp, float c,
-                                float scale) {
-  extern __shared__ float buf[];  // 2 * d floats
-  float* t = buf;
-  float* o = buf + d;
+// FWHT stages h = 2^lh_first ... p / 2 over a row of d = m * p floats in shared memory, the block's threads sharing
+// the d / 2 pairs of each stage. p and every stage width h are powers of two: indices by shifts and masks (runtime
+// integer division costs ~20 instructions each, and the stages needed four per pair).
+__device__ void shared_butterflies(float* t, int d, int lp, int lh_first) {
   const int p = 1 << lp, half = p >> 1;
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
-  for (int i = threadIdx.x; i < d; i += kThreads) t[i] = load<T>(x, base + i);
-  __syncthreads();
-  for (int lh = 0; (1 << lh) < p; ++lh) {
+  for (int lh = lh_first; (1 << lh) < p; ++lh) {
     const int h = 1 << lh;
-    for (int k = threadIdx.x; k < d / 2; k += kThreads) {
+    for (int k = threadIdx.x; k < d / 2; k += blockDim.x) {
       const int a = k >> (lp - 1);   // row of the [m, p] view
       const int r = k & (half - 1);  // pair index within the row
       const int i = a * p + ((r >> lh) << (lh + 1)) + (r & (h - 1));
@@ -38,6 +31,19 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
     }
     __syncthreads();
   }
+}
+
+template <typename T>
+__global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int m, int lp, float c,
+                                float scale) {
+  extern __shared__ float buf[];  // 2 * d floats
+  float* t = buf;
+  float* o = buf + d;
+  const int p = 1 << lp;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
+  for (int i = threadIdx.x; i < d; i += kThreads) t[i] = load<T>(x, base + i);
+  __syncthreads();
+  shared_butterflies(t, d, lp, 0);
   const float* hm = m == 12 ? kHadamard12 : m == 20 ? kHadamard20 : kHadamard28;
   for (int idx = threadIdx.x; idx < d; idx += kThreads) {
     const int a = idx >> lp, i = idx & (p - 1);
@@ -83,8 +89,7 @@ __device__ __forceinline__ const float* hadamard_table() {
 
 __device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
   const float r = __fmul_rn(hy, inv_scale);
-  return fast_quant && qm::code_is_certain(r) ? static_cast<int8_t>(fminf(fmaxf(rintf(r), -128.f), 127.f))
-                                              : qm::quantize(hy, scale);
+  return fast_quant && qm::code_is_certain(r) ? qm::saturate_code(rintf(r)) : qm::quantize(hy, scale);
 }
 
 template <typename T, int M>
@@ -133,17 +138,7 @@ __global__ void hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y
       row4[tid * 2 + 1] = make_float4(v[4], v[5], v[6], v[7]);
     }
     __syncthreads();
-    for (int lh = 8; (1 << lh) < p; ++lh) {  // h = 256 ... p / 2: pairs through shared memory
-      const int h = 1 << lh, half = p >> 1;
-      for (int k = tid; k < d / 2; k += blockDim.x) {
-        const int a = k >> (lp - 1), r = k & (half - 1);
-        const int i = a * p + ((r >> lh) << (lh + 1)) + (r & (h - 1));
-        const float lo = row[i], hi = row[i + h];
-        row[i] = __fadd_rn(lo, hi);
-        row[i + h] = __fsub_rn(lo, hi);
-      }
-      __syncthreads();
-    }
+    shared_butterflies(row, d, lp, 8);  // h = 256 ... p / 2 (none when p <= 256)
     if (M > 1) {
       // mixing: one thread per column i of the [M, p] view reads its M values once and writes M codes; the
       // entries of H_M come from the constant bank (compile-time indices), the codes go through shared memory

@@ -25,7 +25,7 @@ __device__ __forceinline__ void finish_exact(float v, float out_scale, float out
   const float q_in = rintf(__fdiv_rn(sv, out_scale));
   const bool outlier = q_in < -128.f || q_in > 127.f;
   const float q = outlier ? rintf(__fdiv_rn(sv, outlier_scale)) : q_in;
-  u_out = static_cast<int8_t>(fminf(fmaxf(q, -128.f), 127.f));
+  u_out = qm::saturate_code(q);
   mask_out = outlier ? 1 : 0;
 }
 
@@ -47,13 +47,13 @@ __device__ __forceinline__ void finish(float v, const ConvQuant& q, int8_t& u_ou
       const float q_in = rintf(r);
       const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
       if (!outlier) {
-        u_out = static_cast<int8_t>(fminf(fmaxf(q_in, -128.f), 127.f));
+        u_out = qm::saturate_code(q_in);
         mask_out = 0;
         return;
       }
       const float r2 = __fmul_rn(sv, q.inv_outlier);
       if (qm::code_is_certain(r2)) {
-        u_out = static_cast<int8_t>(fminf(fmaxf(rintf(r2), -128.f), 127.f));
+        u_out = qm::saturate_code(rintf(r2));
         mask_out = 1;
         return;
       }
@@ -107,10 +107,8 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       int8_t* so = state_out + (static_cast<int64_t>(b) * D + d0 + j) * (kTaps - 1);
-      const char4 r1 = rows[1], r2 = rows[2], r3 = rows[3];
-      so[0] = (&r1.x)[j];
-      so[1] = (&r2.x)[j];
-      so[2] = (&r3.x)[j];
+#pragma unroll
+      for (int k = 0; k < kTaps - 1; ++k) so[k] = (&rows[k + 1].x)[j];  // the last K-1 of the K-1 + 1 tokens
     }
   }
   int8_t* ub = u + static_cast<int64_t>(b) * L * D + d0;
@@ -248,8 +246,8 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                     static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
     conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state,
                                                    seqlen, dim, kernel_size, in_scale, q, vec);
+    QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
   }
-  QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
   if (state_out && !fused_state) {
     int64_t rows = static_cast<int64_t>(batch) * dim;
     state_kernel<<<static_cast<unsigned>((rows + threads - 1) / threads), threads, 0, stream>>>(

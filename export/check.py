@@ -20,6 +20,7 @@ import torch
 from qmamba import trace
 from qmamba.compare import metrics, write_report
 from qmamba.errors import UserError
+from qmamba.ops.ref import embedding_lookup
 
 
 class Backend(Protocol):
@@ -147,8 +148,10 @@ def reference_run(ref_dir: Path, meta: dict, ids: torch.Tensor, graph: str) -> t
     if graph == "block":
         first, last = meta["layers"][0], meta["layers"][-1]
         if first == 0:
-            emb = model.embedding if hasattr(model, "embedding") else model.backbone.embeddings.weight
-            resid = torch.nn.functional.embedding(ids, emb.detach()).float().numpy()
+            if hasattr(model, "embedding"):
+                resid = embedding_lookup(ids, model.embedding.weight_q, model.embedding.weight_scale).numpy()
+            else:
+                resid = torch.nn.functional.embedding(ids, model.backbone.embeddings.weight.detach()).float().numpy()
         else:
             resid = out[f"layers.{first - 1}.block"]
         keep = {k: v for k, v in out.items() if k.startswith("layers.") and

@@ -72,6 +72,29 @@ class GraphWriter:
         return b.op("Add", [b.op("Mul", [b.op("MatMul", [x_in, w]), m]),
                             b.op("Mul", [b.op("MatMul", [x_out, w]), m_out])])
 
+    # tied int8 embedding (spec 4.7): one int8 table serves the lookup and the logits -----------
+    def _embedding_table(self, emb: QLinear) -> tuple[str, str]:
+        names = {i.name for i in self.inits}
+        if "embedding.weight_q" not in names:
+            self.init("embedding.weight_q", emb.weight_q)
+            self.init("embedding.weight_scale", emb.weight_scale)
+        return "embedding.weight_q", "embedding.weight_scale"
+
+    def embedding_lookup(self, emb: QLinear, ids: str) -> str:
+        b = self.b
+        table, scale = self._embedding_table(emb)
+        one, zp = self.init("embedding.one", np.float32(1.0)), self.init("embedding.zp", np.int8(0))
+        codes = b.op("DequantizeLinear", [b.op("Gather", [table, ids], axis=0), one, zp])  # exact codes as float
+        row_scale = b.op("Unsqueeze", [b.op("Gather", [scale, ids], axis=0), b.const([-1], np.int64)])
+        return b.op("Mul", [codes, row_scale])
+
+    def tied_logits(self, hf: str, emb: QLinear) -> str:
+        b = self.b
+        table, scale = self._embedding_table(emb)
+        one, zp = self.init("lm_head.one", np.float32(1.0)), self.init("lm_head.zp", np.int8(0))
+        w_t = b.op("Transpose", [b.op("DequantizeLinear", [table, one, zp])], perm=[1, 0])
+        return b.op("Mul", [b.op("MatMul", [hf, w_t]), scale])
+
     def quantize_linear(self, y: str, scale: float, name: str) -> str:
         s = self.init(f"{name}.out_scale", np.float32(scale))
         zp = self.init(f"{name}.out_zp", np.int8(0))
@@ -235,10 +258,13 @@ def build_model(model: QuantMambaLM | MambaLM, opts: ExportOptions) -> onnx.Mode
     else:
         seq = 1 if opts.graph == "decode" else "length"
         inputs.append(helper.make_tensor_value_info("input_ids", I64, ["batch", seq]))
-        emb = model.embedding if quant else model.backbone.embeddings.weight
-        r = b.op("Gather", [w.init("embedding", emb.detach()), "input_ids"], axis=0)
-        if emb.dtype != torch.float32:
-            r = b.cast(r, F32)
+        if quant:
+            r = w.embedding_lookup(model.embedding, "input_ids")
+        else:
+            emb = model.backbone.embeddings.weight
+            r = b.op("Gather", [w.init("embedding", emb.detach()), "input_ids"], axis=0)
+            if emb.dtype != torch.float32:
+                r = b.cast(r, F32)
     state_outs = []
     for i in layers:
         if opts.graph == "decode":
@@ -262,7 +288,7 @@ def build_model(model: QuantMambaLM | MambaLM, opts: ExportOptions) -> onnx.Mode
         hf = b.rmsnorm(r, w.init("norm_f.weight", nf), b.const(np.float32(cfg.rms_norm_eps)))
         w.stage("norm_f", hf, F32)
         if quant:
-            logits = b.op("MatMul", [hf, w.init("lm_head.weight_t", model.embedding.T.contiguous())])
+            logits = w.tied_logits(hf, model.embedding)
         else:
             logits = w.flinear(hf, model.lm_head.weight, "lm_head")
         b.op("Identity", [logits], out=["logits"])

@@ -36,7 +36,7 @@ def test_calibrate_cli_writes_a_loadable_qdir_deterministically(model_dir, tmp_p
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
     meta = json.loads((tmp_path / "a" / "quant_config.json").read_text())
-    assert meta["recipe"] == recipe and meta["spec_version"] == "1.0"
+    assert meta["recipe"] == recipe and meta["spec_version"] == "1.1"
     assert set(meta["outlier_fraction"]) == {"layers.0", "layers.1"}
     q = load_quantized(tmp_path / "a")
     ids = rand_ids(2, 9)
@@ -52,6 +52,35 @@ def test_roundtrip_is_bit_identical(small_model, tmp_path):
     r = load_quantized(tmp_path / "q")
     ids = rand_ids(2, 11, seed=3)
     assert torch.equal(q(ids)[0], r(ids)[0])
+
+
+def test_embedding_is_int8_per_row_and_tied_to_the_logits(small_model):
+    """Spec 4.7: one scale per vocabulary row (even with per-tensor linears); lookup and logits use the same table."""
+    q = calibrate(small_model, get_recipe("w8a8"), rand_ids(4, 16), CalibOptions(weight_granularity="per_tensor"),
+                  progress=False)
+    e = small_model.backbone.embeddings.weight.detach().double()
+    emb = q.embedding
+    assert emb.weight_q.dtype == torch.int8 and emb.weight_q.shape == e.shape
+    assert torch.equal(emb.weight_scale, (e.abs().amax(1) / 127).float())
+    assert emb.weight_q.abs().amax(1).eq(127).all()  # every row's largest entry maps to +-127
+    # per-row rounding error is at most half a step of that row's scale
+    assert ((emb.dequantized().double() - e).abs() <= emb.weight_scale.double()[:, None] / 2 + 1e-12).all()
+    ids = rand_ids(2, 5, seed=1)
+    from qmamba import trace
+
+    with trace.trace() as tr:
+        logits, _ = q(ids)
+    want = torch.nn.functional.linear(tr.get("norm_f").double(), emb.weight_q.double()) * emb.weight_scale.double()
+    assert ((logits.double() - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_a_qdir_of_the_previous_spec_version_is_refused_with_a_fix(small_model, tmp_path):
+    q = calibrate(small_model, get_recipe("w8a8"), rand_ids(4, 16), CalibOptions(), progress=False)
+    save_quantized(q, tmp_path / "q")
+    cfg = tmp_path / "q" / "quant_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "spec_version": "1.0"}))
+    with pytest.raises(QuantCheckpointError, match="re-run `qmamba calibrate`"):
+        load_quantized(tmp_path / "q")
 
 
 def test_outlier_factor_sets_s_out(small_model):

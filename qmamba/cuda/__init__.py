@@ -187,6 +187,23 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
+def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spec 4.7 logits (qm_tied_logits): h float32 [..., k], e_q int8 [V, k], e_scale float32 [V] -> [..., V]
+    (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h."""
+    lib = load_library()
+    kdim, n = h.shape[-1], e_q.shape[0]
+    h = h.float().contiguous()
+    if out is None:
+        out = torch.empty(*h.shape[:-1], n, dtype=torch.float32, device=h.device)
+    elif out.shape != (*h.shape[:-1], n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"tied_logits: out must be float32 contiguous {(*h.shape[:-1], n)}, got {out.dtype}"
+                         f"{tuple(out.shape)}")
+    _check(lib.qm_tied_logits(_ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(h.numel() // kdim),
+                              ctypes.c_int(kdim), ctypes.c_int(n), _stream()))
+    return out
+
+
 GEMV_MAX_ROWS = 4  # qm_int8_linear computes its own accumulators for <= 4 rows (k % 16 == 0)
 
 

@@ -12,6 +12,8 @@ Ops (names match the ONNX op types in docs/onnx_ops.md):
 * dual_scale_selective_scan                       int8 inputs dequantized per spec, then selective_scan
 * selective_state_update  SelectiveStateUpdate    one token: the scan with L = 1
 * hadamard_quant          HadamardQuant           float32 [..,D] -> int8 [..,D]
+* embedding_lookup        (Gather + Mul in ONNX)  int8 table [V,d] + float32 row scales -> float32 [B,L,d]
+* tied_logits             (MatMul + Mul in ONNX)  float32 [B,L,d] x int8 table [V,d] -> float32 [B,L,V]
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ from qmamba.ops.specmath import (
 def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
     """int8 codes of the spec RMSNorm of x (the in_proj input)."""
     return quantize(rmsnorm(x, weight, eps), scale)
+
+
+def embedding_lookup(ids: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> torch.Tensor:
+    """Spec 4.7: row id of the int8 embedding, dequantized with that row's scale: fl(E_q[id] * s_E[id])."""
+    return e_q[ids].float() * e_scale[ids].unsqueeze(-1)
+
+
+def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> torch.Tensor:
+    """Spec 4.7: logits[v] = fl(fl(sum_k h[k] * E_q[v, k]) * s_E[v]), float32 accumulation in any order
+    (a float output that feeds no quantizer: implementations agree within the float tolerance)."""
+    return torch.nn.functional.linear(h, e_q.float()) * e_scale
 
 
 def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:

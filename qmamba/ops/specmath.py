@@ -18,7 +18,7 @@ import torch
 
 QMIN = -128
 QMAX = 127
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 
 
 def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,7 @@ def quantize_model(model: MambaLM, recipe: Recipe, stats: Stats, opts: CalibOpti
         cfg,
         recipe,
         layers,
-        model.backbone.embeddings.weight.detach().float().clone(),
+        _quant_weight(model.backbone.embeddings.weight, "per_channel"),  # spec 4.7: one scale per vocabulary row
         model.backbone.norm_f.weight.detach().float().clone(),
         meta,
     )

@@ -49,7 +49,8 @@ def _layer_tensors(i: int, lyr: QLayer) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: QuantMambaLM, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
     out_dir = Path(out_dir)
-    tensors = {"embedding.weight": model.embedding, "norm_f.weight": model.norm_f_weight}
+    tensors = {"embedding.weight_q": model.embedding.weight_q, "embedding.weight_scale": model.embedding.weight_scale,
+               "norm_f.weight": model.norm_f_weight}
     scales = {}
     for i, lyr in enumerate(model.layers):
         tensors.update(_layer_tensors(i, lyr))
@@ -88,7 +89,9 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
         raise QuantCheckpointError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("spec_version") != SPEC_VERSION:
         raise QuantCheckpointError(
-            f"{cfg_path}: spec_version {meta.get('spec_version')!r}, this qmamba implements {SPEC_VERSION}"
+            f"{cfg_path}: spec_version {meta.get('spec_version')!r}, this qmamba implements {SPEC_VERSION}; "
+            "re-run `qmamba calibrate` on the float checkpoint to write this version (docs/quantization.md, "
+            "section 8 lists what changed)"
         )
     recipe = get_recipe(meta.get("recipe", "<missing>"))
     cfg = MambaConfig.from_dict(meta["model_config"])
@@ -141,6 +144,6 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
         )
     keep = {k2: v for k2, v in meta.items() if k2 not in ("scales", "model_config")}
     return QuantMambaLM(
-        cfg, recipe, layers, get("embedding.weight", (cfg.vocab_size, dm), f32),
+        cfg, recipe, layers, lin("embedding", cfg.vocab_size, dm),
         get("norm_f.weight", (dm,), f32), keep,
     )

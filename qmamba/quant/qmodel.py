@@ -106,6 +106,10 @@ def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm
     return ops.scan(u, dt, bm, cm, z, lyr, state)
 
 
+def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
+    return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
+
+
 class IntOps:
     """Stages computed on integer tensors with the reference ops."""
 
@@ -147,6 +151,7 @@ class IntOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    logits = _logits
 
 
 class SimOps:
@@ -224,6 +229,7 @@ class SimOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    logits = _logits
 
 
 class QuantMambaLM:
@@ -234,14 +240,14 @@ class QuantMambaLM:
         cfg: MambaConfig,
         recipe: Recipe,
         layers: list[QLayer],
-        embedding: torch.Tensor,
+        embedding: QLinear,
         norm_f_weight: torch.Tensor,
         meta: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.recipe = recipe
         self.layers = layers
-        self.embedding = embedding
+        self.embedding = embedding  # tied: the input table and the lm_head (spec 4.7)
         self.norm_f_weight = norm_f_weight
         self.meta = meta or {}
 
@@ -257,14 +263,14 @@ class QuantMambaLM:
         its kernel-backed ops, qmamba/runtime/cuda_model.py)."""
         check_inputs(input_ids, states, self.cfg.n_layer)
         ops = ops or (SimOps() if simulate else IntOps())
-        residual = F.embedding(input_ids, self.embedding).float()
+        residual = ref.embedding_lookup(input_ids, self.embedding.weight_q, self.embedding.weight_scale)
         new_states = []
         for i, lyr in enumerate(self.layers):
             residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])
             new_states.append(st)
         hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
         trace.record("norm_f", hf)
-        logits = F.linear(hf, self.embedding)
+        logits = ops.logits(hf, self.embedding)
         trace.record("logits", logits)
         return logits, new_states
 
@@ -362,7 +368,7 @@ class QuantMambaLM:
 
         names = [f.name for f in dataclasses.fields(QLayer)]
         layers = [QLayer(**{k: mv(getattr(lyr, k)) for k in names}) for lyr in self.layers]
-        return QuantMambaLM(self.cfg, self.recipe, layers, self.embedding.to(device), self.norm_f_weight.to(device),
+        return QuantMambaLM(self.cfg, self.recipe, layers, mv(self.embedding), self.norm_f_weight.to(device),
                             self.meta)
 
     def init_states(self, batch: int, simulate: bool = False) -> list[LayerState]:

@@ -5,7 +5,8 @@ on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels
 dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows, else a cuBLASLt int8 GEMM
 via `torch._int_mm` + the epilogue kernel). In decode, when no tracer asks for those stages, RMSNormQuant runs
 inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); the
-decode-path kernels use programmatic dependent launch. Other quantizers divide by a CUDA tensor (a CPU scalar divisor
+decode-path kernels use programmatic dependent launch; decode's logits read the int8 tied embedding directly
+(qm_tied_logits). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
 float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).
@@ -21,8 +22,11 @@ import torch
 
 from qmamba import cuda as k
 from qmamba.model.mamba import LayerState
+from qmamba.ops import ref
 from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
 from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
+
+LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: decode batches up to 64 use it
 
 
 class CudaOps(IntOps):
@@ -118,6 +122,17 @@ class CudaOps(IntOps):
             dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
             u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
             z_scale=z.scale)
+
+    def logits(self, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
+        rows, kdim = hf.numel() // hf.shape[-1], hf.shape[-1]
+        if rows <= LOGITS_KERNEL_ROWS and kdim % 16 == 0 and kdim <= 4096:
+            return k.tied_logits(hf, emb.weight_q, emb.weight_scale)
+        # many rows (prefill): a float GEMM per slice of the vocabulary keeps the float copy of the table small
+        out = torch.empty(*hf.shape[:-1], emb.weight_q.shape[0], dtype=torch.float32, device=hf.device)
+        for v0 in range(0, emb.weight_q.shape[0], 8192):
+            sl = slice(v0, v0 + 8192)
+            out[..., sl] = ref.tied_logits(hf, emb.weight_q[sl], emb.weight_scale[sl])
+        return out
 
     def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
         u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,

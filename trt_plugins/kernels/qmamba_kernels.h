@@ -111,6 +111,12 @@ typedef struct {
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
 
+/* Logits through the tied int8 embedding (spec 4.7): out[r, v] = fl(fl(sum_k h[r, k] * e_q[v, k]) * e_scale[v]),
+ * h float32 [rows, k], e_q int8 [n, k] (16-byte aligned, k % 16 == 0, k <= 4096), out float32 [rows, n]. The table
+ * is read once per group of 4 rows: meant for decode (few rows). */
+QM_API int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k, int n,
+                          cudaStream_t stream);
+
 /* HadamardQuant (spec 4.6): rows = B*L vectors of length dim; x_dtype float32 or float16. */
 QM_API int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t rows, int dim, float scale,
                              cudaStream_t stream);

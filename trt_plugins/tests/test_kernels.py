@@ -305,6 +305,24 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "kdim", "vocab"), [(1, 768, 50280), (3, 2560, 1000), (4, 16, 33), (9, 4096, 517)])
+def test_tied_logits_match_reference(k, rows, kdim, vocab):
+    g = _g(rows + kdim + vocab)
+    h = torch.randn(rows, kdim, generator=g, device="cuda")
+    e_q = torch.randint(-128, 128, (vocab, kdim), dtype=torch.int8, generator=g, device="cuda")
+    e_q[0] = -128  # extreme codes: the byte-to-float conversion must be exact at both ends
+    e_q[-1] = 127
+    e_s = torch.rand(vocab, generator=g, device="cuda") * 0.01 + 1e-4
+    out = _poison(torch.empty(rows, vocab, device="cuda"))
+    k.tied_logits(h, e_q, e_s, out=out)
+    want = (h.cpu().double() @ e_q.cpu().double().T) * e_s.cpu().double()  # exact sums: the spec's formula
+    assert rel(out.cpu(), want) < 1e-6 and not out.isnan().any()
+    with pytest.raises(k.KernelError, match="k % 16 == 0"):
+        k.tied_logits(h[:, :-1], e_q[:, :-1].contiguous(), e_s)
+
+
+@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(("rows", "kdim", "ncols"), [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40)])
 def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
     from qmamba.ops.specmath import quantize, scale_product

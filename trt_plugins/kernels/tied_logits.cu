@@ -1,0 +1,120 @@
+// Logits through the tied int8 embedding (spec 4.7): out[r, v] = fl(fl(sum_k h[r, k] * E_q[v, k]) * s_E[v]).
+// Weight-only int8: h stays float32 (it feeds no quantizer), the table is read once per group of <= 4 rows, which is
+// what makes decode's logits cheap (a quarter of the float32 table's bytes). Summation order is free (tolerance).
+#include "common.cuh"
+
+namespace {
+constexpr int kRows = 4;        // rows per launch; the host loops over groups of 4
+constexpr int kWarps = 8;       // 256 threads
+constexpr int kVocabPerWarp = 4;
+constexpr int kMaxK = 4096;     // h rows staged in shared memory as float32: 4 x 4096 x 4 = 64 KiB
+constexpr int kPre = 2;         // 16-byte weight pieces per lane loaded before waiting for h
+
+// Four int8 codes -> exact floats without the conversion pipe: bytes offset to unsigned (b + 128) are placed in the
+// mantissa of 2^23, so the float is 2^23 + b + 128 exactly; subtracting 2^23 + 128 leaves b.
+__device__ __forceinline__ void codes4(int w, float (&f)[4]) {
+  const unsigned u = static_cast<unsigned>(w) ^ 0x80808080u;
+  f[0] = __fsub_rn(__int_as_float(static_cast<int>(__byte_perm(u, 0x4b000000u, 0x7650))), 8388736.f);
+  f[1] = __fsub_rn(__int_as_float(static_cast<int>(__byte_perm(u, 0x4b000000u, 0x7651))), 8388736.f);
+  f[2] = __fsub_rn(__int_as_float(static_cast<int>(__byte_perm(u, 0x4b000000u, 0x7652))), 8388736.f);
+  f[3] = __fsub_rn(__int_as_float(static_cast<int>(__byte_perm(u, 0x4b000000u, 0x7653))), 8388736.f);
+}
+
+template <int R>
+__global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* __restrict__ h,
+                                                                  const int8_t* __restrict__ e_q,
+                                                                  const float* __restrict__ e_scale,
+                                                                  float* __restrict__ out, int rows, int k, int n) {
+  extern __shared__ float hs[];  // [R][k]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int v0 = (blockIdx.x * kWarps + warp) * kVocabPerWarp;
+  const int chunks = k / 16;
+  int4 pre[kPre];
+#pragma unroll
+  for (int u = 0; u < kPre; ++u) {
+    const int j = lane + 32 * u;
+    pre[u] = v0 < n && j < chunks ? reinterpret_cast<const int4*>(e_q + static_cast<int64_t>(v0) * k)[j]
+                                  : make_int4(0, 0, 0, 0);
+  }
+  qm::wait_for_inputs();
+  qm::allow_dependents();
+  for (int i = threadIdx.x; i < R * k; i += kWarps * 32) {
+    const int r = i / k;
+    hs[i] = r < rows ? h[static_cast<int64_t>(r) * k + (i - r * k)] : 0.f;
+  }
+  __syncthreads();
+  for (int dv = 0; dv < kVocabPerWarp; ++dv) {
+    const int v = v0 + dv;
+    if (v >= n) break;
+    const int4* w = reinterpret_cast<const int4*>(e_q + static_cast<int64_t>(v) * k);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    auto step = [&](const int4 wv, int j) {
+      const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float c[4];
+        codes4(ww[q], c);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float4 x = reinterpret_cast<const float4*>(hs + r * k)[j * 4 + q];
+          acc[r] = __fmaf_rn(x.x, c[0], acc[r]);
+          acc[r] = __fmaf_rn(x.y, c[1], acc[r]);
+          acc[r] = __fmaf_rn(x.z, c[2], acc[r]);
+          acc[r] = __fmaf_rn(x.w, c[3], acc[r]);
+        }
+      }
+    };
+    int j = lane;
+    if (dv == 0) {
+#pragma unroll
+      for (int u = 0; u < kPre; ++u, j += 32)
+        if (j < chunks) step(pre[u], j);
+    }
+#pragma unroll 4
+    for (; j < chunks; j += 32) step(w[j], j);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      for (int off = 16; off > 0; off >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], off));
+    if (lane < R && lane < rows) {
+      float a = acc[0];
+#pragma unroll
+      for (int r = 1; r < R; ++r)
+        if (lane == r) a = acc[r];
+      out[static_cast<int64_t>(lane) * n + v] = __fmul_rn(a, e_scale[v]);
+    }
+  }
+}
+}  // namespace
+
+extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k,
+                              int n, cudaStream_t stream) {
+  QM_CHECK_ARG(h && e_q && e_scale && out, "qm_tied_logits: h, e_q, e_scale and out must be non-null");
+  QM_CHECK_ARG(rows > 0 && k > 0 && n > 0, "qm_tied_logits: rows=%d k=%d n=%d must be positive", rows, k, n);
+  QM_CHECK_ARG(k % 16 == 0 && k <= kMaxK && reinterpret_cast<uintptr_t>(e_q) % 16 == 0,
+               "qm_tied_logits: needs k %% 16 == 0, k <= %d and a 16-byte aligned table (k=%d)", kMaxK, k);
+  const unsigned blocks = static_cast<unsigned>((n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp));
+  for (int r0 = 0; r0 < rows; r0 += kRows) {
+    const int rr = rows - r0 < kRows ? rows - r0 : kRows;
+    const float* hr = h + static_cast<int64_t>(r0) * k;
+    float* outr = out + static_cast<int64_t>(r0) * n;
+    if (rr == 1) {
+      const size_t smem = static_cast<size_t>(k) * sizeof(float);
+      QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<1>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr, e_q,
+                                   e_scale, outr, rr, k, n),
+                        "qm_tied_logits launch");
+    } else {
+      const size_t smem = static_cast<size_t>(kRows) * k * sizeof(float);
+      if (smem > 48 * 1024) {
+        QM_CHECK_LAUNCHED(cudaFuncSetAttribute(tied_logits_kernel<kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem)),
+                          "qm_tied_logits shared-memory opt-in");
+      }
+      QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<kRows>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr,
+                                   e_q, e_scale, outr, rr, k, n),
+                        "qm_tied_logits launch");
+    }
+  }
+  return QM_OK;
+}

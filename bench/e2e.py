@@ -85,8 +85,9 @@ def bench_size(size: str, bw: float, prefill_len: int, with_hf: bool) -> list[st
     gpu = CudaQuantModel(q)
     torch.cuda.synchronize()
     weight_bytes = torch.cuda.memory_allocated() - base
+    # bytes a decode step must read: every layer's int8 weights and the int8 tied table (the logits read all of it)
     int8_bytes = sum(lyr.in_proj.weight_q.numel() + lyr.x_proj.weight_q.numel() + lyr.dt_proj.weight_q.numel() +
-                     lyr.out_proj.weight_q.numel() for lyr in gpu.model.layers)
+                     lyr.out_proj.weight_q.numel() for lyr in gpu.model.layers) + gpu.model.embedding.weight_q.numel()
     fp16_bytes = 2 * sum(p.numel() for p in fm.parameters())
     state_bytes = sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * 4 for s in gpu.init_states(1))
     ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), device="cuda")

@@ -41,6 +41,9 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
+ABI_VERSION = 3  # qm_abi_version() of the library this binding is written for
+
+
 class LinearArgs(ctypes.Structure):
     _fields_ = [
         ("x", ctypes.c_void_p), ("x_mask", ctypes.c_void_p), ("w", ctypes.c_void_p), ("acc_in", ctypes.c_void_p),
@@ -73,8 +76,9 @@ def load_library(path: str | Path | None = None, build: bool = True) -> ctypes.C
     lib = ctypes.CDLL(str(p))
     lib.qm_last_error.restype = ctypes.c_char_p
     lib.qm_status_string.restype = ctypes.c_char_p
-    if lib.qm_abi_version() != 2:
-        raise KernelError(f"{p} has C ABI version {lib.qm_abi_version()}, this binding speaks 2")
+    if lib.qm_abi_version() != ABI_VERSION:
+        raise KernelError(f"{p} has C ABI version {lib.qm_abi_version()}, this binding speaks {ABI_VERSION}: "
+                          "rebuild it with trt_plugins/kernels/build.sh")
     if path is None:
         _lib = lib
     return lib

@@ -108,12 +108,61 @@ def scan_sets(b, l, d, n, count):
 SCALES = dict(u_scale=0.02, u_outlier_scale=0.2, dt_scale=0.03, B_scale=0.02, C_scale=0.02, z_scale=0.03)
 
 
+SIZES = {"130m": (768, 1536, 48), "1.4b": (2048, 4096, 128), "2.8b": (2560, 5120, 160)}  # d_model, d_inner, dt_rank
+
+
+def decode_linears(ops: set[str], bw: float, reps: int) -> list[str]:
+    """Decode-step GEMVs at model sizes: in_proj with the fused RMSNormQuant, x_proj (3 int8 segments), out_proj
+    (+ residual) and the tied int8 logits. Enough weight copies rotate that they never sit in the 50 MB L2 (as in a
+    real decode step, where 24-64 layers' weights pass through it)."""
+    from qmamba.ops.specmath import scale_product
+
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for size, (dm, di, r) in SIZES.items():
+        shapes = []
+        if "linear" in ops:
+            shapes += [("in_proj + RMSNormQuant", dm, 2 * di, [(di, 0.1), (di, 0.1)], "norm"),
+                       ("x_proj", di, r + 32, [(r, 0.1), (16, 0.1), (16, 0.1)], "x"),
+                       ("out_proj + residual", di, dm, [(dm, None)], "residual")]
+        if "logits" in ops:
+            shapes.append(("tied logits (int8 table)", dm, 50280, None, "logits"))
+        for name, kdim, n, segs, kind in shapes:
+            copies = max(3, -(-150_000_000 // (n * kdim)))
+            ws = [torch.randint(-128, 128, (n, kdim), dtype=torch.int8, device="cuda", generator=g)
+                  for _ in range(copies)]
+            wscale = torch.rand(n, device="cuda") * 0.01 + 1e-3
+            m_in = scale_product(0.05, wscale.cpu()).cuda()
+            for rows in (1, 4):
+                x = torch.randint(-128, 128, (rows, kdim), dtype=torch.int8, device="cuda", generator=g)
+                xf = torch.randn(rows, kdim, device="cuda")
+                nw = torch.rand(kdim, device="cuda") + 0.5
+                res = torch.randn(rows, n, device="cuda")
+                if kind == "logits":
+                    fn = lambda w_, xf=xf, s_=wscale: k.tied_logits(xf, w_, s_)  # noqa: E731
+                elif kind == "norm":
+                    fn = lambda w_, xf=xf, nw=nw, m=m_in, sg=segs: k.int8_linear(  # noqa: E731
+                        None, w_, m, sg, norm=(xf, nw, 1e-5, 0.05))
+                elif kind == "residual":
+                    fn = lambda w_, x=x, m=m_in, sg=segs, res=res: k.int8_linear(x, w_, m, sg, residual=res)  # noqa: E731
+                else:
+                    fn = lambda w_, x=x, m=m_in, sg=segs: k.int8_linear(x, w_, m, sg)  # noqa: E731
+                ms = timeit(fn, [(w_,) for w_ in ws], reps)
+                floor = n * kdim / bw * 1e3
+                out.append(f"| decode {name} | {size} B{rows} K{kdim} N{n} | {ms:.4f} | {floor:.4f} | "
+                           f"{100 * floor / ms:.0f}% | | | |")
+                print(out[-1], flush=True)
+            del ws
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--exp-rate", type=float, default=None, help="exp2/s; default: measured (exp_throughput.cu)")
-    ap.add_argument("--ops", default="scan,update,conv,hadamard", help="which kernels to time (comma list)")
+    ap.add_argument("--ops", default="scan,update,conv,hadamard",
+                    help="which kernels to time, comma list of scan, update, conv, hadamard, linear, logits")
     ap.add_argument("--mamba-ssm-build", default=None, help="directory holding a built selective_scan_cuda module")
     args = ap.parse_args()
     bw = hbm_bandwidth()
@@ -177,6 +226,8 @@ def main() -> None:
         lines.append(f"| Hadamard + quant (fp16 in) | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
                      f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
         print(lines[-1], flush=True)
+    if "linear" in ops or "logits" in ops:
+        lines += decode_linears(ops, bw, args.reps)
     text = "\n".join(lines) + "\n"
     if args.out:
         open(args.out, "w").write(text)

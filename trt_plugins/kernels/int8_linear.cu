@@ -153,6 +153,20 @@ __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
   }
   store(sg, a, r, n, dequant(a, n, ai, ao));
 }
+// Warps that share one column's K (1, 2, 4 or 8): double while each warp keeps >= 16 sixteen-byte pieces per pass and
+// the grid is under ~4 waves of resident blocks. One column per warp leaves big GEMVs (2.8b in_proj: 1280 blocks for
+// 1056 resident slots) a mostly idle second wave; narrow ones (x_proj) want several warps per column anyway.
+int warps_per_column(int n, int chunks) {
+  static int sms[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    sms[dev] = 132;
+  const int64_t enough = 4LL * 8 * sms[dev];  // 8 resident blocks of 256 threads per SM, 4 waves
+  int s = 1;
+  while (s < 8 && chunks >= 32 * s && static_cast<int64_t>(n) * s / 8 < enough) s *= 2;
+  return s;
+}
 }  // namespace
 
 extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
@@ -194,12 +208,15 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
-  const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
-  const int cols = few ? 2 : 8;
+  const int s = warps_per_column(a->n, a->k / 16);
+  const int cols = 8 / s;
   const unsigned blocks = static_cast<unsigned>((a->n + cols - 1) / cols);
   const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
-  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4> : gemv_kernel<1, 1>)
-                              : (few ? gemv_kernel<4, 4> : gemv_kernel<4, 1>);
+  using Kernel = void (*)(qm_linear_args, Seg);
+  static constexpr Kernel kOne[4] = {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 4>, gemv_kernel<1, 8>};
+  static constexpr Kernel kFour[4] = {gemv_kernel<4, 1>, gemv_kernel<4, 2>, gemv_kernel<4, 4>, gemv_kernel<4, 8>};
+  const int si = s == 1 ? 0 : s == 2 ? 1 : s == 4 ? 2 : 3;
+  const Kernel kernel = a->rows <= 1 ? kOne[si] : kFour[si];
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg),
                     "qm_int8_linear gemv launch");
   return QM_OK;

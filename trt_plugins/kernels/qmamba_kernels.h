@@ -31,7 +31,7 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 2 */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 3 (3: qm_tied_logits) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,

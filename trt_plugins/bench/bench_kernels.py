@@ -111,7 +111,7 @@ SCALES = dict(u_scale=0.02, u_outlier_scale=0.2, dt_scale=0.03, B_scale=0.02, C_
 SIZES = {"130m": (768, 1536, 48), "1.4b": (2048, 4096, 128), "2.8b": (2560, 5120, 160)}  # d_model, d_inner, dt_rank
 
 
-def decode_linears(ops: set[str], bw: float, reps: int) -> list[str]:
+def decode_linears(ops: set[str], bw: float, reps: int, sizes: tuple[str, ...] = tuple(SIZES)) -> list[str]:
     """Decode-step GEMVs at model sizes: in_proj with the fused RMSNormQuant, x_proj (3 int8 segments), out_proj
     (+ residual) and the tied int8 logits. Enough weight copies rotate that they never sit in the 50 MB L2 (as in a
     real decode step, where 24-64 layers' weights pass through it)."""
@@ -119,7 +119,8 @@ def decode_linears(ops: set[str], bw: float, reps: int) -> list[str]:
 
     out = []
     g = torch.Generator(device="cuda").manual_seed(0)
-    for size, (dm, di, r) in SIZES.items():
+    for size in sizes:
+        dm, di, r = SIZES[size]
         shapes = []
         if "linear" in ops:
             shapes += [("in_proj + RMSNormQuant", dm, 2 * di, [(di, 0.1), (di, 0.1)], "norm"),

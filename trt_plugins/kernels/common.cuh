@@ -46,6 +46,8 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 // Thread-local last error message, set by fail().
 void set_error(const char* fmt, ...);
 int fail_cuda(const char* what, cudaError_t e);
+// Streaming multiprocessors of the current device (cached per device; 132 if the query fails). Sizes capped grids.
+int sm_count();
 
 // The int8 code of an already rounded quotient: clamp to [-128, 127].
 __device__ __forceinline__ int8_t saturate_code(float rounded) {

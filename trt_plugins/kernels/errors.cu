@@ -19,6 +19,15 @@ int fail_cuda(const char* what, cudaError_t e) {
   set_error("%s: CUDA error %d (%s)", what, static_cast<int>(e), cudaGetErrorString(e));
   return QM_ERR_CUDA;
 }
+
+int sm_count() {
+  static int sms[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    sms[dev] = 132;
+  return sms[dev];
+}
 }  // namespace qm
 
 extern "C" {

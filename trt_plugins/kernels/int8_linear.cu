@@ -70,21 +70,19 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 
 // One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
 // split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
-template <int R, int S>
+// Persistent (P): the grid is capped and each warp group walks columns n, n + grid columns, ...; the first pieces
+// of its next column load before the current column's reduction. Otherwise each warp group owns one column.
+template <int R, int S, bool P>
 __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
   constexpr int kWarps = 256 / 32, kCols = kWarps / S;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n = blockIdx.x * kCols + warp / S, slice = warp % S;
-  const bool active = n < a.n;
+  const int slice = warp % S;
   const int chunks = a.k / 16;  // 16-byte pieces of a row
+  const int col_step = static_cast<int>(gridDim.x) * kCols;
   extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant is fused in
   const int8_t* xsrc = a.x;
-  int acc_in[R], acc_out[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
-  const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
-  auto step = [&](const int4 wv, int j) {
+  auto step = [&](const int4 wv, int j, int (&acc_in)[R], int (&acc_out)[R]) {
     const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -106,67 +104,75 @@ __global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
       }
     }
   };
-  // the first kPre weight pieces of this lane load before waiting for the previous kernel (weights are constant)
   constexpr int kPre = 4;
   const int j0 = slice * 32 + lane, stride = 32 * S;
   int4 pre[kPre];
+  auto prefetch = [&](int n) {
+    const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
 #pragma unroll
-  for (int u = 0; u < kPre; ++u)
-    pre[u] = active && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
+    for (int u = 0; u < kPre; ++u)
+      pre[u] = n < a.n && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
+  };
+  // the first pieces load before waiting for the previous kernel (weights are constant)
+  prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S);
   qm::wait_for_inputs();
   qm::allow_dependents();
   if (a.norm_x) {
     norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
-  if (active) {
+  for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count
+    const int n = base + warp / S;
+    const bool active = n < a.n;
+    int acc_in[R], acc_out[R];
 #pragma unroll
-    for (int u = 0; u < kPre; ++u)
-      if (j0 + u * stride < chunks) step(pre[u], j0 + u * stride);
+    for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
+    if (active) {
+      const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+#pragma unroll
+      for (int u = 0; u < kPre; ++u)
+        if (j0 + u * stride < chunks) step(pre[u], j0 + u * stride, acc_in, acc_out);
 #pragma unroll 4
-    for (int j = j0 + kPre * stride; j < chunks; j += stride) step(w[j], j);
-  }
+      for (int j = j0 + kPre * stride; j < chunks; j += stride) step(w[j], j, acc_in, acc_out);
+    }
+    if (P) prefetch(n + col_step);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    for (int off = 16; off > 0; off >>= 1) {
-      acc_in[r] += __shfl_xor_sync(0xffffffffu, acc_in[r], off);
-      if (a.x_mask) acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
+    for (int r = 0; r < R; ++r) {
+      for (int off = 16; off > 0; off >>= 1) {
+        acc_in[r] += __shfl_xor_sync(0xffffffffu, acc_in[r], off);
+        if (a.x_mask) acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
+      }
+      if (S > 1 && lane == 0) {
+        part[warp][r][0] = acc_in[r];
+        part[warp][r][1] = acc_out[r];
+      }
     }
-    if (S > 1 && lane == 0) {
-      part[warp][r][0] = acc_in[r];
-      part[warp][r][1] = acc_out[r];
-    }
-  }
-  if (S > 1) __syncthreads();
-  if (!active || slice != 0 || lane >= R || lane >= a.rows) return;
-  const int r = lane;  // lane r of the column's first warp finishes row r
-  int ai = 0, ao = 0;
-  if (S > 1) {
-    for (int t = 0; t < S; ++t) {
-      ai += part[warp + t][r][0];
-      ao += part[warp + t][r][1];
-    }
-  } else {
+    if (S > 1) __syncthreads();
+    if (active && slice == 0 && lane < R && lane < a.rows) {
+      const int r = lane;  // lane r of the column's first warp finishes row r
+      int ai = 0, ao = 0;
+      if (S > 1) {
+        for (int t = 0; t < S; ++t) {
+          ai += part[warp + t][r][0];
+          ao += part[warp + t][r][1];
+        }
+      } else {
 #pragma unroll
-    for (int q = 0; q < R; ++q)
-      if (q == r) ai = acc_in[q], ao = acc_out[q];
+        for (int q = 0; q < R; ++q)
+          if (q == r) ai = acc_in[q], ao = acc_out[q];
+      }
+      store(sg, a, r, n, dequant(a, n, ai, ao));
+    }
+    if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
   }
-  store(sg, a, r, n, dequant(a, n, ai, ao));
 }
-// Warps that share one column's K (1, 2, 4 or 8): double while each warp keeps >= 16 sixteen-byte pieces per pass and
-// the grid is under ~4 waves of resident blocks. One column per warp leaves big GEMVs (2.8b in_proj: 1280 blocks for
-// 1056 resident slots) a mostly idle second wave; narrow ones (x_proj) want several warps per column anyway.
-int warps_per_column(int n, int chunks) {
-  static int sms[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
-  if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    sms[dev] = 132;
-  const int64_t enough = 4LL * 8 * sms[dev];  // 8 resident blocks of 256 threads per SM, 4 waves
-  int s = 1;
-  while (s < 8 && chunks >= 32 * s && static_cast<int64_t>(n) * s / 8 < enough) s *= 2;
-  return s;
-}
+
+// Resident blocks per SM of the persistent GEMV, used for 2-4 rows: there the fused RMSNormQuant prologue of 4 rows
+// is dear and runs once per resident block instead of once per 8 columns (2.8b in_proj B4: 40.7 -> 31.0 us on the
+// H100). For 1 row the one-column-per-warp grid is as fast or faster (bench/NOTES.md, 2026-11-25).
+#ifndef QM_GEMV_BLOCKS_PER_SM
+#define QM_GEMV_BLOCKS_PER_SM 4
+#endif
 }  // namespace
 
 extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
@@ -208,15 +214,16 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
-  const int s = warps_per_column(a->n, a->k / 16);
-  const int cols = 8 / s;
-  const unsigned blocks = static_cast<unsigned>((a->n + cols - 1) / cols);
+  const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
+  const int cols = few ? 2 : 8;
+  const int64_t needed = (a->n + cols - 1) / cols;
+  const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
+  const bool persistent = a->rows > 1 && needed > cap;
+  const unsigned blocks = static_cast<unsigned>(persistent ? cap : needed);
   const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
-  using Kernel = void (*)(qm_linear_args, Seg);
-  static constexpr Kernel kOne[4] = {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 4>, gemv_kernel<1, 8>};
-  static constexpr Kernel kFour[4] = {gemv_kernel<4, 1>, gemv_kernel<4, 2>, gemv_kernel<4, 4>, gemv_kernel<4, 8>};
-  const int si = s == 1 ? 0 : s == 2 ? 1 : s == 4 ? 2 : 3;
-  const Kernel kernel = a->rows <= 1 ? kOne[si] : kFour[si];
+  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : gemv_kernel<1, 1, false>)
+               : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
+                              : (few ? gemv_kernel<4, 4, false> : gemv_kernel<4, 1, false>);
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg),
                     "qm_int8_linear gemv launch");
   return QM_OK;

@@ -8,7 +8,11 @@ constexpr int kRows = 4;        // rows per launch; the host loops over groups o
 constexpr int kWarps = 8;       // 256 threads
 constexpr int kVocabPerWarp = 4;
 constexpr int kMaxK = 4096;     // h rows staged in shared memory as float32: 4 x 4096 x 4 = 64 KiB
-constexpr int kPre = 2;         // 16-byte weight pieces per lane loaded before waiting for h
+// Resident blocks per SM: the grid is capped and each warp walks groups of table rows (h is staged once per block).
+// 4 measured best for one row on the H100 (2.8b B1: 78.7 us uncapped -> 47.1 us, 91% of the HBM floor).
+#ifndef QM_LOGITS_BLOCKS_PER_SM
+#define QM_LOGITS_BLOCKS_PER_SM 4
+#endif
 
 // Four int8 codes -> exact floats without the conversion pipe: bytes offset to unsigned (b + 128) are placed in the
 // mantissa of 2^23, so the float is 2^23 + b + 128 exactly; subtracting 2^23 + 128 leaves b.
@@ -27,15 +31,19 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
                                                                   float* __restrict__ out, int rows, int k, int n) {
   extern __shared__ float hs[];  // [R][k]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int v0 = (blockIdx.x * kWarps + warp) * kVocabPerWarp;
-  const int chunks = k / 16;
-  int4 pre[kPre];
+  const int chunks = k / 16, groups = (n + kVocabPerWarp - 1) / kVocabPerWarp;
+  const int total_warps = static_cast<int>(gridDim.x) * kWarps;
+  int g = static_cast<int>(blockIdx.x) * kWarps + warp;  // this warp's first group of kVocabPerWarp table rows
+  auto load = [&](int grp, int j, int4 (&wv)[kVocabPerWarp]) {
 #pragma unroll
-  for (int u = 0; u < kPre; ++u) {
-    const int j = lane + 32 * u;
-    pre[u] = v0 < n && j < chunks ? reinterpret_cast<const int4*>(e_q + static_cast<int64_t>(v0) * k)[j]
-                                  : make_int4(0, 0, 0, 0);
-  }
+    for (int dv = 0; dv < kVocabPerWarp; ++dv) {
+      const int v = grp * kVocabPerWarp + dv;
+      wv[dv] = v < n && j < chunks ? reinterpret_cast<const int4*>(e_q + static_cast<int64_t>(v) * k)[j]
+                                   : make_int4(0, 0, 0, 0);
+    }
+  };
+  int4 first[kVocabPerWarp];
+  load(g, lane, first);  // the table is constant: load before waiting for h
   qm::wait_for_inputs();
   qm::allow_dependents();
   for (int i = threadIdx.x; i < R * k; i += kWarps * 32) {
@@ -43,49 +51,59 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
     hs[i] = r < rows ? h[static_cast<int64_t>(r) * k + (i - r * k)] : 0.f;
   }
   __syncthreads();
-  for (int dv = 0; dv < kVocabPerWarp; ++dv) {
-    const int v = v0 + dv;
-    if (v >= n) break;
-    const int4* w = reinterpret_cast<const int4*>(e_q + static_cast<int64_t>(v) * k);
-    float acc[R];
+  for (bool head = true; g < groups; g += total_warps, head = false) {  // warp-uniform
+    float acc[kVocabPerWarp][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.f;
-    auto step = [&](const int4 wv, int j) {
-      const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    for (int dv = 0; dv < kVocabPerWarp; ++dv)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[dv][r] = 0.f;
+    for (int j = lane; j < chunks; j += 32) {
+      int4 wv[kVocabPerWarp];
+      if (head && j == lane) {
+#pragma unroll
+        for (int dv = 0; dv < kVocabPerWarp; ++dv) wv[dv] = first[dv];
+      } else {
+        load(g, j, wv);
+      }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        float c[4];
-        codes4(ww[q], c);
+        float c[kVocabPerWarp][4];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
+        for (int dv = 0; dv < kVocabPerWarp; ++dv) {
+          const int ww[4] = {wv[dv].x, wv[dv].y, wv[dv].z, wv[dv].w};
+          codes4(ww[q], c[dv]);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {  // one shared-memory read of h serves kVocabPerWarp table rows
           const float4 x = reinterpret_cast<const float4*>(hs + r * k)[j * 4 + q];
-          acc[r] = __fmaf_rn(x.x, c[0], acc[r]);
-          acc[r] = __fmaf_rn(x.y, c[1], acc[r]);
-          acc[r] = __fmaf_rn(x.z, c[2], acc[r]);
-          acc[r] = __fmaf_rn(x.w, c[3], acc[r]);
+#pragma unroll
+          for (int dv = 0; dv < kVocabPerWarp; ++dv) {
+            acc[dv][r] = __fmaf_rn(x.x, c[dv][0], acc[dv][r]);
+            acc[dv][r] = __fmaf_rn(x.y, c[dv][1], acc[dv][r]);
+            acc[dv][r] = __fmaf_rn(x.z, c[dv][2], acc[dv][r]);
+            acc[dv][r] = __fmaf_rn(x.w, c[dv][3], acc[dv][r]);
+          }
         }
       }
-    };
-    int j = lane;
-    if (dv == 0) {
-#pragma unroll
-      for (int u = 0; u < kPre; ++u, j += 32)
-        if (j < chunks) step(pre[u], j);
     }
-#pragma unroll 4
-    for (; j < chunks; j += 32) step(w[j], j);
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-      for (int off = 16; off > 0; off >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], off));
-    if (lane < R && lane < rows) {
-      float a = acc[0];
+    for (int dv = 0; dv < kVocabPerWarp; ++dv) {
 #pragma unroll
-      for (int r = 1; r < R; ++r)
-        if (lane == r) a = acc[r];
-      out[static_cast<int64_t>(lane) * n + v] = __fmul_rn(a, e_scale[v]);
+      for (int r = 0; r < R; ++r)
+        for (int off = 16; off > 0; off >>= 1)
+          acc[dv][r] = __fadd_rn(acc[dv][r], __shfl_xor_sync(0xffffffffu, acc[dv][r], off));
+      const int v = g * kVocabPerWarp + dv;
+      if (v < n && lane < R && lane < rows) {
+        float a = acc[dv][0];
+#pragma unroll
+        for (int r = 1; r < R; ++r)
+          if (lane == r) a = acc[dv][r];
+        out[static_cast<int64_t>(lane) * n + v] = __fmul_rn(a, e_scale[v]);
+      }
     }
   }
 }
+
 }  // namespace
 
 extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k,
@@ -94,7 +112,9 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
   QM_CHECK_ARG(rows > 0 && k > 0 && n > 0, "qm_tied_logits: rows=%d k=%d n=%d must be positive", rows, k, n);
   QM_CHECK_ARG(k % 16 == 0 && k <= kMaxK && reinterpret_cast<uintptr_t>(e_q) % 16 == 0,
                "qm_tied_logits: needs k %% 16 == 0, k <= %d and a 16-byte aligned table (k=%d)", kMaxK, k);
-  const unsigned blocks = static_cast<unsigned>((n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp));
+  const int64_t needed = (n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp);
+  const unsigned blocks = static_cast<unsigned>(needed < int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count()
+                                                    ? needed : int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count());
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const int rr = rows - r0 < kRows ? rows - r0 : kRows;
     const float* hr = h + static_cast<int64_t>(r0) * k;

@@ -15,15 +15,19 @@ struct Seg {
   int n;
 };
 
+// The segment of column n, picked with constant indices only: a runtime index into the Seg kernel parameter made
+// every thread copy it to local memory (56 bytes per thread, as many bytes as a third of the weights read).
 __device__ __forceinline__ void store(const Seg& sg, const qm_linear_args& a, int r, int n, float y) {
-  int s = 0;
-  while (s < sg.n - 1 && n >= sg.end[s]) ++s;
-  const int begin = s ? sg.end[s - 1] : 0, width = sg.end[s] - begin;
-  const int64_t o = static_cast<int64_t>(r) * width + (n - begin);
-  if (sg.scale[s] > 0.f) {
-    static_cast<int8_t*>(sg.out[s])[o] = qm::quantize(y, sg.scale[s]);
+  const bool past0 = sg.n > 1 && n >= sg.end[0], past1 = past0 && sg.n > 2 && n >= sg.end[1];
+  const int begin = past1 ? sg.end[1] : past0 ? sg.end[0] : 0;
+  const int end = past1 ? sg.end[2] : past0 ? sg.end[1] : sg.end[0];
+  const float scale = past1 ? sg.scale[2] : past0 ? sg.scale[1] : sg.scale[0];
+  void* const dst = past1 ? sg.out[2] : past0 ? sg.out[1] : sg.out[0];
+  const int64_t o = static_cast<int64_t>(r) * (end - begin) + (n - begin);
+  if (scale > 0.f) {
+    static_cast<int8_t*>(dst)[o] = qm::quantize(y, scale);
   } else {
-    float* out = static_cast<float*>(sg.out[s]);
+    float* out = static_cast<float*>(dst);
     out[o] = a.residual ? __fadd_rn(a.residual[o], y) : y;
   }
 }
@@ -72,8 +76,13 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 // split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
 // Persistent (P): the grid is capped and each warp group walks columns n, n + grid columns, ...; the first pieces
 // of its next column load before the current column's reduction. Otherwise each warp group owns one column.
+// Resident blocks per SM the one-row GEMV is compiled for (register cap 65536 / (256 x this)): a one-row decode
+// GEMV is latency-bound, so more resident warps keep more weight loads in flight.
+#ifndef QM_GEMV_MIN_BLOCKS
+#define QM_GEMV_MIN_BLOCKS 6
+#endif
 template <int R, int S, bool P>
-__global__ void __launch_bounds__(256) gemv_kernel(qm_linear_args a, Seg sg) {
+__global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_kernel(qm_linear_args a, Seg sg) {
   constexpr int kWarps = 256 / 32, kCols = kWarps / S;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

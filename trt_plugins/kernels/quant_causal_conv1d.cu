@@ -62,6 +62,50 @@ __device__ __forceinline__ void finish(float v, const ConvQuant& q, int8_t& u_ou
   finish_exact(v, q.out_scale, q.outlier_scale, q.dual, u_out, mask_out);
 }
 
+__device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
+                                             const float* __restrict__ ws, const float* __restrict__ bias,
+                                             const int8_t* state, int b, int t, int d, int L, int D, int K,
+                                             float in_scale, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
+  const int km1 = K - 1;
+  int acc = 0;
+  for (int k = 0; k < K; ++k) {
+    const int src = t + k - km1;  // time index into x; negative: from the conv state
+    int8_t v;
+    if (src >= 0)
+      v = x[(static_cast<int64_t>(b) * L + src) * D + d];
+    else
+      v = state ? state[(static_cast<int64_t>(b) * D + d) * km1 + (km1 + src)] : 0;
+    acc += static_cast<int>(v) * w[d * K + k];
+  }
+  const float m = qm::scale_product(in_scale, ws[d]);
+  finish(__fadd_rn(__fmul_rn(static_cast<float>(acc), m), bias[d]), q, u_out, mask_out);
+}
+
+// One output element from global memory through finish(): the tile kernel's out-of-line path for the rare elements
+// whose float32 code is not certain (kept out of the unrolled tile so the common path stays short and branch-free).
+__device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, const float* ws, const float* bias,
+                                          const int8_t* state, int b, int t, int d, int L, int D, int K,
+                                          float in_scale, ConvQuant q, int8_t* u, uint8_t* mask) {
+  int8_t uo;
+  uint8_t mo;
+  conv_channel(x, w, ws, bias, state, b, t, d, L, D, K, in_scale, q, uo, mo);
+  const int64_t e = (static_cast<int64_t>(b) * L + t) * D + d;
+  u[e] = uo;
+  if (mask) mask[e] = mo;
+}
+
+// finish() without branches for the common case: ok is false where finish() could differ (not fast, v out of the
+// bound's range, or a code that is not certain); then the caller takes conv_element.
+__device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
+  const float sv = __fdividef(v, __fadd_rn(1.f, exp2f(__fmul_rn(v, -1.44269504088896341f))));
+  const float r = __fmul_rn(sv, q.inv_out), r2 = __fmul_rn(sv, q.inv_outlier);
+  const float q_in = rintf(r);
+  const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
+  u_out = qm::saturate_code(outlier ? rintf(r2) : q_in);
+  mask_out = outlier ? 1 : 0;
+  return q.fast && v > -16.f && v < 1e30f && qm::code_is_certain(r) && (!outlier || qm::code_is_certain(r2));
+}
+
 // Fast path (K = 4, D % 4 == 0): block = 256 threads x 4 channels x kTile tokens of one batch row. Each thread keeps
 // its channels' taps, multipliers and bias in registers and slides a window of char4 rows over its tokens, so
 // every input byte is loaded once per tile and every store is 4 bytes wide.
@@ -103,16 +147,10 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   for (int i = 0; i < kTile; ++i)
     rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const char4*>(xb + static_cast<int64_t>(t0 + i) * D)
                                      : make_char4(0, 0, 0, 0);
-  if (state_out != nullptr) {  // L == 1 (decode): this thread alone reads and writes its channels' state rows
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      int8_t* so = state_out + (static_cast<int64_t>(b) * D + d0 + j) * (kTaps - 1);
-#pragma unroll
-      for (int k = 0; k < kTaps - 1; ++k) so[k] = (&rows[k + 1].x)[j];  // the last K-1 of the K-1 + 1 tokens
-    }
-  }
   int8_t* ub = u + static_cast<int64_t>(b) * L * D + d0;
   uint8_t* mb = mask ? mask + static_cast<int64_t>(b) * L * D + d0 : nullptr;
+  unsigned pending = 0;  // bit 4 i + j: element (token t0 + i, channel d0 + j) needs the exact path
+  static_assert(kTile * 4 <= 32, "one bit per element of the tile");
 #pragma unroll
   for (int i = 0; i < kTile; ++i) {
     if (t0 + i >= L) break;
@@ -123,36 +161,33 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
       int acc = 0;
 #pragma unroll
       for (int k = 0; k < kTaps; ++k) acc += static_cast<int>((&rows[i + k].x)[j]) * wt[j][k];
-      finish(__fadd_rn(__fmul_rn(static_cast<float>(acc), m[j]), bs[j]), q, uo[j], mo[j]);
+      const bool ok = finish_fast(__fadd_rn(__fmul_rn(static_cast<float>(acc), m[j]), bs[j]), q, uo[j], mo[j]);
+      pending |= ok ? 0u : 1u << (4 * i + j);
     }
     const int64_t e = static_cast<int64_t>(t0 + i) * D;
     *reinterpret_cast<char4*>(ub + e) = make_char4(uo[0], uo[1], uo[2], uo[3]);
     if (mb) *reinterpret_cast<uchar4*>(mb + e) = make_uchar4(mo[0], mo[1], mo[2], mo[3]);
   }
+  while (pending) {  // rare (about 1e-4 of elements): rewrite them exactly, reading the old state from memory
+    const int bit = __ffs(static_cast<int>(pending)) - 1;
+    pending &= pending - 1;
+    conv_element(x, w, ws, bias, state, b, t0 + bit / 4, d0 + bit % 4, L, D, kTaps, in_scale, q, u, mask);
+  }
+  if (state_out != nullptr) {  // L == 1 (decode), after every read of the old state: state_out may alias it
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      int8_t* so = state_out + (static_cast<int64_t>(b) * D + d0 + j) * (kTaps - 1);
+#pragma unroll
+      for (int k = 0; k < kTaps - 1; ++k) so[k] = (&rows[k + 1].x)[j];  // the last K-1 of the K-1 + 1 tokens
+    }
+  }
 }
+
 
 // One block per (token, 1024-channel tile); each thread owns 4 consecutive channels of one token (char4 loads
 // and stores when D % 4 == 0 and the pointers are aligned): any K, any alignment.
 constexpr int kConvThreads = 256, kConvVec = 4;
 
-__device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
-                                             const float* __restrict__ ws, const float* __restrict__ bias,
-                                             const int8_t* state, int b, int t, int d, int L, int D, int K,
-                                             float in_scale, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
-  const int km1 = K - 1;
-  int acc = 0;
-  for (int k = 0; k < K; ++k) {
-    const int src = t + k - km1;  // time index into x; negative: from the conv state
-    int8_t v;
-    if (src >= 0)
-      v = x[(static_cast<int64_t>(b) * L + src) * D + d];
-    else
-      v = state ? state[(static_cast<int64_t>(b) * D + d) * km1 + (km1 + src)] : 0;
-    acc += static_cast<int>(v) * w[d * K + k];
-  }
-  const float m = qm::scale_product(in_scale, ws[d]);
-  finish(__fadd_rn(__fmul_rn(static_cast<float>(acc), m), bias[d]), q, u_out, mask_out);
-}
 
 __global__ void __launch_bounds__(kConvThreads) conv_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,

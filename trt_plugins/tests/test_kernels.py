@@ -143,6 +143,22 @@ def test_conv_codes_at_rounding_boundaries(k, kk, dual):
     assert torch.equal(u.cpu(), wu)
     if dual:
         assert torch.equal(mask.cpu(), wm) and 0.5 < wm.float().mean() < 1
+    # decode in place through the exact path: a zero state and a zero tap on the new token keep v = bias, and the
+    # exact path must still read the old state (a shifted one would hold the new token, under nonzero taps)
+    st = torch.zeros(1, d, kk - 1, dtype=torch.int8)
+    x1 = torch.randint(1, 128, (1, 1, d), dtype=torch.int8)
+    w1 = w.clone()
+    w1[:, -1] = 0
+    w1[:, :-1] = torch.randint(1, 128, (d, kk - 1), dtype=torch.int8)
+    args1 = (x1, w1, ws, bias, 0.03, s_in, st, s_out if dual else None)
+    st_gpu = st.cuda()
+    u1, m1, same = k.quant_causal_conv1d(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args1),
+                                         state_out=st_gpu)
+    wu1, wm1, wn1 = ref.quant_causal_conv1d(*args1)
+    assert torch.equal(u1.cpu(), wu1) and torch.equal(wu1, wu[:, :1])  # v = bias: the same codes as token 0
+    assert same.data_ptr() == st_gpu.data_ptr() and torch.equal(st_gpu.cpu(), wn1)
+    if dual:
+        assert torch.equal(m1.cpu(), wm1)
 
 
 @needs_gpu

@@ -179,7 +179,9 @@ def main() -> None:
         return
     bw = hbm_bandwidth()
     _, why = transformers_baseline(MambaConfig(d_model=64, n_layer=1, vocab_size=256))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # "-dirty" marks a working tree that differs from its commit (e.g. a copy sent to a GPU machine)
+    git = ["git", "describe", "--always", "--dirty", "--abbrev=7"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     lines = [f"device {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
              f"{datetime.date.today()}, commit {commit or 'n/a'}; HBM copy bandwidth {bw / 1e12:.2f} TB/s; "
              f"transformers: {why or 'importable'}", "",

@@ -171,7 +171,9 @@ def main() -> None:
     if measured_exp:
         args.exp_rate = exp_throughput()
     mssm, why = import_mamba_ssm(args.mamba_ssm_build)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # "-dirty" marks a working tree that differs from its commit (e.g. a copy sent to a GPU machine)
+    git = ["git", "describe", "--always", "--dirty", "--abbrev=7"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     lines = [f"device {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
              f"{datetime.date.today()}, commit {commit or 'n/a'}; measured HBM copy bandwidth "
              f"{bw / 1e12:.2f} TB/s (read + write); exp2 throughput {args.exp_rate / 1e12:.2f} T/s "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on the shipped tiny model, on CPU.
-# calibrate -> per-stage compare -> perplexity table (-> export + ONNX Runtime check when available).
+# calibrate -> per-stage compare -> perplexity table -> export + ONNX Runtime check (-> TensorRT engines + check where
+# TensorRT, a GPU and the plugin library are available; otherwise it says which is missing).
 set -euo pipefail
 QMAMBA=${1:-qmamba}
 MODEL=models/qmamba-tiny
@@ -28,10 +29,31 @@ if "$QMAMBA" export --help >/dev/null 2>&1; then
 fi
 
 echo
-if python3 -c "import tensorrt" 2>/dev/null && command -v nvidia-smi >/dev/null; then
-  echo "== 5. TensorRT: see 'make test-trt' in the docker image (docker/README.md)"
+# 5. TensorRT engines + per-stage check on them, where this machine can build and run them
+PY="$(dirname "$(command -v "$QMAMBA")")/python"
+[ -x "$PY" ] || PY=python3
+PLUGINS=${QMAMBA_PLUGINS:-build/trt_plugins/libqmamba_plugins.so}
+trt_skip=""
+if ! "$PY" -c "import tensorrt" 2>/dev/null; then
+  trt_skip="TensorRT's Python package is not importable by $PY"
+elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  trt_skip="no CUDA GPU visible to PyTorch"
+elif [ ! -d "$OUT/onnx" ]; then
+  trt_skip="no exported ONNX graphs (step 4 did not run)"
+fi
+if [ -z "$trt_skip" ] && [ ! -f "$PLUGINS" ]; then
+  echo "== 5a. building the plugin library ($PLUGINS) with CMake"
+  if ! { cmake -S trt_plugins -B build/trt_plugins -DCMAKE_BUILD_TYPE=Release \
+         && cmake --build build/trt_plugins -j"$(nproc)"; } > "$OUT/plugins-build.log" 2>&1 || [ ! -f "$PLUGINS" ]; then
+    trt_skip="the plugin library could not be built (TensorRT headers not found?): see $OUT/plugins-build.log"
+  fi
+fi
+if [ -z "$trt_skip" ]; then
+  echo "== 5. TensorRT engines (prefill + decode) and a per-stage check of the engine against PyTorch"
+  "$QMAMBA" build-engine "$OUT/onnx" --plugins "$PLUGINS" --out "$OUT/engine" \
+    --batch 1,2,4 --length 1,64,512 --decode-batch 1,4,16
+  "$QMAMBA" check "$OUT/engine" --reference "$OUT/qdir-w8a8-dualscale" --backend tensorrt --out "$OUT/check-tensorrt"
 else
-  echo "== 5. skipped TensorRT engine build + check: no TensorRT runtime/GPU on this machine" \
-       "(run it in the docker image: docker/README.md)"
+  echo "== 5. skipped the TensorRT engine build + check: $trt_skip (the docker image has all it needs: docker/README.md)"
 fi
 echo "demo outputs in $OUT/"

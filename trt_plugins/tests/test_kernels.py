@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: kernel tests run on the H100")
 
 
-def test_kernels_compile_with_nvcc(tmp_path):
+@pytest.mark.parametrize("archs", [(90,), (80, 86, 89)])  # Hopper (the default), Ampere and Ada
+def test_kernels_compile_with_nvcc(tmp_path, archs):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found: kernel compilation not tested")
-    r = subprocess.run(["bash", str(ROOT / "trt_plugins/kernels/build.sh"), str(tmp_path)], capture_output=True,
-                       text=True, timeout=900)
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    r = subprocess.run(["bash", str(ROOT / "trt_plugins/kernels/build.sh"), str(tmp_path), *flags],
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     nm = subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "libqmamba_kernels.so")], capture_output=True,
                         text=True).stdout

@@ -98,8 +98,9 @@ __device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv
 // m = 20 (d_inner 5120): 640 threads x 56 registers let one block per SM run (31% occupancy, 42% of the cycles
 // stalled at block barriers, ncu 2026-11-25); a 48-register cap lets two blocks share each SM.
 template <typename T, int M>
-__global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255) hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c,
-                                 float scale, float inv_scale, bool fast_quant) {
+__global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
+    hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
+                     float inv_scale, bool fast_quant) {
   // d floats (m > 1 or p > 256), then d int8 codes (m > 1)
   extern __shared__ float4 row4[];
   float* row = reinterpret_cast<float*>(row4);

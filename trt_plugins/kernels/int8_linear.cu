@@ -72,15 +72,16 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __syncthreads();
 }
 
-// One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
-// split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
-// Persistent (P): the grid is capped and each warp group walks columns n, n + grid columns, ...; the first pieces
-// of its next column load before the current column's reduction. Otherwise each warp group owns one column.
 // Resident blocks per SM the one-row GEMV is compiled for (register cap 65536 / (256 x this)): a one-row decode
 // GEMV is latency-bound, so more resident warps keep more weight loads in flight.
 #ifndef QM_GEMV_MIN_BLOCKS
 #define QM_GEMV_MIN_BLOCKS 6
 #endif
+
+// One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
+// split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
+// Persistent (P): the grid is capped and each warp group walks columns n, n + grid columns, ...; the first pieces
+// of its next column load before the current column's reduction. Otherwise each warp group owns one column.
 template <int R, int S, bool P>
 __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_kernel(qm_linear_args a, Seg sg) {
   constexpr int kWarps = 256 / 32, kCols = kWarps / S;

@@ -39,27 +39,20 @@ struct ConvQuant {
   bool dual, fast;
 };
 
+// The float32 path without branches: returns false where it could differ from the spec (not fast, v out of the
+// bound's range, or a code that is not certain); then finish_exact decides (finish, or the tile's conv_element).
+__device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
+  const float sv = __fdividef(v, __fadd_rn(1.f, exp2f(__fmul_rn(v, -1.44269504088896341f))));
+  const float r = __fmul_rn(sv, q.inv_out), r2 = __fmul_rn(sv, q.inv_outlier);
+  const float q_in = rintf(r);
+  const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
+  u_out = qm::saturate_code(outlier ? rintf(r2) : q_in);
+  mask_out = outlier ? 1 : 0;
+  return q.fast && v > -16.f && v < 1e30f && qm::code_is_certain(r) && (!outlier || qm::code_is_certain(r2));
+}
+
 __device__ __forceinline__ void finish(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
-  if (q.fast && v > -16.f && v < 1e30f) {
-    const float sv = __fdividef(v, __fadd_rn(1.f, exp2f(__fmul_rn(v, -1.44269504088896341f))));
-    const float r = __fmul_rn(sv, q.inv_out);
-    if (qm::code_is_certain(r)) {
-      const float q_in = rintf(r);
-      const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
-      if (!outlier) {
-        u_out = qm::saturate_code(q_in);
-        mask_out = 0;
-        return;
-      }
-      const float r2 = __fmul_rn(sv, q.inv_outlier);
-      if (qm::code_is_certain(r2)) {
-        u_out = qm::saturate_code(rintf(r2));
-        mask_out = 1;
-        return;
-      }
-    }
-  }
-  finish_exact(v, q.out_scale, q.outlier_scale, q.dual, u_out, mask_out);
+  if (!finish_fast(v, q, u_out, mask_out)) finish_exact(v, q.out_scale, q.outlier_scale, q.dual, u_out, mask_out);
 }
 
 __device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const int8_t* __restrict__ w,
@@ -92,18 +85,6 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   const int64_t e = (static_cast<int64_t>(b) * L + t) * D + d;
   u[e] = uo;
   if (mask) mask[e] = mo;
-}
-
-// finish() without branches for the common case: ok is false where finish() could differ (not fast, v out of the
-// bound's range, or a code that is not certain); then the caller takes conv_element.
-__device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
-  const float sv = __fdividef(v, __fadd_rn(1.f, exp2f(__fmul_rn(v, -1.44269504088896341f))));
-  const float r = __fmul_rn(sv, q.inv_out), r2 = __fmul_rn(sv, q.inv_outlier);
-  const float q_in = rintf(r);
-  const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
-  u_out = qm::saturate_code(outlier ? rintf(r2) : q_in);
-  mask_out = outlier ? 1 : 0;
-  return q.fast && v > -16.f && v < 1e30f && qm::code_is_certain(r) && (!outlier || qm::code_is_certain(r2));
 }
 
 // Fast path (K = 4, D % 4 == 0): block = 256 threads x 4 channels x kTile tokens of one batch row. Each thread keeps
@@ -183,11 +164,9 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   }
 }
 
-
 // One block per (token, 1024-channel tile); each thread owns 4 consecutive channels of one token (char4 loads
 // and stores when D % 4 == 0 and the pointers are aligned): any K, any alignment.
 constexpr int kConvThreads = 256, kConvVec = 4;
-
 
 __global__ void __launch_bounds__(kConvThreads) conv_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,

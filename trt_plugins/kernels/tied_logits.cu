@@ -103,7 +103,6 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
     }
   }
 }
-
 }  // namespace
 
 extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k,
@@ -113,8 +112,8 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
   QM_CHECK_ARG(k % 16 == 0 && k <= kMaxK && reinterpret_cast<uintptr_t>(e_q) % 16 == 0,
                "qm_tied_logits: needs k %% 16 == 0, k <= %d and a 16-byte aligned table (k=%d)", kMaxK, k);
   const int64_t needed = (n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp);
-  const unsigned blocks = static_cast<unsigned>(needed < int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count()
-                                                    ? needed : int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count());
+  const int64_t cap = int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count();
+  const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const int rr = rows - r0 < kRows ? rows - r0 : kRows;
     const float* hr = h + static_cast<int64_t>(r0) * k;

@@ -1,23 +1,14 @@
 // Selective scan (spec 4.4, 4.5) and the decode state update.
-// Prefill: v4, a single-pass chunked scan, parallel along time within a warp (description below).
+// Prefill: v5, a single-pass chunked scan, parallel along time within a channel's lanes (description below).
 // Decode: one thread per 4 states of a (b, d), coalesced 16-byte state traffic.
-// Earlier versions (v1-v3, sequential in time) and their measurements: trt_plugins/bench/NOTES.md.
+// Earlier versions (v1-v4) and their measurements: trt_plugins/bench/NOTES.md.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace {
 constexpr int kMaxN = 64;
-
-// v4 (prefill, int8 or float inputs): parallel along time inside a warp. A block owns W channels of one
-// batch row (one warp per channel) and walks time in chunks of CH = 32*T steps staged in shared memory;
-// lane j owns the T consecutive steps [j*T, j*T + T) of the chunk. For each state n the lane computes
-// dA = exp2(delta*A*log2 e) and dBu = delta*u*B once (kept in registers), composes them into its
-// segment's affine map h -> P*h + S, a warp scan over the 32 maps gives each lane its starting state,
-// and a second pass over the registers produces h and y += h*C. The chunk's carry per n is the warp's
-// total map applied to the previous carry. One exp per (b, t, d, n), no global round trip, no
-// __syncthreads inside the recurrence. Fast float32 math: y feeds no quantizer directly (spec 4.4,
-// "Exactness"), outputs are compared with a tolerance.
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarps = 8;  // channels per block
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -41,7 +32,6 @@ __device__ __forceinline__ float softplus_fast(float x) {
 }
 __device__ __forceinline__ float silu_fast(float z) { return __fdividef(z, 1.f + __expf(-z)); }
 
-// steps per lane: as many as registers allow (the warp scan's cost is shared by T steps)
 // Copies BYTES bytes from shared memory (aligned to min(BYTES, 16)) in 16/8/4-byte pieces.
 template <int BYTES, typename Tv>
 __device__ __forceinline__ void load_vec(Tv* dst, const unsigned char* src) {
@@ -58,72 +48,99 @@ __device__ __forceinline__ void load_vec(Tv* dst, const unsigned char* src) {
   }
 }
 
-template <int N, bool kInt8>
-constexpr int v4_default_steps() { return kInt8 ? (N <= 16 ? 16 : 256 / N) : (N <= 32 ? 8 : 4); }
-
-// states advanced together per iteration: independent chains for the scheduler to interleave
-template <int N, bool kInt8>
-constexpr int v4_default_interleave() { return 1; }  // 2 and 4 measured slower (spills): NOTES.md
-
-template <int N, bool kInt8, int T_>
-struct V4 {
-  static constexpr int T = T_;
-  static constexpr int CH = 32 * T;                                                // steps per chunk
-  static constexpr int LS = T == 4 ? 4 : T + 4;  // words per lane in a B/C row: an odd multiple of 4 words
-  static constexpr int ROW = 32 * LS;            //   makes the lanes' 16-byte reads bank-conflict free
+// Prefill (v5, a generalization of v4): a single-pass chunked scan, parallel along time inside a warp. A block of
+// W warps owns CPB = W * 32 / LPC channels of one batch row; each channel is served by LPC lanes (32, 16 or 8) of
+// one warp and time is walked in chunks of CH = LPC * T steps staged in shared memory. Lane s of a channel owns
+// the T consecutive steps [s*T, s*T + T) of the chunk. For each state n the lane computes dA = exp2(delta*A*log2 e)
+// and dBu = delta*u*B once (kept in registers), composes them into its segment's affine map h -> P*h + S, a scan
+// over the channel's LPC maps (shuffles within the LPC-lane segment) gives each lane its starting state, and a
+// second pass over the registers produces h and y += h*C. The chunk's carry per n is the channel's total map
+// applied to the previous carry. One exp per (b, t, d, n), no global round trip, no __syncthreads inside the
+// recurrence. Fast float32 math: y feeds no quantizer directly (spec 4.4, "Exactness"), outputs are compared
+// with a tolerance. LPC, W and T trade parallelism against instructions per element: trt_plugins/bench/NOTES.md.
+template <int N, bool kInt8, int T_, int LPC_, int W_>
+struct ScanCfg {
+  static_assert(LPC_ == 8 || LPC_ == 16 || LPC_ == 32, "lanes per channel");
+  static_assert(T_ % 4 == 0, "steps per lane come in float4 rows");
+  static constexpr int T = T_, LPC = LPC_, W = W_;
+  static constexpr int THREADS = 32 * W;
+  static constexpr int CPW = 32 / LPC;           // channels per warp
+  static constexpr int CPB = W * CPW;            // channels per block
+  static constexpr int CH = LPC * T;             // steps per chunk
+  static constexpr int LS = T == 4 ? 4 : T + 4;  // words per lane in a B/C/y row: an odd multiple of 4 words
+  static constexpr int ROW = LPC * LS;           //   makes the lanes' 16-byte accesses bank-conflict free
   static constexpr int ESZ = kInt8 ? 1 : 4;      // bytes per staged u/dt/z element
   static constexpr int IN_BYTES = (kInt8 ? 4 : 3) * CH * ESZ;  // u, dt, z (+ mask) of one channel
-  // one channel's region; reused for its y (CH floats) after the recurrence. +16 bytes: rows of different
-  // warps start 4 banks apart, so the y write-out reads are conflict free.
-  static constexpr int WARP_BYTES = (IN_BYTES > 4 * CH ? IN_BYTES : 4 * CH) + 16;
-  static constexpr size_t SMEM = 2ull * N * ROW * 4 + kWarps * WARP_BYTES + 2ull * kWarps * N * 4;
-  static constexpr int MIN_BLOCKS = T <= 8 ? 3 : 2;  // blocks per SM the register budget is sized for
+  // one channel's region; reused for its y (a padded row) after the recurrence. +16 bytes: regions of
+  // neighbouring channels start 4 banks apart.
+  static constexpr int CH_BYTES = (IN_BYTES > 4 * ROW ? IN_BYTES : 4 * ROW) + 16;
+  static constexpr size_t SMEM = 2ull * N * ROW * 4 + CPB * CH_BYTES + 2ull * CPB * N * 4;
+  static constexpr int MIN_BLOCKS = (T <= 8 ? 24 : 16) / W;  // resident warps per SM the registers are sized for
+  static constexpr int PB = CPB >= 8 ? 8 : 4;                 // channels per vector piece (staging, write-out)
 };
 
+// One level of the scan over a channel's maps: lane s composes its map with the one of lane s - off. The
+// shuffle reports whether that lane is inside the channel's segment, and the compose runs predicated on it.
+template <int LPC>
+__device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
+  asm("{\n\t.reg .pred p;\n\t.reg .f32 qa, qb;\n\t"
+      "shfl.sync.up.b32 qa|p, %0, %2, %3, 0xffffffff;\n\t"
+      "shfl.sync.up.b32 qb, %1, %2, %3, 0xffffffff;\n\t"
+      "@p fma.rn.f32 %1, %0, qb, %1;\n\t"
+      "@p mul.rn.f32 %0, %0, qa;\n\t}"
+      : "+f"(pa), "+f"(pb)
+      : "r"(off), "n"((32 - LPC) << 8));
+}
 
-// Stages the chunk's B and C (dequantized) as [n][lane][T] rows, zero beyond the sequence so idle lanes
-// compose identity maps. vec: the chunk is 16-byte aligned (int8: 16 B = one t's 16 states or 16 values),
-// so every thread issues its loads back to back before the first use.
-template <int N, bool kInt8, int T_>
+// Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes
+// compose identity maps. vec: the chunk is 16-byte aligned (int8: 16 B = 16 values), so every thread issues
+// its loads back to back before the first use.
+template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float* sC, int b, int t0, int nt,
                                          bool vec) {
-  using C = V4<N, kInt8, T_>;
   constexpr int T = C::T, CH = C::CH;
   const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-  const int total = CH * N;  // elements of one matrix in this chunk (zero-padded)
   auto put = [&](float* dst, int i, float v) {
     const int t = i / N, n = i % N;
     dst[n * C::ROW + (t / T) * C::LS + t % T] = v;
   };
   if constexpr (kInt8) {
     if (vec) {  // 16 int8 per load
-      constexpr int kPer = CH * N / 16 / (kWarps * 32);  // loads per thread per matrix (exact: CH*N % 4096 == 0)
-      int4 rb[kPer], rc[kPer];
+      // rounds of at most 2 loads per matrix in flight per thread (more only costs registers)
+      constexpr int kItems = CH * N / 16, kPer = (kItems + C::THREADS - 1) / C::THREADS, R = kPer < 2 ? kPer : 2;
+      int tid = threadIdx.x;  // opaque: see stage_channels
+      asm volatile("" : "+r"(tid));
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int i = (j * kWarps * 32 + threadIdx.x) * 16;
-        rb[j] = i < nt * N ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.B) + base + i) : int4{};
-        rc[j] = i < nt * N ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.C) + base + i) : int4{};
-      }
+      for (int j0 = 0; j0 < kPer; j0 += R) {
+        int4 rb[R], rc[R];
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int i = (j * kWarps * 32 + threadIdx.x) * 16;
-        const int8_t* pb = reinterpret_cast<const int8_t*>(&rb[j]);
-        const int8_t* pc = reinterpret_cast<const int8_t*>(&rc[j]);
+        for (int j = 0; j < R; ++j) {
+          const int i = ((j0 + j) * C::THREADS + tid) * 16;
+          const bool ok = i < nt * N && (kItems % C::THREADS == 0 || i < CH * N);
+          rb[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.B) + base + i) : int4{};
+          rc[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.C) + base + i) : int4{};
+        }
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-          put(sB, i + k, static_cast<float>(pb[k]) * a.B_scale);
-          put(sC, i + k, static_cast<float>(pc[k]) * a.C_scale);
+        for (int j = 0; j < R; ++j) {
+          const int i = ((j0 + j) * C::THREADS + tid) * 16;
+          if (kItems % C::THREADS != 0 && i >= CH * N) break;
+          const int8_t* pb = reinterpret_cast<const int8_t*>(&rb[j]);
+          const int8_t* pc = reinterpret_cast<const int8_t*>(&rc[j]);
+#pragma unroll
+          for (int k = 0; k < 16; ++k) {
+            put(sB, i + k, static_cast<float>(pb[k]) * a.B_scale);
+            put(sC, i + k, static_cast<float>(pc[k]) * a.C_scale);
+          }
         }
       }
       return;
     }
   }
-  for (int i0 = threadIdx.x; i0 < total; i0 += 4 * kWarps * 32) {  // scalar: 4 loads in flight per matrix
+  for (int i0 = threadIdx.x; i0 < CH * N; i0 += 4 * C::THREADS) {  // scalar: 4 loads in flight per matrix
     float vb[4], vc[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int i = i0 + j * kWarps * 32;
+      const int i = i0 + j * C::THREADS;
       const bool ok = i < nt * N;
       if constexpr (kInt8) {
         vb[j] = ok ? static_cast<float>(static_cast<const int8_t*>(a.B)[base + i]) * a.B_scale : 0.f;
@@ -135,8 +152,8 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int i = i0 + j * kWarps * 32;
-      if (i < total) {
+      const int i = i0 + j * C::THREADS;
+      if (i < CH * N) {
         put(sB, i, vb[j]);
         put(sC, i, vc[j]);
       }
@@ -144,242 +161,246 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
   }
 }
 
-// Stages u, dt, z (and the mask) of the block's W channels as [channel][array][t]. vec (int8, D % 8 == 0,
-// aligned): one 8-byte load per (array, t) row of the W channels, all of a thread's loads issued first.
-template <int N, bool kInt8, int T_>
+__device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
+__device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
+
+// Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
+// pointers aligned to PB bytes): one PB-byte load per (array, t, piece of PB channels), all of a thread's loads
+// issued before the first store.
+template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
                                                int d0, bool vec) {
-  using C = V4<N, kInt8, T_>;
   constexpr int CH = C::CH;
   const int D = a.dim;
-  const void* src[4] = {a.u, a.dt, a.z, a.u_mask};
-  constexpr int narr = kInt8 ? 4 : 3;
+  // selects, not an indexed array: a runtime index into a local array would put it in local memory
+  auto src = [&](int k) -> const void* {
+    return k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
+  };
   if constexpr (kInt8) {
-    static_assert(kWarps == 8, "the vector path moves 8 channels per load");
     if (vec) {
-      constexpr int kRows = (CH + kWarps * 32 - 1) / (kWarps * 32);
-      uint2 r[4][kRows];
+      constexpr int PB = C::PB, PPR = C::CPB / PB;  // pieces per (array, t) row
+      using Piece = std::conditional_t<PB == 8, uint2, uint32_t>;
+      constexpr int kItems = 4 * CH * PPR, kPer = (kItems + C::THREADS - 1) / C::THREADS, R = kPer < 8 ? kPer : 8;
+      // an opaque copy of the thread index: keeps the compiler from hoisting every item's address out of the
+      // chunk loop (16 live 64-bit addresses at 4 channels per block spilled)
+      int tid = threadIdx.x;
+      asm volatile("" : "+r"(tid));
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
+      for (int j0 = 0; j0 < kPer; j0 += R) {  // rounds of at most 8 loads in flight per thread
+        Piece r[R];
 #pragma unroll
-        for (int j = 0; j < kRows; ++j) {
-          const int t = j * kWarps * 32 + threadIdx.x;
-          const bool ok = t < nt && src[k] && (k != 3 || a.dual_scale);
-          r[k][j] = ok ? *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(src[k]) +
-                                                        (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0)
-                       : uint2{0u, 0u};
+        for (int j = 0; j < R; ++j) {
+          const int it = (j0 + j) * C::THREADS + tid;
+          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
+          const void* s = src(k);
+          const bool ok = it < kItems && t < nt && s && d0 + p * PB < D;
+          r[j] = ok ? *reinterpret_cast<const Piece*>(static_cast<const uint8_t*>(s) +
+                                                      (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + p * PB)
+                    : Piece{};
         }
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < R; ++j) {
+          const int it = (j0 + j) * C::THREADS + tid;
+          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
+          if (it >= kItems || t >= nt) continue;
 #pragma unroll
-        for (int j = 0; j < kRows; ++j) {
-          const int t = j * kWarps * 32 + threadIdx.x;
-          if (t >= nt) continue;
-          const uint8_t* v = reinterpret_cast<const uint8_t*>(&r[k][j]);
-#pragma unroll
-          for (int w = 0; w < kWarps; ++w) sIn[w * C::WARP_BYTES + k * CH + t] = v[w];
+          for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r[j], w);
         }
+      }
       return;
     }
   }
-  for (int i = threadIdx.x; i < nt * kWarps; i += blockDim.x) {
-    const int t = i / kWarps, w = i % kWarps;
+  constexpr int narr = kInt8 ? 4 : 3;
+  for (int i = threadIdx.x; i < nt * C::CPB; i += C::THREADS) {
+    const int t = i / C::CPB, w = i % C::CPB;
     if (d0 + w >= D) continue;
     const int64_t e = (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + w;
-    unsigned char* r = sIn + w * C::WARP_BYTES;
+    unsigned char* r = sIn + w * C::CH_BYTES;
 #pragma unroll
     for (int k = 0; k < narr; ++k) {
-      const bool ok = src[k] && (k != 3 || a.dual_scale);
+      const void* s = src(k);
       if constexpr (kInt8)
-        r[k * CH + t] = ok ? static_cast<const uint8_t*>(src[k])[e] : 0;
+        r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
       else
-        reinterpret_cast<float*>(r)[k * CH + t] = ok ? static_cast<const float*>(src[k])[e] : 0.f;
+        reinterpret_cast<float*>(r)[k * CH + t] = s ? static_cast<const float*>(s)[e] : 0.f;
     }
   }
 }
 
-template <int N, bool kInt8, int T_, int NI>
-__global__ void __launch_bounds__(kWarps * 32, (V4<N, kInt8, T_>::MIN_BLOCKS)) scan_v4_kernel(qm_scan_args a, bool vec_bc, bool vec_ch,
-                                                                                 bool vec_y) {
-  using C = V4<N, kInt8, T_>;
-  constexpr int T = C::T, CH = C::CH;
+// Writes the chunk's y (fp16 or fp32) from the channels' padded rows. vec: D % PB == 0 and y 16-byte aligned;
+// one piece of PB channels of one t per item.
+template <class C>
+__device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned char* sIn, int b, int t0, int nt,
+                                       int d0, bool vec) {
+  constexpr int T = C::T, PB = C::PB, PPR = C::CPB / PB;
+  const int D = a.dim;
+  auto at = [&](int w, int t) {
+    return reinterpret_cast<const float*>(sIn + w * C::CH_BYTES)[(t / T) * C::LS + t % T];
+  };
+  if (vec) {
+    for (int it = threadIdx.x; it < nt * PPR; it += C::THREADS) {
+      const int t = it / PPR, p = it % PPR;
+      if (d0 + p * PB >= D) continue;
+      float v[PB];
+#pragma unroll
+      for (int w = 0; w < PB; ++w) v[w] = at(p * PB + w, t);
+      const int64_t e = (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + p * PB;
+      if (a.y_dtype == QM_DTYPE_FLOAT16) {
+        __half2 hv[PB / 2];
+#pragma unroll
+        for (int w = 0; w < PB / 2; ++w) hv[w] = __floats2half2_rn(v[2 * w], v[2 * w + 1]);
+        if constexpr (PB == 8)
+          *reinterpret_cast<int4*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int4*>(hv);
+        else
+          *reinterpret_cast<int2*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int2*>(hv);
+      } else {
+#pragma unroll
+        for (int w = 0; w < PB; w += 4)
+          *reinterpret_cast<float4*>(static_cast<float*>(a.y) + e + w) = make_float4(v[w], v[w + 1], v[w + 2], v[w + 3]);
+      }
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < nt * C::CPB; i += C::THREADS) {  // element by element
+    const int t = i / C::CPB, w = i % C::CPB;
+    if (d0 + w >= D) continue;
+    const int64_t e = (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + w;
+    if (a.y_dtype == QM_DTYPE_FLOAT16)
+      static_cast<__half*>(a.y)[e] = __float2half_rn(at(w, t));
+    else
+      static_cast<float*>(a.y)[e] = at(w, t);
+  }
+}
+
+template <int N, bool kInt8, class C>
+__global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel(qm_scan_args a, bool vec_bc,
+                                                                                bool vec_ch, bool vec_y) {
+  constexpr int T = C::T, CH = C::CH, LPC = C::LPC;
   extern __shared__ __align__(16) unsigned char smem[];
   float* sB = reinterpret_cast<float*>(smem);
   float* sC = sB + N * C::ROW;
   unsigned char* sIn = reinterpret_cast<unsigned char*>(sC + N * C::ROW);
-  float* sA2 = reinterpret_cast<float*>(sIn + kWarps * C::WARP_BYTES);  // [W][N] A * log2 e
-  float* sCarry = sA2 + kWarps * N;                                     // [W][N] state entering the chunk
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * kWarps, d = d0 + warp;
-  const bool active = d < D;
-  for (int i = threadIdx.x; i < kWarps * N; i += blockDim.x) {
+  float* sA2 = reinterpret_cast<float*>(sIn + C::CPB * C::CH_BYTES);  // [CPB][N] A * log2 e
+  float* sCarry = sA2 + C::CPB * N;                                     // [CPB][N] state entering the chunk
+  const int lane = threadIdx.x % 32, s = lane % LPC, ch = threadIdx.x / LPC;  // segment, channel in the block
+  const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
+  const bool active = d < D;  // inactive channels (beyond D) run identity maps: their warp-mates need the shuffles
+  for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
     const int dd = d0 + i / N, n = i % N;
     sA2[i] = dd < D ? a.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
     sCarry[i] = (dd < D && a.initial_state) ? a.initial_state[(static_cast<int64_t>(b) * D + dd) * N + n] : 0.f;
   }
   const float dskip = (active && a.Dskip) ? a.Dskip[d] : 0.f;
   const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
-  unsigned char* mine = sIn + warp * C::WARP_BYTES;
+  unsigned char* mine = sIn + ch * C::CH_BYTES;
+  const int tb = s * T;
 
   for (int t0 = 0; t0 < L; t0 += CH) {
-    const int nt = min(CH, L - t0);
+    const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
-    stage_bc<N, kInt8, T_>(a, sB, sC, b, t0, nt, vec_bc);
-    stage_channels<N, kInt8, T_>(a, sIn, b, t0, nt, d0, vec_ch);
+    stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
+    stage_channels<N, kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
     __syncthreads();
-    if (active) {  // warp-uniform
-      const int tb = lane * T;
-      float delta[T], dlu[T], y[T];
-      float sumdelta = 0.f;
-      {
-        int8_t uq[T], dq[T];
-        uint8_t mq[T];
-        float uf[T], df[T];
-        if constexpr (kInt8) {  // T consecutive bytes per array: one vector load each
-          load_vec<T>(uq, mine + tb);
-          load_vec<T>(dq, mine + CH + tb);
-          load_vec<T>(mq, mine + 3 * CH + tb);
-        } else {
-          load_vec<4 * T>(uf, mine + 4 * tb);
-          load_vec<4 * T>(df, mine + 4 * (CH + tb));
-        }
-#pragma unroll
-        for (int i = 0; i < T; ++i) {
-          const bool ok = tb + i < nt;  // beyond the sequence: delta = 0, u = 0 make the identity map
-          float u, x;
-          if constexpr (kInt8) {
-            u = static_cast<float>(uq[i]) * (mq[i] ? a.u_outlier_scale : a.u_scale);
-            x = static_cast<float>(dq[i]) * a.dt_scale + bias;
-          } else {
-            u = uf[i];
-            x = df[i] + bias;
-          }
-          u = ok ? u : 0.f;
-          delta[i] = ok ? softplus_fast(x) : 0.f;
-          dlu[i] = delta[i] * u;
-          y[i] = dskip * u;
-          sumdelta += delta[i];
-        }
+    float delta[T], dlu[T], y[T];
+    float sumdelta = 0.f;
+    {
+      int8_t uq[T], dq[T];
+      uint8_t mq[T];
+      float uf[T], df[T];
+      if constexpr (kInt8) {  // T consecutive bytes per array: one vector load each
+        load_vec<T>(uq, mine + tb);
+        load_vec<T>(dq, mine + CH + tb);
+        load_vec<T>(mq, mine + 3 * CH + tb);
+      } else {
+        load_vec<4 * T>(uf, mine + 4 * tb);
+        load_vec<4 * T>(df, mine + 4 * (CH + tb));
       }
+#pragma unroll
+      for (int i = 0; i < T; ++i) {
+        const bool ok = tb + i < ntl;  // beyond the sequence: delta = 0, u = 0 make the identity map
+        float u, x;
+        if constexpr (kInt8) {
+          u = static_cast<float>(uq[i]) * (mq[i] ? a.u_outlier_scale : a.u_scale);
+          x = static_cast<float>(dq[i]) * a.dt_scale + bias;
+        } else {
+          u = uf[i];
+          x = df[i] + bias;
+        }
+        u = ok ? u : 0.f;
+        delta[i] = ok ? softplus_fast(x) : 0.f;
+        dlu[i] = delta[i] * u;
+        y[i] = dskip * u;
+        sumdelta += delta[i];
+      }
+    }
 #pragma unroll 1
-      for (int n0 = 0; n0 < N; n0 += NI) {
-        float dA[NI][T], dBu[NI][T], pa[NI], pb[NI], carry[NI];
+    for (int n = 0; n < N; ++n) {
+      float dA[T], dBu[T];
+      const float A2 = sA2[ch * N + n];
+      const float* brow = sB + n * C::ROW + s * C::LS;
 #pragma unroll
-        for (int k = 0; k < NI; ++k) {
-          const float A2 = sA2[warp * N + n0 + k];
-          const float* brow = sB + (n0 + k) * C::ROW + lane * C::LS;
+      for (int i = 0; i < T; i += 4) {
+        const float4 bv = *reinterpret_cast<const float4*>(brow + i);
+        const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
-          for (int i = 0; i < T; i += 4) {
-            const float4 bv = *reinterpret_cast<const float4*>(brow + i);
-            const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              dA[k][i + j] = ex2(delta[i + j] * A2);
-              dBu[k][i + j] = dlu[i + j] * bb[j];
-            }
-          }
-          // this lane's segment as an affine map h -> pa*h + pb
-          pa[k] = ex2(sumdelta * A2);
-          pb[k] = 0.f;
-#pragma unroll
-          for (int i = 0; i < T; ++i) pb[k] = __fmaf_rn(dA[k][i], pb[k], dBu[k][i]);
-          carry[k] = sCarry[warp * N + n0 + k];
+        for (int j = 0; j < 4; ++j) {
+          dA[i + j] = ex2(delta[i + j] * A2);
+          dBu[i + j] = dlu[i + j] * bb[j];
         }
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {  // inclusive scan of the maps over lanes (no divergence:
-#pragma unroll                                   //  lanes below off compose with the identity)
-          for (int k = 0; k < NI; ++k) {
-            float qa = __shfl_up_sync(0xffffffffu, pa[k], off), qb = __shfl_up_sync(0xffffffffu, pb[k], off);
-            qa = lane >= off ? qa : 1.f;
-            qb = lane >= off ? qb : 0.f;
-            pb[k] = __fmaf_rn(pa[k], qb, pb[k]);
-            pa[k] *= qa;
-          }
-        }
-        float h[NI];
-#pragma unroll
-        for (int k = 0; k < NI; ++k) {
-          const float ea = __shfl_up_sync(0xffffffffu, pa[k], 1), eb = __shfl_up_sync(0xffffffffu, pb[k], 1);
-          const float la = __shfl_sync(0xffffffffu, pa[k], 31), lb = __shfl_sync(0xffffffffu, pb[k], 31);
-          h[k] = lane == 0 ? carry[k] : __fmaf_rn(ea, carry[k], eb);
-          carry[k] = __fmaf_rn(la, carry[k], lb);  // the state after this chunk, the same in every lane
-        }
-#pragma unroll
-        for (int k = 0; k < NI; ++k) {
-          const float* crow = sC + (n0 + k) * C::ROW + lane * C::LS;
-#pragma unroll
-          for (int i = 0; i < T; i += 4) {
-            const float4 cv = *reinterpret_cast<const float4*>(crow + i);
-            const float cc[4] = {cv.x, cv.y, cv.z, cv.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              h[k] = __fmaf_rn(dA[k][i + j], h[k], dBu[k][i + j]);
-              y[i + j] = __fmaf_rn(h[k], cc[j], y[i + j]);
-            }
-          }
-        }
-        __syncwarp();  // every lane has read the carries
-        if (lane == 0)
-#pragma unroll
-          for (int k = 0; k < NI; ++k) sCarry[warp * N + n0 + k] = carry[k];
       }
-      if (a.z) {
-        float g[T];
+      // this lane's segment as an affine map h -> pa*h + pb
+      float pa = ex2(sumdelta * A2), pb = dBu[0];
 #pragma unroll
-        for (int i = 0; i < T; ++i) {
-          const int t = tb + i;
-          const float zv = t < nt ? (kInt8 ? static_cast<float>(reinterpret_cast<const int8_t*>(mine)[2 * CH + t]) *
-                                                 a.z_scale
-                                           : reinterpret_cast<const float*>(mine)[2 * CH + t])
-                                  : 0.f;
-          g[i] = silu_fast(zv);
+      for (int i = 1; i < T; ++i) pb = __fmaf_rn(dA[i], pb, dBu[i]);
+      float carry = sCarry[ch * N + n];
+#pragma unroll
+      for (int off = 1; off < LPC; off <<= 1) scan_level<LPC>(pa, pb, off);  // inclusive scan of the maps
+      const float ea = __shfl_up_sync(0xffffffffu, pa, 1, LPC), eb = __shfl_up_sync(0xffffffffu, pb, 1, LPC);
+      const float la = __shfl_sync(0xffffffffu, pa, LPC - 1, LPC), lb = __shfl_sync(0xffffffffu, pb, LPC - 1, LPC);
+      float h = s == 0 ? carry : __fmaf_rn(ea, carry, eb);
+      carry = __fmaf_rn(la, carry, lb);  // the state after this chunk, the same in every lane of the channel
+      const float* crow = sC + n * C::ROW + s * C::LS;
+#pragma unroll
+      for (int i = 0; i < T; i += 4) {
+        const float4 cv = *reinterpret_cast<const float4*>(crow + i);
+        const float cc[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          h = __fmaf_rn(dA[i + j], h, dBu[i + j]);
+          y[i + j] = __fmaf_rn(h, cc[j], y[i + j]);
         }
-        __syncwarp();  // z is read before y overwrites the region
-#pragma unroll
-        for (int i = 0; i < T; ++i) y[i] *= g[i];
       }
-      __syncwarp();
-      float* sy = reinterpret_cast<float*>(mine);
-#pragma unroll
-      for (int i = 0; i < T; ++i) sy[tb + i] = y[i];
+      __syncwarp();  // every lane has read the carry
+      if (s == 0) sCarry[ch * N + n] = carry;
     }
+    if (a.z) {
+      float zf[T];
+      if constexpr (kInt8) {
+        int8_t zq[T];
+        load_vec<T>(zq, mine + 2 * CH + tb);
+#pragma unroll
+        for (int i = 0; i < T; ++i) zf[i] = static_cast<float>(zq[i]) * a.z_scale;
+      } else {
+        load_vec<4 * T>(zf, mine + 4 * (2 * CH + tb));
+      }
+#pragma unroll
+      for (int i = 0; i < T; ++i) y[i] *= silu_fast(tb + i < ntl ? zf[i] : 0.f);
+    }
+    __syncwarp();  // the channel's inputs are read before its y overwrites the region
+    float* sy = reinterpret_cast<float*>(mine) + s * C::LS;
+#pragma unroll
+    for (int i = 0; i < T; i += 4) *reinterpret_cast<float4*>(sy + i) = make_float4(y[i], y[i + 1], y[i + 2], y[i + 3]);
     __syncthreads();
-    if (vec_y) {  // one row (W channels of one t) per thread: 16 (fp16) or 2 x 16 (fp32) bytes
-      for (int t = threadIdx.x; t < nt; t += blockDim.x) {
-        float v[kWarps];
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) v[w] = reinterpret_cast<const float*>(sIn + w * C::WARP_BYTES)[t];
-        const int64_t e = (static_cast<int64_t>(b) * L + t0 + t) * D + d0;
-        if (a.y_dtype == QM_DTYPE_FLOAT16) {
-          __half2 hv[kWarps / 2];
-#pragma unroll
-          for (int w = 0; w < kWarps / 2; ++w) hv[w] = __floats2half2_rn(v[2 * w], v[2 * w + 1]);
-          *reinterpret_cast<int4*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int4*>(hv);
-        } else {
-          reinterpret_cast<float4*>(static_cast<float*>(a.y) + e)[0] = make_float4(v[0], v[1], v[2], v[3]);
-          reinterpret_cast<float4*>(static_cast<float*>(a.y) + e)[1] = make_float4(v[4], v[5], v[6], v[7]);
-        }
-      }
-    } else {
-      for (int i = threadIdx.x; i < nt * kWarps; i += blockDim.x) {  // element by element
-        const int t = i / kWarps, w = i % kWarps;
-        if (d0 + w >= D) continue;
-        const float v = reinterpret_cast<const float*>(sIn + w * C::WARP_BYTES)[t];
-        const int64_t e = (static_cast<int64_t>(b) * L + t0 + t) * D + d0 + w;
-        if (a.y_dtype == QM_DTYPE_FLOAT16)
-          static_cast<__half*>(a.y)[e] = __float2half_rn(v);
-        else
-          static_cast<float*>(a.y)[e] = v;
-      }
-    }
+    write_y<C>(a, sIn, b, t0, nt, d0, vec_y);
   }
   __syncthreads();
   if (a.final_state)
-    for (int i = threadIdx.x; i < kWarps * N; i += blockDim.x) {
+    for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
       const int dd = d0 + i / N;
       if (dd < D) a.final_state[(static_cast<int64_t>(b) * D + dd) * N + i % N] = sCarry[i];
     }
 }
+
 
 // Decode (L = 1): G = N/4 threads per (b, d), each owning 4 consecutive states, so state reads and writes
 // are coalesced 16-byte accesses; y is reduced over the G threads with shuffles. In place is safe: every
@@ -494,39 +515,39 @@ int validate(const qm_scan_args* a, const char* fn) {
   return QM_OK;
 }
 
-template <int N, bool kInt8, int T_ = v4_default_steps<N, kInt8>(), int NI = v4_default_interleave<N, kInt8>()>
-int launch_v4(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
-  using C = V4<N, kInt8, T_>;
+template <int N, bool kInt8, class C>
+int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
-  cudaError_t e = cudaFuncSetAttribute(scan_v4_kernel<N, kInt8, T_, NI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t e = cudaFuncSetAttribute(scan_chunked_kernel<N, kInt8, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(C::SMEM));
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(scan_v4_kernel<N, kInt8, T_, NI>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    e = cudaFuncSetAttribute(scan_chunked_kernel<N, kInt8, C>, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return qm::fail_cuda("cudaFuncSetAttribute(scan shared memory)", e);
-  dim3 grid(static_cast<unsigned>((a->dim + kWarps - 1) / kWarps), static_cast<unsigned>(a->batch));
+  dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
   auto aligned = [](const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
   const bool vec_bc = aligned(a->B, 16) && aligned(a->C, 16) && (static_cast<int64_t>(a->seqlen) * N) % 16 == 0;
-  const bool vec_ch = a->dim % kWarps == 0 && aligned(a->u, 8) && aligned(a->dt, 8) && (!a->z || aligned(a->z, 8)) &&
-                      (!a->dual_scale || aligned(a->u_mask, 8));
-  const bool vec_y = a->dim % kWarps == 0 && aligned(a->y, 16);
-  scan_v4_kernel<N, kInt8, T_, NI><<<grid, kWarps * 32, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
+  const bool vec_ch = a->dim % C::PB == 0 && aligned(a->u, C::PB) && aligned(a->dt, C::PB) &&
+                      (!a->z || aligned(a->z, C::PB)) && (!a->dual_scale || aligned(a->u_mask, C::PB));
+  const bool vec_y = a->dim % C::PB == 0 && aligned(a->y, 16);
+  scan_chunked_kernel<N, kInt8, C><<<grid, C::THREADS, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
 }
 
 template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
-  // int8, N = 16: T = 16 while the grid is small (latency hidden by longer per-lane chains), T = 8 (3 blocks
-  // per SM instead of 2) when there are many blocks; measured on the H100, trt_plugins/bench/NOTES.md
-  const int64_t blocks = static_cast<int64_t>((a->dim + kWarps - 1) / kWarps) * a->batch;
+  // int8, N = 16 (the Mamba models): up to 2048 channels (B*D) one warp per channel with 16 steps per lane keeps
+  // the most warps resident; above, two channels per warp with 8 steps per lane spends fewer instructions per
+  // element (4 scan levels, B/C staging shared by 16 channels). Measured on H200/H100: trt_plugins/bench/NOTES.md.
+  const int64_t channels = static_cast<int64_t>(a->dim) * a->batch;
   switch (a->dstate) {
-    case 8: return launch_v4<8, kInt8>(a, stream, fn);
+    case 8: return launch_chunked<8, kInt8, ScanCfg<8, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 16:
-      if (kInt8 && blocks > 1024) return launch_v4<16, kInt8, 8>(a, stream, fn);
-      return launch_v4<16, kInt8>(a, stream, fn);
-    case 32: return launch_v4<32, kInt8>(a, stream, fn);
-    default: return launch_v4<64, kInt8>(a, stream, fn);
+      if (kInt8 && channels > 2048) return launch_chunked<16, kInt8, ScanCfg<16, kInt8, 8, 16, 8>>(a, stream, fn);
+      return launch_chunked<16, kInt8, ScanCfg<16, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
+    case 32: return launch_chunked<32, kInt8, ScanCfg<32, kInt8, 8, 32, 8>>(a, stream, fn);
+    default: return launch_chunked<64, kInt8, ScanCfg<64, kInt8, 4, 32, 8>>(a, stream, fn);
   }
 }
 

@@ -181,7 +181,7 @@ def test_conv_generic_shapes_bit_exact(k, d, kk):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [8, 16, 32, 64])
-# D not a multiple of 8; several chunks; B*D/8 > 1024 blocks (the int8 N = 16 kernel switches to 8 steps per lane)
+# D not a multiple of 8; several chunks; B*D > 2048 (the int8 N = 16 kernel switches to two channels per warp)
 @pytest.mark.parametrize(("d", "l"), [(100, 37), (4096, 37), (20, 300), (4096, 600)])
 def test_scan_state_sizes(k, n, d, l):
     ins, h0, scales = _scan_inputs(3, l, d, n, n + d + l, True)
@@ -218,8 +218,10 @@ def _scan_inputs(b, l, d, n, seed, dual):
 
 @needs_gpu
 @pytest.mark.gpu
+# B*D > 2048 takes the two-channels-per-warp configuration: (3, 300, 1000) ends in a half-empty block with vector
+# loads, (3, 37, 1001) has no vector path at all
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
-                                           (1, 8192, 128)])
+                                           (1, 8192, 128), (3, 300, 1000), (3, 37, 1001)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)

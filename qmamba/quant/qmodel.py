@@ -106,6 +106,11 @@ def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm
     return ops.scan(u, dt, bm, cm, z, lyr, state)
 
 
+def _final_norm(ops, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The float32 RMSNorm in front of the logits (norm_f)."""
+    return rmsnorm(residual, w, eps)
+
+
 def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
@@ -151,6 +156,7 @@ class IntOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    final_norm = _final_norm
     logits = _logits
 
 
@@ -229,6 +235,7 @@ class SimOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    final_norm = _final_norm
     logits = _logits
 
 
@@ -268,7 +275,7 @@ class QuantMambaLM:
         for i, lyr in enumerate(self.layers):
             residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])
             new_states.append(st)
-        hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
+        hf = ops.final_norm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
         trace.record("norm_f", hf)
         logits = ops.logits(hf, self.embedding)
         trace.record("logits", logits)

@@ -41,7 +41,7 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 4  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 3  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -53,8 +53,6 @@ class LinearArgs(ctypes.Structure):
         ("residual", ctypes.c_void_p),
         ("norm_x", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
         ("norm_scale", ctypes.c_float),
-        ("grid_done", ctypes.c_void_p), ("next_w", ctypes.c_void_p), ("next_eps", ctypes.c_float),
-        ("next_scale", ctypes.c_float), ("next_out", ctypes.c_void_p),
     ]
 
 
@@ -217,14 +215,11 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 segments: list[tuple[int, float | None]], x_mask: torch.Tensor | None = None,
                 m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
                 acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
-                next_norm: tuple[torch.Tensor, float, float | None, torch.Tensor] | None = None) -> list[torch.Tensor]:
+                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
-    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). next_norm = (w, eps, scale, counter), GEMV with
-    `residual` only: the grid's last block also computes the RMSNorm of the finished output (int8 codes with
-    `scale`, float32 with None), appended to the returned list; counter: an int32 CUDA tensor of one zero."""
+    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k])."""
     lib = load_library()
     src = x_q if norm is None else norm[0]
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
@@ -239,20 +234,10 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         else:
             outs.append(torch.empty(*lead, width, dtype=torch.int8 if scale else torch.float32, device=src.device))
     nx, nw, neps, nscale = norm if norm is not None else (None, None, 0.0, 0.0)
-    xw, xeps, xscale, counter, xout = None, 0.0, 0.0, None, None
-    if next_norm is not None:
-        xw, xeps, xscale, counter = next_norm
-        if counter.dtype != torch.int32 or counter.numel() < 1 or not counter.is_cuda:
-            raise ValueError("int8_linear: next_norm's counter must be an int32 CUDA tensor holding 0")
-        xout = torch.empty(*lead, n, dtype=torch.int8 if xscale else torch.float32, device=src.device)
-        xscale = xscale or 0.0
     args = LinearArgs(_ptr(x_q), _ptr(x_mask), _ptr(w_q), _ptr(acc_in), _ptr(acc_out), _ptr(m_in), _ptr(m_out),
                       rows, kdim, n, len(segments), (ctypes.c_int * 3)(*ends, *[0] * (3 - len(ends))),
                       (ctypes.c_float * 3)(*scales, *[0.0] * (3 - len(scales))),
                       (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
-                      _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale, _ptr(counter), _ptr(xw), xeps, xscale,
-                      _ptr(xout))
+                      _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale)
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
-    if xout is not None:
-        outs.append(xout)
     return outs

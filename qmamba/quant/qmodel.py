@@ -106,11 +106,6 @@ def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm
     return ops.scan(u, dt, bm, cm, z, lyr, state)
 
 
-def _final_norm(ops, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """The float32 RMSNorm in front of the logits (norm_f)."""
-    return rmsnorm(residual, w, eps)
-
-
 def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
@@ -156,7 +151,6 @@ class IntOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
-    final_norm = _final_norm
     logits = _logits
 
 
@@ -235,7 +229,6 @@ class SimOps:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
-    final_norm = _final_norm
     logits = _logits
 
 
@@ -275,7 +268,7 @@ class QuantMambaLM:
         for i, lyr in enumerate(self.layers):
             residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])
             new_states.append(st)
-        hf = ops.final_norm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
+        hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
         trace.record("norm_f", hf)
         logits = ops.logits(hf, self.embedding)
         trace.record("logits", logits)

@@ -6,8 +6,7 @@ dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows,
 via `torch._int_mm` + the epilogue kernel). In decode, when no tracer asks for those stages, RMSNormQuant runs
 inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); the
 decode-path kernels use programmatic dependent launch; decode's logits read the int8 tied embedding directly
-(qm_tied_logits), and the RMSNorm after each out_proj (the next block's, or norm_f) runs in the last block of
-the out_proj GEMV. Other quantizers divide by a CUDA tensor (a CPU scalar divisor
+(qm_tied_logits). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
 float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).
@@ -34,31 +33,12 @@ class CudaOps(IntOps):
     """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
     in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers)."""
 
-    def __init__(self, device: torch.device, in_place_states: bool = False, model: QuantMambaLM | None = None) -> None:
+    def __init__(self, device: torch.device, in_place_states: bool = False) -> None:
         self.device = device
         self.in_place = in_place_states
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
-        # decode: the norm that follows each out_proj (the next block's RMSNormQuant, or norm_f after the last
-        # block) runs in the out_proj GEMV's last block; the next norm_quant / norm_linear_quant / final_norm call
-        # on that residual takes the result (_pending) instead of computing it again
-        self._next_norm: dict[int, tuple[torch.Tensor, float, float | None]] = {}
-        self._pending: tuple | None = None
-        self._grid_done = torch.zeros(1, dtype=torch.int32, device=device)  # the GEMV's last-block counter
-        if model is not None and model.layers:
-            eps = model.cfg.rms_norm_eps
-            for lyr, nxt in zip(model.layers, model.layers[1:], strict=False):  # pairs: one shorter
-                if "norm" in nxt.scales:
-                    self._next_norm[id(lyr.out_proj)] = (nxt.norm_weight, eps, nxt.scales["norm"])
-            self._next_norm[id(model.layers[-1].out_proj)] = (model.norm_f_weight, eps, None)
-
-    def _take_pending(self, residual: torch.Tensor, w: torch.Tensor, eps: float, s: float | None):
-        """The norm of `residual` computed behind the out_proj that produced it, if it is this norm."""
-        p, self._pending = self._pending, None
-        if p is not None and p[0] is residual and p[1] == residual._version and p[2] is w and p[3:5] == (eps, s):
-            return p[5]
-        return None
 
     def _s(self, s: float) -> torch.Tensor:
         t = self._scales.get(s)
@@ -71,12 +51,7 @@ class CudaOps(IntOps):
         return Act(q.clamp_(QMIN, QMAX).to(torch.int8), s)
 
     def norm_quant(self, r: torch.Tensor, w: torch.Tensor, eps: float, s: float) -> Act:
-        codes = self._take_pending(r, w, eps, s)
-        return Act(codes if codes is not None else k.rms_norm_quant(r.float().contiguous(), w, eps, s), s)
-
-    def final_norm(self, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        hf = self._take_pending(residual, w, eps, None)
-        return hf if hf is not None else super().final_norm(residual, w, eps)
+        return Act(k.rms_norm_quant(r.float().contiguous(), w, eps, s), s)
 
     def _multiplier(self, in_scale: float, lin: QLinear) -> torch.Tensor:
         key = (id(lin), in_scale)
@@ -86,24 +61,13 @@ class CudaOps(IntOps):
         return m
 
     def _linear(self, a: Act, lin: QLinear, segments: list[tuple[int, float | None]],
-                residual: torch.Tensor | None = None, fuse_next_norm: bool = False) -> list[torch.Tensor]:
-        """One W8A8 linear: GEMV + epilogue for <= 4 rows (decode), else cuBLASLt int8 GEMM + epilogue kernel.
-        fuse_next_norm (residual output): on the GEMV path, the norm that follows `lin` is computed behind it."""
+                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One W8A8 linear: GEMV + epilogue for <= 16 rows (decode), else cuBLASLt int8 GEMM + epilogue kernel."""
         x = a.value.contiguous()
         rows = x.numel() // x.shape[-1]
         m_out = None if a.mask is None else self._multiplier(a.outlier_scale, lin)
         acc_in = acc_out = None
-        gemv = rows <= k.GEMV_MAX_ROWS and x.shape[-1] % 16 == 0
-        nxt = self._next_norm.get(id(lin)) if fuse_next_norm and gemv else None
-        if fuse_next_norm:
-            self._pending = None
-        if nxt is not None:
-            out, normed = k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
-                                        None if a.mask is None else a.mask.contiguous(), m_out, residual=residual,
-                                        next_norm=(*nxt, self._grid_done))
-            self._pending = (out, out._version, *nxt, normed)
-            return [out]
-        if not gemv:
+        if rows > k.GEMV_MAX_ROWS or x.shape[-1] % 16:
             x2 = x.reshape(rows, -1)
             if a.mask is None:
                 acc_in = self._int_mm(x2, lin)
@@ -129,7 +93,7 @@ class CudaOps(IntOps):
     def linear_add(self, a: Act, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
         """residual += linear(a) inside the linear's epilogue (the block owns its residual tensor)."""
         residual = residual.contiguous()
-        return self._linear(a, lin, [(lin.weight_q.shape[0], None)], residual=residual, fuse_next_norm=True)[0]
+        return self._linear(a, lin, [(lin.weight_q.shape[0], None)], residual=residual)[0]
 
     def linear_quant(self, a: Act, lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
         outs = self._linear(a, lin, segments)
@@ -138,9 +102,6 @@ class CudaOps(IntOps):
     def norm_linear_quant(self, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, s_norm: float,
                           lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
         """Decode (rows <= GEMV_MAX_ROWS): the GEMV computes RMSNormQuant itself, one kernel instead of two."""
-        codes = self._take_pending(residual, norm_w, eps, s_norm)
-        if codes is not None:  # normalized behind the previous out_proj: a plain GEMV
-            return self.linear_quant(Act(codes, s_norm), lin, segments)
         r = residual.float().contiguous()
         kdim = r.shape[-1]
         if r.numel() // kdim > k.GEMV_MAX_ROWS or kdim % 16 or kdim > 8192:
@@ -213,8 +174,8 @@ class CudaQuantModel:
         k.load_library()
         self.model = model.to(self.device)
         self.cfg = model.cfg
-        self.ops = CudaOps(self.device, model=self.model)
-        self.in_place_ops = CudaOps(self.device, in_place_states=True, model=self.model)
+        self.ops = CudaOps(self.device)
+        self.in_place_ops = CudaOps(self.device, in_place_states=True)
 
     def __call__(self, ids: torch.Tensor, states: list[LayerState] | None = None, in_place: bool = False):
         """in_place: write the new states into `states` (the decode graphs) instead of new tensors."""

@@ -47,55 +47,29 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
-// RMSNormQuant (spec 4.1) of `rows` rows of width k by the block's 256 threads: int8 codes into dst (scale > 0),
-// or the float32 RMSNorm (scale == 0). kL2: read src through L2 only (rows other blocks of this grid just wrote;
-// this block's L1 may hold stale lines of them).
-template <bool kL2>
-__device__ void norm_rows(const float* src, int rows, int k, const float* w, float eps, float scale, void* dst) {
+// RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
+// against a separate kernel launch and its round trip through memory).
+template <int R>
+__device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
-  __shared__ float rr;
+  __shared__ float rr[R];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto at = [&](const float* p) { return kL2 ? __ldcg(p) : *p; };
-  for (int r = 0; r < rows; ++r) {
-    const float* row = src + static_cast<int64_t>(r) * k;
+  for (int r = 0; r < R && r < a.rows; ++r) {
+    const float* row = a.norm_x + static_cast<int64_t>(r) * a.k;
     double acc = 0.0;
-    for (int i = threadIdx.x; i < k; i += 256) {
-      const float v = at(row + i);
-      acc += static_cast<double>(__fmul_rn(v, v));
-    }
+    for (int i = threadIdx.x; i < a.k; i += 256) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) red[warp] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
       double sum = 0.0;
-      for (int i = 0; i < 8; ++i) sum += red[i];
-      rr = qm::rms_reciprocal(sum, k, eps);
+      for (int w = 0; w < 8; ++w) sum += red[w];
+      rr[r] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
     }
     __syncthreads();
-    const int64_t o = static_cast<int64_t>(r) * k;
-    for (int i = threadIdx.x; i < k; i += 256) {
-      if (scale > 0.f)
-        static_cast<int8_t*>(dst)[o + i] = qm::rms_code(at(row + i), rr, w[i], scale);
-      else
-        static_cast<float*>(dst)[o + i] = __fmul_rn(__fmul_rn(at(row + i), rr), w[i]);
-    }
-    __syncthreads();  // red and rr are rewritten by the next row
+    for (int i = threadIdx.x; i < a.k; i += 256) xs[r * a.k + i] = qm::rms_code(row[i], rr[r], a.norm_w[i], a.norm_scale);
   }
-}
-
-// The GEMV's fused tail (next_out): every block counts itself done; the last one normalizes the finished rows.
-// The classic last-block pattern: each thread fences its stores before the block's count, the last block fences
-// before reading. It resets the counter, so every launch (and graph replay) starts from 0.
-__device__ void next_norm_tail(const qm_linear_args& a, const float* out) {
-  __shared__ int last;
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.grid_done, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  norm_rows<true>(out, a.rows, a.n, a.next_w, a.next_eps, a.next_scale, a.next_out);
-  if (threadIdx.x == 0) *a.grid_done = 0;
 }
 
 // Resident blocks per SM the one-row GEMV is compiled for (register cap 65536 / (256 x this)): a one-row decode
@@ -153,8 +127,8 @@ __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_ker
   prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S);
   qm::wait_for_inputs();
   qm::allow_dependents();
-  if (a.norm_x) {  // every block recomputes the norm: a row is a few KB read from L2, against a separate kernel
-    norm_rows<false>(a.norm_x, min(R, a.rows), a.k, a.norm_w, a.norm_eps, a.norm_scale, xs_norm);
+  if (a.norm_x) {
+    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
   for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count
@@ -201,7 +175,6 @@ __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_ker
     }
     if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
   }
-  if (a.next_out) next_norm_tail(a, static_cast<const float*>(sg.out[0]));
 }
 
 // Resident blocks per SM of the persistent GEMV, used for 2-4 rows: there the fused RMSNormQuant prologue of 4 rows
@@ -234,7 +207,6 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int threads = 256;
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
-    QM_CHECK_ARG(!a->next_out, "qm_int8_linear: next_out (a fused next RMSNorm) needs the GEMV, not acc_in");
     const int64_t total = static_cast<int64_t>(a->rows) * a->n;
     QM_CHECK_LAUNCHED(qm::launch(epilogue_kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                  dim3(threads), 0, stream, *a, sg),
@@ -246,10 +218,6 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                          isfinite(a->norm_eps) && a->norm_eps > 0.f && a->k <= 8192),
                "qm_int8_linear: a fused RMSNormQuant needs the GEMV (no acc_in), no x_mask, norm_w, a positive "
                "finite norm_scale and norm_eps, and k <= 8192 (k=%d)", a->k);
-  QM_CHECK_ARG(!a->next_out || (a->residual && a->grid_done && a->next_w && isfinite(a->next_eps) &&
-                                 a->next_eps > 0.f && (a->next_scale == 0.f || QM_VALID_SCALE(a->next_scale))),
-               "qm_int8_linear: a fused next RMSNorm (next_out) needs the GEMV with a residual output, grid_done, "
-               "next_w, a positive finite next_eps and next_scale positive and finite (or 0: float output)");
   QM_CHECK_ARG((a->x || norm) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);

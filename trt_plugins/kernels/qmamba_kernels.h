@@ -31,7 +31,7 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 4 (3: qm_tied_logits; 4: qm_linear_args.next_*) */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 3 (3: qm_tied_logits) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -107,14 +107,6 @@ typedef struct {
   const float* norm_x;
   const float* norm_w;
   float norm_eps, norm_scale;
-  /* Optional, GEMV with a residual output only (ABI 4): the RMSNorm of the finished output fused behind. When
-   * next_out is non-NULL, the last block to finish (counted in *grid_done, an int that must be 0 and is left 0)
-   * computes next_out [rows, n] = RMSNormQuant(output, next_w [n], next_eps, next_scale) as int8 codes, or with
-   * next_scale == 0 the float32 RMSNorm (spec 4.1 without the quantizer). */
-  int* grid_done;
-  const float* next_w;
-  float next_eps, next_scale;
-  void* next_out;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

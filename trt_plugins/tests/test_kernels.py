@@ -371,44 +371,6 @@ def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
 
 @needs_gpu
 @pytest.mark.gpu
-# out_proj shapes (130m, 2.8b) and a grid of 2056 columns: 257 blocks count themselves done; 3 rows on 9000
-# columns take the persistent GEMV
-@pytest.mark.parametrize(("rows", "kdim", "ncols"), [(1, 1536, 768), (1, 5120, 2560), (3, 96, 2056), (3, 64, 9000)])
-@pytest.mark.parametrize("dual", [False, True])
-def test_int8_linear_with_fused_next_norm(k, rows, kdim, ncols, dual):
-    """out_proj + residual with the next RMSNorm in the grid's last block: int8 codes bit-identical to
-    RMSNormQuant of the finished residual, the float norm (norm_f) equal to the spec's, the counter back at 0."""
-    from qmamba.ops.specmath import rmsnorm, scale_product
-
-    g = _g(rows + kdim + ncols + dual)
-    x = torch.randint(-128, 128, (rows, kdim), dtype=torch.int8, generator=g, device="cuda")
-    mask = (torch.rand(rows, kdim, generator=g, device="cuda") < 0.05).to(torch.uint8) if dual else None
-    w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
-    ws = torch.rand(ncols, generator=g, device="cuda") * 0.01 + 1e-3
-    m_in = scale_product(0.02, ws.cpu()).cuda()
-    m_out = scale_product(0.3, ws.cpu()).cuda() if dual else None
-    nw = torch.rand(ncols, generator=g, device="cuda") + 0.5
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    for s_next in (0.05, None, 0.05):  # twice with codes: the counter must have been reset by the launch before
-        res = torch.randn(rows, ncols, generator=g, device="cuda") * 3
-        want = res.cpu() + ref.quant_linear(x.cpu(), w.cpu(), 0.02, ws.cpu(), None,
-                                            None if mask is None else mask.cpu(), 0.3 if dual else None)
-        out, normed = k.int8_linear(x, w, m_in, [(ncols, None)], mask, m_out, residual=res,
-                                    next_norm=(nw, 1e-5, s_next, counter))
-        assert torch.equal(out.cpu(), want)
-        if s_next is None:
-            assert normed.dtype == torch.float32 and torch.equal(normed.cpu(), rmsnorm(want, nw.cpu(), 1e-5))
-        else:
-            assert torch.equal(normed.cpu(), ref.rms_norm_quant(want, nw.cpu(), 1e-5, s_next))
-        assert counter.item() == 0
-    with pytest.raises(k.KernelError, match="next_out"):  # the GEMM path cannot fuse it: refused, not ignored
-        acc = torch._int_mm(torch.cat([x, x.new_zeros(17 - rows, kdim)]), w.t())[:rows].contiguous()
-        k.int8_linear(x, w, m_in, [(ncols, None)], residual=res, acc_in=acc, acc_out=acc,
-                      next_norm=(nw, 1e-5, 0.05, counter))
-
-
-@needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize(("b", "d", "rank"), [(1, 1536, 48), (3, 5120, 160), (2, 100, 7)])
 @pytest.mark.parametrize("n", [16, 64])
 def test_state_update_with_fused_dt_proj_equals_separate(k, b, d, rank, n):

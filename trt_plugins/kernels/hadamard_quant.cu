@@ -95,9 +95,38 @@ __device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv
   return fast_quant && qm::code_is_certain(r) ? qm::saturate_code(rintf(r)) : qm::quantize(hy, scale);
 }
 
+// Mixing task (column i, outputs 4g .. 4g + 3) of the [M, p] view: t holds column i's M values; each output sums
+// H_M[a, b] * t[b] left to right (the spec order), the entries of H_M from the constant bank at compile-time
+// indices (one FFMA per term; exact, the product is +-1 * t).
+template <int M, int G>
+__device__ __forceinline__ void mix_group(const float* t, int8_t* codes, int i, int p, float c, float scale,
+                                          float inv_scale, bool fast_quant) {
+  const float* hm = hadamard_table<M>();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    constexpr int kRow = 4 * G;
+    float acc = __fmul_rn(hm[(kRow + j) * M], t[0]);
+#pragma unroll
+    for (int b = 1; b < M; ++b) acc = __fmaf_rn(hm[(kRow + j) * M + b], t[b], acc);
+    codes[(kRow + j) * p + i] = quantize_fast(__fmul_rn(acc, c), scale, inv_scale, fast_quant);
+  }
+}
+
+// the group g (runtime, warp-uniform while p >= 32) as a compile-time constant
+template <int M, int G = 0>
+__device__ __forceinline__ void mix_dispatch(int g, const float* t, int8_t* codes, int i, int p, float c, float scale,
+                                             float inv_scale, bool fast_quant) {
+  if constexpr (G < M / 4) {
+    if (g == G)
+      mix_group<M, G>(t, codes, i, p, c, scale, inv_scale, fast_quant);
+    else
+      mix_dispatch<M, G + 1>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
+  }
+}
+
 // m = 20 (d_inner 5120): 640 threads x 56 registers let one block per SM run (31% occupancy, 42% of the cycles
 // stalled at block barriers, ncu 2026-11-25); a 48-register cap lets two blocks share each SM.
-template <typename T, int M>
+template <typename T, int M, bool kSplit>
 __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
                      float inv_scale, bool fast_quant) {
@@ -145,22 +174,28 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     }
     __syncthreads();
     shared_butterflies(row, d, lp, 8);  // h = 256 ... p / 2 (none when p <= 256)
-    if (M > 1) {
-      // mixing: one thread per column i of the [M, p] view reads its M values once and writes M codes; the
-      // entries of H_M come from the constant bank (compile-time indices), the codes go through shared memory
-      // so that the global stores stay 8 bytes wide
+    if constexpr (M > 1) {
+      // mixing, the codes through shared memory so that the global stores stay 8 bytes wide. kSplit (few rows,
+      // latency-bound): p * M / 4 tasks (column i, a group of 4 of its M outputs), 2 per thread of the d / 8, so
+      // every thread works. Else one column per thread (reads its M values once): with many rows the other
+      // resident block fills the idle threads' issue slots, and the split's extra reads cost more (NOTES.md).
+      static_assert(M % 4 == 0, "outputs come in groups of 4");
       int8_t* codes = reinterpret_cast<int8_t*>(row + d);
-      const float* hm = hadamard_table<M>();
-      for (int i = tid; i < p; i += blockDim.x) {
-        float t[M];
+      if constexpr (kSplit) {
+        for (int k = tid; k < p * (M / 4); k += blockDim.x) {
+          const int i = k & (p - 1), g = k >> lp;
+          float t[M];
 #pragma unroll
-        for (int b = 0; b < M; ++b) t[b] = row[b * p + i];
+          for (int b = 0; b < M; ++b) t[b] = row[b * p + i];
+          mix_dispatch<M>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
+        }
+      } else {
+        for (int i = tid; i < p; i += blockDim.x) {
+          float t[M];
 #pragma unroll
-        for (int a = 0; a < M; ++a) {
-          float acc = __fmul_rn(hm[a * M], t[0]);
+          for (int b = 0; b < M; ++b) t[b] = row[b * p + i];
 #pragma unroll
-          for (int b = 1; b < M; ++b) acc = __fmaf_rn(hm[a * M + b], t[b], acc);  // exact product: FMA == add
-          codes[a * p + i] = quantize_fast(__fmul_rn(acc, c), scale, inv_scale, fast_quant);
+          for (int g = 0; g < M / 4; ++g) mix_dispatch<M>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
         }
       }
       __syncthreads();
@@ -184,13 +219,14 @@ int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, flo
                        bool fast_quant, cudaStream_t stream) {
   const int threads = ((dim / 8 + 31) / 32) * 32;
   const size_t smem = (M > 1 ? sizeof(float) + 1 : (dim > 256 ? sizeof(float) : 0)) * static_cast<size_t>(dim);
+  // fewer rows than SMs (decode): nothing else shares an SM with a row, so the mixing spreads over every thread
+  auto kernel = M > 1 && rows < qm::sm_count() ? hadamard8_kernel<T, M, true> : hadamard8_kernel<T, M, false>;
   if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(hadamard8_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
   }
-  QM_CHECK_LAUNCHED(qm::launch(hadamard8_kernel<T, M>, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream,
-                               x, y, dim, lp, c, scale, inv, fast_quant),
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream, x, y, dim, lp, c,
+                               scale, inv, fast_quant),
                     "qm_hadamard_quant launch");
   return QM_OK;
 }

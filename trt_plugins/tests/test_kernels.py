@@ -261,8 +261,9 @@ def test_float_scan_and_decode_update(k, n, d, l):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 2048, 12288])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_hadamard_quant_bit_exact(k, d, dtype):
-    y = (torch.randn(3, 41, d, device="cuda", generator=_g(d)) * 2).to(dtype)
+@pytest.mark.parametrize("rows", [(3, 41), (4, 100)])  # fewer rows than SMs (decode's split mixing), and more
+def test_hadamard_quant_bit_exact(k, d, dtype, rows):
+    y = (torch.randn(*rows, d, device="cuda", generator=_g(d)) * 2).to(dtype)
     got = k.hadamard_quant(y, 0.01)
     want = ref.hadamard_quant(y.float().cpu(), 0.01)
     assert torch.equal(got.cpu(), want)

@@ -48,15 +48,15 @@ __device__ __forceinline__ void load_vec(Tv* dst, const unsigned char* src) {
   }
 }
 
-// Prefill (v5, a generalization of v4): a single-pass chunked scan, parallel along time across a channel's lanes.
-// A block of W warps owns CPB = W * 32 / LPC channels of one batch row; each channel is served by LPC lanes (32, 16
-// or 8) of one warp and time is walked in chunks of CH = LPC * T steps staged in shared memory. Lane s of a channel owns
-// the T consecutive steps [s*T, s*T + T) of the chunk. For each state n the lane computes dA = exp2(delta*A*log2 e)
-// and dBu = delta*u*B once (kept in registers), composes them into its segment's affine map h -> P*h + S, a scan
-// over the channel's LPC maps (shuffles within the LPC-lane segment) gives each lane its starting state, and a
-// second pass over the registers produces h and y += h*C. The chunk's carry per n is the channel's total map
-// applied to the previous carry. One exp per (b, t, d, n), no global round trip, no __syncthreads inside the
-// recurrence. Fast float32 math: y feeds no quantizer directly (spec 4.4, "Exactness"), outputs are compared
+// Prefill (v5, a generalization of v4): a single-pass chunked scan, parallel along time across a channel's lanes. A
+// block of W warps owns CPB = W * 32 / LPC channels of one batch row; each channel is served by LPC lanes (32, 16 or
+// 8) of one warp and time is walked in chunks of CH = LPC * T steps staged in shared memory. Lane s of a channel
+// owns the T consecutive steps [s*T, s*T + T) of the chunk. For each state n the lane computes dA =
+// exp2(delta*A*log2 e) and dBu = delta*u*B once (kept in registers), composes them into its segment's affine map h
+// -> P*h + S, a scan over the channel's LPC maps (shuffles within the LPC-lane segment) gives each lane its starting
+// state, and a second pass over the registers produces h and y += h*C. The chunk's carry per n is the channel's
+// total map applied to the previous carry. One exp per (b, t, d, n), no global round trip, no __syncthreads inside
+// the recurrence. Fast float32 math: y feeds no quantizer directly (spec 4.4, "Exactness"), outputs are compared
 // with a tolerance. LPC, W and T trade parallelism against instructions per element: trt_plugins/bench/NOTES.md.
 template <int N, bool kInt8, int T_, int LPC_, int W_>
 struct ScanCfg {

@@ -163,7 +163,9 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
 }
 
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
-[[maybe_unused]] __device__ __forceinline__ uint8_t byte_of(uint16_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
+[[maybe_unused]] __device__ __forceinline__ uint8_t byte_of(uint16_t v, int w) {
+  return static_cast<uint8_t>(v >> (8 * w));
+}
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
@@ -262,7 +264,8 @@ __device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned ch
       } else {
 #pragma unroll
         for (int w = 0; w < PB; w += 4)
-          *reinterpret_cast<float4*>(static_cast<float*>(a.y) + e + w) = make_float4(v[w], v[w + 1], v[w + 2], v[w + 3]);
+          *reinterpret_cast<float4*>(static_cast<float*>(a.y) + e + w) =
+              make_float4(v[w], v[w + 1], v[w + 2], v[w + 3]);
       }
     }
     return;
@@ -395,7 +398,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
     __syncwarp();  // the channel's inputs are read before its y overwrites the region
     float* sy = reinterpret_cast<float*>(mine) + s * C::LS;
 #pragma unroll
-    for (int i = 0; i < T; i += 4) *reinterpret_cast<float4*>(sy + i) = make_float4(y[i], y[i + 1], y[i + 2], y[i + 3]);
+    for (int i = 0; i < T; i += 4)
+      *reinterpret_cast<float4*>(sy + i) = make_float4(y[i], y[i + 1], y[i + 2], y[i + 3]);
     __syncthreads();
     write_y<C>(a, sIn, b, t0, nt, d0, vec_y);
   }

@@ -59,17 +59,8 @@ __device__ __forceinline__ void conv_channel(const int8_t* __restrict__ x, const
                                              const float* __restrict__ ws, const float* __restrict__ bias,
                                              const int8_t* state, int b, int t, int d, int L, int D, int K,
                                              float in_scale, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
-  const int km1 = K - 1;
-  int acc = 0;
-  for (int k = 0; k < K; ++k) {
-    const int src = t + k - km1;  // time index into x; negative: from the conv state
-    int8_t v;
-    if (src >= 0)
-      v = x[(static_cast<int64_t>(b) * L + src) * D + d];
-    else
-      v = state ? state[(static_cast<int64_t>(b) * D + d) * km1 + (km1 + src)] : 0;
-    acc += static_cast<int>(v) * w[d * K + k];
-  }
+  int acc = 0;  // output t reads elements t .. t + K - 1 of concat(state, x)
+  for (int k = 0; k < K; ++k) acc += static_cast<int>(tap(x, state, b, t + k, d, L, D, K - 1)) * w[d * K + k];
   const float m = qm::scale_product(in_scale, ws[d]);
   finish(__fadd_rn(__fmul_rn(static_cast<float>(acc), m), bias[d]), q, u_out, mask_out);
 }

@@ -113,9 +113,6 @@ int main(int argc, char** argv) {
   run<8, 16, 4>(a, "16 lanes 4 warps T8");
   run<8, 8, 8>(a, "8 lanes T8");
   run<16, 8, 8>(a, "8 lanes T16");
-  run<16, 32, 6>(a, "6 warps T16");
-  run<8, 32, 6>(a, "6 warps T8");
-  run<8, 16, 6>(a, "16 lanes 6 warps T8");
-  run<16, 16, 6>(a, "16 lanes 6 warps T16");
+  // 6-warp blocks (commit cdf9db7) measured slower at every shape: NOTES.md
   return 0;
 }

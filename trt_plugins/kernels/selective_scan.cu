@@ -76,8 +76,8 @@ struct ScanCfg {
   static constexpr int CH_BYTES = (IN_BYTES > 4 * ROW ? IN_BYTES : 4 * ROW) + 16;
   static constexpr size_t SMEM = 2ull * N * ROW * 4 + CPB * CH_BYTES + 2ull * CPB * N * 4;
   static constexpr int MIN_BLOCKS = (T <= 8 ? 24 : 16) / W;  // resident warps per SM the registers are sized for
-  static constexpr int PB = CPB % 8 == 0 ? 8 : CPB % 4 == 0 ? 4 : 2;  // channels per vector piece
-  static_assert(CPB % 2 == 0, "channels per block come in pairs");
+  static constexpr int PB = CPB % 8 == 0 ? 8 : 4;  // channels per vector piece (staging, write-out)
+  static_assert(CPB % 4 == 0, "channels per block come in fours");
 };
 
 // One level of the scan over a channel's maps: lane s composes its map with the one of lane s - off. The
@@ -163,9 +163,6 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
 }
 
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
-[[maybe_unused]] __device__ __forceinline__ uint8_t byte_of(uint16_t v, int w) {
-  return static_cast<uint8_t>(v >> (8 * w));
-}
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
@@ -183,7 +180,7 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
   if constexpr (kInt8) {
     if (vec) {
       constexpr int PB = C::PB, PPR = C::CPB / PB;  // pieces per (array, t) row
-      using Piece = std::conditional_t<PB == 8, uint2, std::conditional_t<PB == 4, uint32_t, uint16_t>>;
+      using Piece = std::conditional_t<PB == 8, uint2, uint32_t>;
       constexpr int kItems = 4 * CH * PPR, kPer = (kItems + C::THREADS - 1) / C::THREADS, R = kPer < 8 ? kPer : 8;
       // an opaque copy of the thread index: keeps the compiler from hoisting every item's address out of the
       // chunk loop (16 live 64-bit addresses at 4 channels per block spilled)
@@ -255,12 +252,8 @@ __device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned ch
         for (int w = 0; w < PB / 2; ++w) hv[w] = __floats2half2_rn(v[2 * w], v[2 * w + 1]);
         if constexpr (PB == 8)
           *reinterpret_cast<int4*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int4*>(hv);
-        else if constexpr (PB == 4)
-          *reinterpret_cast<int2*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int2*>(hv);
         else
-          *reinterpret_cast<__half2*>(static_cast<__half*>(a.y) + e) = hv[0];
-      } else if constexpr (PB == 2) {
-        *reinterpret_cast<float2*>(static_cast<float*>(a.y) + e) = make_float2(v[0], v[1]);
+          *reinterpret_cast<int2*>(static_cast<__half*>(a.y) + e) = *reinterpret_cast<const int2*>(hv);
       } else {
 #pragma unroll
         for (int w = 0; w < PB; w += 4)

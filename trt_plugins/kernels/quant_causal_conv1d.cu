@@ -30,25 +30,50 @@ __device__ __forceinline__ void finish_exact(float v, float out_scale, float out
 }
 
 // Same result as finish_exact, cheaper: SiLU in float32 and the quotient by a reciprocal multiply; the float64
-// path runs only when a code is not certain (qm::code_is_certain; about 1e-4 of elements) or v is outside the range
-// where the error bound holds. For v > -16: exp2f (<= 2 ulp) of fl(-v log2 e) (argument error <= 23 * 2^-24)
-// gives e within 2^-19.4, __fdividef adds <= 2 ulp and the reciprocal multiply 1.5 ulp, so r is within 2^-18.8 of
-// the exact quotient: 3.5x inside code_is_certain's 2^-17. inv_* = fl(1 / scale), valid when fast is set.
+// path runs only when a code is not certain (qm::code_is_certain's rule; about 1e-4 of elements) or v is outside the
+// range where the error bound holds. For v > -16: ex2 (<= 2 ulp) of fl(-v log2 e) (argument error <= 23 * 2^-24)
+// gives e within 2^-19.4, rcp + multiply add <= 1.5 ulp (__fdividef's bound is 2) and the reciprocal multiply
+// 1.5 ulp, so r is within 2^-18.8 of the exact quotient: 3.5x inside the 2^-17 of the certainty rule.
+// inv_* = fl(1 / scale), valid when fast is set.
 struct ConvQuant {
   float out_scale, outlier_scale, inv_out, inv_outlier;
   bool dual, fast;
 };
 
+// x + kRound - kRound == rint(x) for |x| < 2^22 (round to nearest even by the FP32 adder), and the low byte of
+// x + kRound's bits is rint(x) mod 256. Rounding and the int8 code so stay off the conversion pipe (F2I, FRND run at
+// 16 per clock per SM, the adder at 128).
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23
+
+__device__ __forceinline__ float fast_ex2(float a) {  // MUFU.EX2 alone: results below 2^-126 flush to 0 (1 + e = 1)
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(a));
+  return e;
+}
+
+__device__ __forceinline__ float fast_rcp(float a) {  // MUFU.RCP alone (<= 1 ulp); a is in [1, 2^24) here
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+
 // The float32 path without branches: returns false where it could differ from the spec (not fast, v out of the
 // bound's range, or a code that is not certain); then finish_exact decides (finish, or the tile's conv_element).
 __device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
-  const float sv = __fdividef(v, __fadd_rn(1.f, exp2f(__fmul_rn(v, -1.44269504088896341f))));
-  const float r = __fmul_rn(sv, q.inv_out), r2 = __fmul_rn(sv, q.inv_outlier);
-  const float q_in = rintf(r);
-  const bool outlier = q.dual && (q_in < -128.f || q_in > 127.f);
-  u_out = qm::saturate_code(outlier ? rintf(r2) : q_in);
+  const float sv = __fmul_rn(v, fast_rcp(__fadd_rn(1.f, fast_ex2(__fmul_rn(v, -1.44269504088896341f)))));
+  const float r = __fmul_rn(sv, q.inv_out);
+  // rint(r) leaves [-128, 127] exactly when r >= 127.5 (ties to even: 128) or r < -128.5 (rint(-128.5) = -128)
+  const bool outlier = q.dual && (r >= 127.5f || r < -128.5f);
+  const float rs = outlier ? __fmul_rn(sv, q.inv_outlier) : r;  // the quotient whose code is stored
+  // rint(clamp(rs, -128, 127)) == clamp(rint(rs), -128, 127): rint is monotone and keeps the integer bounds
+  u_out = static_cast<int8_t>(__float_as_int(__fadd_rn(fminf(fmaxf(rs, -128.f), 127.f), kRound)));
   mask_out = outlier ? 1 : 0;
-  return q.fast && v > -16.f && v < 1e30f && qm::code_is_certain(r) && (!outlier || qm::code_is_certain(r2));
+  // certainty (qm::code_is_certain) of rs; rs's rint through kRound is garbage above 2^22, where |rs| > 1024 holds
+  const float a = fabsf(rs), rounded = __fsub_rn(__fadd_rn(rs, kRound), kRound);
+  const bool certain = a > 1024.f || 0.5f - fabsf(__fsub_rn(rs, rounded)) > __fmul_rn(a, 0x1p-17f);
+  // an outlier's code is certain only if r is not near the outlier thresholds (|r| < 129 there: the bound is 2^-11)
+  const bool split_certain = !outlier || fabsf(fabsf(__fadd_rn(r, 0.5f)) - 128.f) > 0x1p-9f;
+  return q.fast && v > -16.f && v < 1e30f && certain && split_certain;
 }
 
 __device__ __forceinline__ void finish(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
@@ -78,10 +103,27 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   if (mask) mask[e] = mo;
 }
 
-// Fast path (K = 4, D % 4 == 0): block = 256 threads x 4 channels x kTile tokens of one batch row. Each thread keeps
-// its channels' taps, multipliers and bias in registers and slides a window of char4 rows over its tokens, so
-// every input byte is loaded once per tile and every store is 4 bytes wide.
+// Fast path (K = 4, D % 4 == 0): block = 256 threads x 4 channels x kTile tokens of one batch row. A thread loads
+// its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per channel (byte i of channel j's
+// word stream = token row i), and takes each output's int32 sum as one dp4a of a 4-byte window of that stream with
+// the channel's 4 weight bytes (one int load: the weight row of a channel is its K taps).
 constexpr int kTile = 8, kTaps = 4;
+static_assert(kTaps == 4 && kTile == 8, "the byte transpose below is written for 4 taps and 8 tokens");
+
+// 4 rows of 4 bytes -> 4 columns: out[j] byte i = in[i] byte j (8 byte permutes)
+__device__ __forceinline__ void transpose4x4(const int (&in)[4], int (&out)[4]) {
+  const unsigned t0 = __byte_perm(in[0], in[1], 0x5140), t1 = __byte_perm(in[0], in[1], 0x7362);
+  const unsigned t2 = __byte_perm(in[2], in[3], 0x5140), t3 = __byte_perm(in[2], in[3], 0x7362);
+  out[0] = static_cast<int>(__byte_perm(t0, t2, 0x5410));
+  out[1] = static_cast<int>(__byte_perm(t0, t2, 0x7632));
+  out[2] = static_cast<int>(__byte_perm(t1, t3, 0x5410));
+  out[3] = static_cast<int>(__byte_perm(t1, t3, 0x7632));
+}
+
+__device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d) {
+  return static_cast<int>(static_cast<uint8_t>(a) | static_cast<uint8_t>(b) << 8 | static_cast<uint8_t>(c) << 16 |
+                          static_cast<uint32_t>(static_cast<uint8_t>(d)) << 24);
+}
 
 __global__ void __launch_bounds__(256) conv_tile_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
@@ -91,34 +133,36 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   const int d0 = (blockIdx.y * 256 + threadIdx.x) * 4;
   if (d0 >= D) return;
   const int8_t* xb = x + static_cast<int64_t>(b) * L * D + d0;
-  int wt[4][kTaps];  // weights first: they are constant, so they may load before the previous kernel is done
+  int wt[4];  // weights first: they are constant, so they may load before the previous kernel is done
   float m[4], bs[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int k = 0; k < kTaps; ++k) wt[j][k] = w[(d0 + j) * kTaps + k];
+    wt[j] = *reinterpret_cast<const int*>(w + (d0 + j) * kTaps);
     m[j] = qm::scale_product(in_scale, ws[d0 + j]);
     bs[j] = bias[d0 + j];
   }
   qm::wait_for_inputs();
   qm::allow_dependents();
-  char4 rows[kTaps - 1 + kTile];
+  int rows[12];  // token rows t0 - 3 .. t0 + 8 (the last is padding), byte j = channel d0 + j
 #pragma unroll
   for (int i = 0; i < kTaps - 1; ++i) {  // the K-1 tokens before the tile: x, the conv state, or zeros
     const int src = t0 - (kTaps - 1) + i;
     if (src >= 0) {
-      rows[i] = *reinterpret_cast<const char4*>(xb + static_cast<int64_t>(src) * D);
+      rows[i] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
     } else if (state) {
       const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
-      rows[i] = make_char4(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
+      rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
     } else {
-      rows[i] = make_char4(0, 0, 0, 0);
+      rows[i] = 0;
     }
   }
 #pragma unroll
   for (int i = 0; i < kTile; ++i)
-    rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const char4*>(xb + static_cast<int64_t>(t0 + i) * D)
-                                     : make_char4(0, 0, 0, 0);
+    rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const int*>(xb + static_cast<int64_t>(t0 + i) * D) : 0;
+  rows[11] = 0;
+  int cols[3][4];  // cols[g][j]: tokens 4g .. 4g + 3 of channel j
+#pragma unroll
+  for (int g = 0; g < 3; ++g) transpose4x4(*reinterpret_cast<const int(*)[4]>(&rows[4 * g]), cols[g]);
   int8_t* ub = u + static_cast<int64_t>(b) * L * D + d0;
   uint8_t* mb = mask ? mask + static_cast<int64_t>(b) * L * D + d0 : nullptr;
   unsigned pending = 0;  // bit 4 i + j: element (token t0 + i, channel d0 + j) needs the exact path
@@ -130,10 +174,10 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     uint8_t mo[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      int acc = 0;
-#pragma unroll
-      for (int k = 0; k < kTaps; ++k) acc += static_cast<int>((&rows[i + k].x)[j]) * wt[j][k];
-      const bool ok = finish_fast(__fadd_rn(__fmul_rn(static_cast<float>(acc), m[j]), bs[j]), q, uo[j], mo[j]);
+      const int window = i % 4 == 0 ? cols[i / 4][j] : __funnelshift_r(cols[i / 4][j], cols[i / 4 + 1][j], 8 * (i % 4));
+      // the sum (|acc| <= 2^16) added to kRound's bits is the float kRound + acc: fl(acc) without I2F
+      const float acc = __fsub_rn(__int_as_float(__dp4a(window, wt[j], __float_as_int(kRound))), kRound);
+      const bool ok = finish_fast(__fadd_rn(__fmul_rn(acc, m[j]), bs[j]), q, uo[j], mo[j]);
       pending |= ok ? 0u : 1u << (4 * i + j);
     }
     const int64_t e = static_cast<int64_t>(t0 + i) * D;
@@ -150,7 +194,7 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     for (int j = 0; j < 4; ++j) {
       int8_t* so = state_out + (static_cast<int64_t>(b) * D + d0 + j) * (kTaps - 1);
 #pragma unroll
-      for (int k = 0; k < kTaps - 1; ++k) so[k] = (&rows[k + 1].x)[j];  // the last K-1 of the K-1 + 1 tokens
+      for (int k = 0; k < kTaps - 1; ++k) so[k] = static_cast<int8_t>(cols[0][j] >> (8 * (k + 1)));  // tokens 1..3
     }
   }
 }
@@ -239,7 +283,8 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   auto aligned4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
   // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
   int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
-  if (kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(u) && (!mask || aligned4(mask))) {
+  if (kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(weight) && aligned4(u) &&
+      (!mask || aligned4(mask))) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
     QM_CHECK_LAUNCHED(qm::launch(conv_tile_kernel, grid, dim3(256), 0, stream, x, weight, weight_scale, bias, state_in,

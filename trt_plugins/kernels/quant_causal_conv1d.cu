@@ -30,11 +30,12 @@ __device__ __forceinline__ void finish_exact(float v, float out_scale, float out
 }
 
 // Same result as finish_exact, cheaper: SiLU in float32 and the quotient by a reciprocal multiply; the float64
-// path runs only when a code is not certain (qm::code_is_certain's rule; about 1e-4 of elements) or v is outside the
-// range where the error bound holds. For v > -16: ex2 (<= 2 ulp) of fl(-v log2 e) (argument error <= 23 * 2^-24)
-// gives e within 2^-19.4, rcp + multiply add <= 1.5 ulp (__fdividef's bound is 2) and the reciprocal multiply
-// 1.5 ulp, so r is within 2^-18.8 of the exact quotient: 3.5x inside the 2^-17 of the certainty rule.
-// inv_* = fl(1 / scale), valid when fast is set.
+// path runs only when a code is not certain (qm::code_is_certain's rule with a tolerance from the bound below;
+// about 2e-4 of elements) or v <= -16. Error of r against the spec's quotient (itself within 2^-23 of the real one),
+// relative: a = fl(-v fl(log2 e)) is within 2^-23.2 of -v log2 e; ex2 (<= 2 ulp, 2^-22) and rcp (1 ulp) by MUFU
+// alone, then 4 roundings (1 + e, v * rcp, inv = fl(1 / s), r * inv). For v > -16 (|a| < 23.1) e is within 2^-19
+// and r within 2^-18.7: the rule's 2^-17 is 3.2x that. For v >= 0 (a <= 0, e <= 1) e's absolute error is at most
+// 2^-22 + max(u e^-u) 2^-23.2 = 2^-21.8 against 1 + e >= 1, and r is within 2^-20.35: tolerance 2^-19, 2.5x.
 struct ConvQuant {
   float out_scale, outlier_scale, inv_out, inv_outlier;
   bool dual, fast;
@@ -57,23 +58,41 @@ __device__ __forceinline__ float fast_rcp(float a) {  // MUFU.RCP alone (<= 1 ul
   return r;
 }
 
-// The float32 path without branches: returns false where it could differ from the spec (not fast, v out of the
-// bound's range, or a code that is not certain); then finish_exact decides (finish, or the tile's conv_element).
-__device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
+// The float32 path without branches: the code's float bits (low byte = the int8 code), the outlier flag, and
+// whether both are certain (else the spec's float64 path decides: finish, or the tile's conv_element).
+template <bool kDual>
+__device__ __forceinline__ bool code_fast(float v, float inv_out, float inv_outlier, int& code_bits, bool& outlier) {
   const float sv = __fmul_rn(v, fast_rcp(__fadd_rn(1.f, fast_ex2(__fmul_rn(v, -1.44269504088896341f)))));
-  const float r = __fmul_rn(sv, q.inv_out);
-  // rint(r) leaves [-128, 127] exactly when r >= 127.5 (ties to even: 128) or r < -128.5 (rint(-128.5) = -128)
-  const bool outlier = q.dual && (r >= 127.5f || r < -128.5f);
-  const float rs = outlier ? __fmul_rn(sv, q.inv_outlier) : r;  // the quotient whose code is stored
+  const float r = __fmul_rn(sv, inv_out);
+  float rs = r;  // the quotient whose code is stored
+  float beyond = 0.f;  // dual: |r + 0.5| - 128, > 0 exactly when rint(r) leaves [-128, 127] (r >= 127.5 or r < -128.5)
+  outlier = false;
+  if (kDual) {  // at beyond == 0 (r = 127.5 or -128.5, ties to even: 128 / -128) the split is left to the exact path
+    beyond = __fsub_rn(fabsf(__fadd_rn(r, 0.5f)), 128.f);
+    outlier = beyond > 0.f;
+    rs = __fmul_rn(sv, outlier ? inv_outlier : inv_out);
+  }
   // rint(clamp(rs, -128, 127)) == clamp(rint(rs), -128, 127): rint is monotone and keeps the integer bounds
-  u_out = static_cast<int8_t>(__float_as_int(__fadd_rn(fminf(fmaxf(rs, -128.f), 127.f), kRound)));
+  const float c = fminf(fmaxf(rs, -128.f), 127.f), biased = __fadd_rn(c, kRound);
+  code_bits = __float_as_int(biased);
+  // qm::code_is_certain for the clamped quotient: where rs is clamped the code is the bound whatever rs's error.
+  // c has v's sign, so the tolerance is |c| 2^-19 for v >= 0 and |c| 2^-17 below (see the bound above).
+  const float dist = fabsf(__fsub_rn(c, __fsub_rn(biased, kRound)));  // |c - rint(c)|
+  const float tolerance = fmaxf(__fmul_rn(c, 0x1p-19f), __fmul_rn(c, -0x1p-17f));
+  bool certain = (v > -16.f) & (0.5f - dist > tolerance);  // & : no short-circuit branches
+  // and r is not near an outlier threshold 127.5 / -128.5 (|r| < 129 there: the error bound is below 2^-11)
+  if (kDual) certain &= fabsf(beyond) > 0x1p-9f;
+  return certain;
+}
+
+__device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
+  int bits;
+  bool outlier;
+  const bool certain = q.dual ? code_fast<true>(v, q.inv_out, q.inv_outlier, bits, outlier)
+                              : code_fast<false>(v, q.inv_out, q.inv_outlier, bits, outlier);
+  u_out = static_cast<int8_t>(bits);
   mask_out = outlier ? 1 : 0;
-  // certainty (qm::code_is_certain) of rs; rs's rint through kRound is garbage above 2^22, where |rs| > 1024 holds
-  const float a = fabsf(rs), rounded = __fsub_rn(__fadd_rn(rs, kRound), kRound);
-  const bool certain = a > 1024.f || 0.5f - fabsf(__fsub_rn(rs, rounded)) > __fmul_rn(a, 0x1p-17f);
-  // an outlier's code is certain only if r is not near the outlier thresholds (|r| < 129 there: the bound is 2^-11)
-  const bool split_certain = !outlier || fabsf(fabsf(__fadd_rn(r, 0.5f)) - 128.f) > 0x1p-9f;
-  return q.fast && v > -16.f && v < 1e30f && certain && split_certain;
+  return q.fast && certain;
 }
 
 __device__ __forceinline__ void finish(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
@@ -103,7 +122,7 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   if (mask) mask[e] = mo;
 }
 
-// Fast path (K = 4, D % 4 == 0): block = 256 threads x 4 channels x kTile tokens of one batch row. A thread loads
+// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = 256 threads x 4 channels x kTile tokens of one batch row. A thread loads
 // its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per channel (byte i of channel j's
 // word stream = token row i), and takes each output's int32 sum as one dp4a of a 4-byte window of that stream with
 // the channel's 4 weight bytes (one int load: the weight row of a channel is its K taps).
@@ -125,6 +144,7 @@ __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d
                           static_cast<uint32_t>(static_cast<uint8_t>(d)) << 24);
 }
 
+template <bool kDual>
 __global__ void __launch_bounds__(256) conv_tile_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
     const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask,
@@ -144,47 +164,56 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   qm::wait_for_inputs();
   qm::allow_dependents();
   int rows[12];  // token rows t0 - 3 .. t0 + 8 (the last is padding), byte j = channel d0 + j
+  if (t0 >= kTaps - 1 && t0 + kTile <= L) {  // interior tile (all but the first and a partial last): no checks
+    const int8_t* p = xb + static_cast<int64_t>(t0 - (kTaps - 1)) * D;
 #pragma unroll
-  for (int i = 0; i < kTaps - 1; ++i) {  // the K-1 tokens before the tile: x, the conv state, or zeros
-    const int src = t0 - (kTaps - 1) + i;
-    if (src >= 0) {
-      rows[i] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
-    } else if (state) {
-      const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
-      rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
-    } else {
-      rows[i] = 0;
+    for (int i = 0; i < kTaps - 1 + kTile; ++i, p += D) rows[i] = *reinterpret_cast<const int*>(p);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kTaps - 1; ++i) {  // the K-1 tokens before the tile: x, the conv state, or zeros
+      const int src = t0 - (kTaps - 1) + i;
+      if (src >= 0) {
+        rows[i] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
+      } else if (state) {
+        const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
+        rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
+      } else {
+        rows[i] = 0;
+      }
     }
-  }
 #pragma unroll
-  for (int i = 0; i < kTile; ++i)
-    rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const int*>(xb + static_cast<int64_t>(t0 + i) * D) : 0;
+    for (int i = 0; i < kTile; ++i)
+      rows[kTaps - 1 + i] = t0 + i < L ? *reinterpret_cast<const int*>(xb + static_cast<int64_t>(t0 + i) * D) : 0;
+  }
   rows[11] = 0;
   int cols[3][4];  // cols[g][j]: tokens 4g .. 4g + 3 of channel j
 #pragma unroll
   for (int g = 0; g < 3; ++g) transpose4x4(*reinterpret_cast<const int(*)[4]>(&rows[4 * g]), cols[g]);
   int8_t* ub = u + static_cast<int64_t>(b) * L * D + d0;
-  uint8_t* mb = mask ? mask + static_cast<int64_t>(b) * L * D + d0 : nullptr;
+  uint8_t* mb = kDual ? mask + static_cast<int64_t>(b) * L * D + d0 : nullptr;
   unsigned pending = 0;  // bit 4 i + j: element (token t0 + i, channel d0 + j) needs the exact path
   static_assert(kTile * 4 <= 32, "one bit per element of the tile");
 #pragma unroll
   for (int i = 0; i < kTile; ++i) {
     if (t0 + i >= L) break;
-    int8_t uo[4];
-    uint8_t mo[4];
+    int bits[4];
+    bool outlier[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int window = i % 4 == 0 ? cols[i / 4][j] : __funnelshift_r(cols[i / 4][j], cols[i / 4 + 1][j], 8 * (i % 4));
       // the sum (|acc| <= 2^16) added to kRound's bits is the float kRound + acc: fl(acc) without I2F
       const float acc = __fsub_rn(__int_as_float(__dp4a(window, wt[j], __float_as_int(kRound))), kRound);
-      const bool ok = finish_fast(__fadd_rn(__fmul_rn(acc, m[j]), bs[j]), q, uo[j], mo[j]);
+      const bool ok =
+          code_fast<kDual>(__fadd_rn(__fmul_rn(acc, m[j]), bs[j]), q.inv_out, q.inv_outlier, bits[j], outlier[j]);
       pending |= ok ? 0u : 1u << (4 * i + j);
     }
     const int64_t e = static_cast<int64_t>(t0 + i) * D;
-    *reinterpret_cast<char4*>(ub + e) = make_char4(uo[0], uo[1], uo[2], uo[3]);
-    if (mb) *reinterpret_cast<uchar4*>(mb + e) = make_uchar4(mo[0], mo[1], mo[2], mo[3]);
+    *reinterpret_cast<int*>(ub + e) = static_cast<int>(
+        __byte_perm(__byte_perm(bits[0], bits[1], 0x40), __byte_perm(bits[2], bits[3], 0x40), 0x5410));
+    if (kDual)
+      *reinterpret_cast<uchar4*>(mb + e) = make_uchar4(outlier[0], outlier[1], outlier[2], outlier[3]);
   }
-  while (pending) {  // rare (about 1e-4 of elements): rewrite them exactly, reading the old state from memory
+  while (pending) {  // rare (about 2e-4 of elements): rewrite them exactly, reading the old state from memory
     const int bit = __ffs(static_cast<int>(pending)) - 1;
     pending &= pending - 1;
     conv_element(x, w, ws, bias, state, b, t0 + bit / 4, d0 + bit % 4, L, D, kTaps, in_scale, q, u, mask);
@@ -283,11 +312,11 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   auto aligned4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
   // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
   int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
-  if (kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(weight) && aligned4(u) &&
-      (!mask || aligned4(mask))) {
+  if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(weight) &&
+      aligned4(u) && (!mask || aligned4(mask))) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
-    QM_CHECK_LAUNCHED(qm::launch(conv_tile_kernel, grid, dim3(256), 0, stream, x, weight, weight_scale, bias, state_in,
+    QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream, x, weight, weight_scale, bias, state_in,
                                  u, mask, fused_state, seqlen, dim, in_scale, q),
                       "qm_quant_causal_conv1d conv launch");
   } else {

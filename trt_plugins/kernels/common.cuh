@@ -65,6 +65,24 @@ __device__ __forceinline__ bool code_is_certain(float r) {
   return a > 1024.f || 0.5f - fabsf(__fsub_rn(r, rintf(r))) > __fmul_rn(a, 0x1p-17f);
 }
 
+// x + kRound - kRound == rint(x) for |x| < 2^22 (round to nearest even by the FP32 adder), and the low byte of the
+// bits of x + kRound is rint(x) mod 256: rounding and the int8 code without F2I / FRND (the conversion pipe runs at
+// 16 per clock per SM, the adder at 128).
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23
+
+// The int8 code of r by the adder: c = clamp(r, -128, 127) (rint(c) == clamp(rint(r)): rint is monotone and keeps
+// the integer bounds), bits (low byte = the code) and dist = |c - rint(c)|. The code is certain under an error of at
+// most e in r when 0.5 - dist > e (qm::code_is_certain's test; a clamped r has dist 0: the bound whatever the error).
+struct FastCode {
+  float clamped, dist;
+  int bits;
+};
+
+__device__ __forceinline__ FastCode fast_code(float r) {
+  const float c = fminf(fmaxf(r, -128.f), 127.f), biased = __fadd_rn(c, kRound);
+  return {c, fabsf(__fsub_rn(c, __fsub_rn(biased, kRound))), __float_as_int(biased)};
+}
+
 // Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where code_is_certain's bound holds.
 inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
 

@@ -65,8 +65,7 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
 
 // Fast path: one block per row, 8 consecutive elements per thread. Stages h = 1, 2, 4 in registers, h = 8 .. 128
 // by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
-// row from shared memory as float4 and accumulates with exact +-1 FMAs (the product is exact, so the FMA rounds
-// exactly like the spec's add). The quotient by the scale is a reciprocal multiply where the code is certain.
+// row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal multiply where the code is certain.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float* v);
 template <>
@@ -85,31 +84,50 @@ __device__ __forceinline__ void load8<__half>(const __half* p, float* v) {
   }
 }
 
-template <int M>
-__device__ __forceinline__ const float* hadamard_table() {
-  return M == 12 ? kHadamard12 : M == 20 ? kHadamard20 : kHadamard28;
+// Q(hy, scale) by a reciprocal multiply: r = fl(hy fl(1 / scale)) is within 2^-22.4 |r| of the spec's fl(hy / scale)
+// (three roundings), so a code is certain with a tolerance of |r| 2^-20 (5x); else the IEEE division decides.
+__device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
+  const qm::FastCode code = qm::fast_code(__fmul_rn(hy, inv_scale));
+  const bool certain = 0.5f - code.dist > __fmul_rn(fabsf(code.clamped), 0x1p-20f);
+  return fast_quant && certain ? static_cast<int8_t>(code.bits) : qm::quantize(hy, scale);
 }
 
-__device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
-  const float r = __fmul_rn(hy, inv_scale);
-  return fast_quant && qm::code_is_certain(r) ? qm::saturate_code(rintf(r)) : qm::quantize(hy, scale);
+// The same for 4 values with one branch: where any code is not certain (rare), all 4 take the IEEE division.
+__device__ __forceinline__ void quantize4_fast(const float (&hy)[4], float scale, float inv_scale, bool fast_quant,
+                                               int8_t (&q)[4]) {
+  bool certain = fast_quant;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const qm::FastCode code = qm::fast_code(__fmul_rn(hy[j], inv_scale));
+    certain &= 0.5f - code.dist > __fmul_rn(fabsf(code.clamped), 0x1p-20f);
+    q[j] = static_cast<int8_t>(code.bits);
+  }
+  if (!certain) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q[j] = qm::quantize(hy[j], scale);
+  }
 }
 
 // Mixing task (column i, outputs 4g .. 4g + 3) of the [M, p] view: t holds column i's M values; each output sums
-// H_M[a, b] * t[b] left to right (the spec order), the entries of H_M from the constant bank at compile-time
-// indices (one FFMA per term; exact, the product is +-1 * t).
+// H_M[a, b] * t[b] left to right (the spec order). The signs of H_M are compile-time constants here
+// (hadamard_row_signs), so each term is one add or subtract: H_M[a, b] * t[b] = +-t[b] exactly.
 template <int M, int G>
 __device__ __forceinline__ void mix_group(const float* t, int8_t* codes, int i, int p, float c, float scale,
                                           float inv_scale, bool fast_quant) {
-  const float* hm = hadamard_table<M>();
+  constexpr int kRow = 4 * G;
+  float hy[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    constexpr int kRow = 4 * G;
-    float acc = __fmul_rn(hm[(kRow + j) * M], t[0]);
+    const unsigned signs = hadamard_row_signs(M, kRow + j);
+    float acc = signs & 1u ? -t[0] : t[0];
 #pragma unroll
-    for (int b = 1; b < M; ++b) acc = __fmaf_rn(hm[(kRow + j) * M + b], t[b], acc);
-    codes[(kRow + j) * p + i] = quantize_fast(__fmul_rn(acc, c), scale, inv_scale, fast_quant);
+    for (int b = 1; b < M; ++b) acc = signs >> b & 1u ? __fsub_rn(acc, t[b]) : __fadd_rn(acc, t[b]);
+    hy[j] = __fmul_rn(acc, c);
   }
+  int8_t q[4];
+  quantize4_fast(hy, scale, inv_scale, fast_quant, q);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) codes[(kRow + j) * p + i] = q[j];
 }
 
 // the group g (runtime, warp-uniform while p >= 32) as a compile-time constant
@@ -160,12 +178,10 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
   for (int h = 8; h <= 128; h <<= 1) {
     if (h >= p) break;
     const int lanes = h >> 3;
-    const bool upper = tid & lanes;
+    // lower lane: lo + hi = fl(1 * v + other); upper lane: lo - hi = fl(-1 * v + other) (the products are exact)
+    const float sign = tid & lanes ? -1.f : 1.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float other = __shfl_xor_sync(0xffffffffu, v[j], lanes);
-      v[j] = upper ? __fsub_rn(other, v[j]) : __fadd_rn(v[j], other);
-    }
+    for (int j = 0; j < 8; ++j) v[j] = __fmaf_rn(sign, v[j], __shfl_xor_sync(0xffffffffu, v[j], lanes));
   }
   if (p > 256 || M > 1) {
     if (live) {

@@ -41,11 +41,6 @@ struct ConvQuant {
   bool dual, fast;
 };
 
-// x + kRound - kRound == rint(x) for |x| < 2^22 (round to nearest even by the FP32 adder), and the low byte of
-// x + kRound's bits is rint(x) mod 256. Rounding and the int8 code so stay off the conversion pipe (F2I, FRND run at
-// 16 per clock per SM, the adder at 128).
-constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-
 __device__ __forceinline__ float fast_ex2(float a) {  // MUFU.EX2 alone: results below 2^-126 flush to 0 (1 + e = 1)
   float e;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(a));
@@ -72,14 +67,11 @@ __device__ __forceinline__ bool code_fast(float v, float inv_out, float inv_outl
     outlier = beyond > 0.f;
     rs = __fmul_rn(sv, outlier ? inv_outlier : inv_out);
   }
-  // rint(clamp(rs, -128, 127)) == clamp(rint(rs), -128, 127): rint is monotone and keeps the integer bounds
-  const float c = fminf(fmaxf(rs, -128.f), 127.f), biased = __fadd_rn(c, kRound);
-  code_bits = __float_as_int(biased);
-  // qm::code_is_certain for the clamped quotient: where rs is clamped the code is the bound whatever rs's error.
-  // c has v's sign, so the tolerance is |c| 2^-19 for v >= 0 and |c| 2^-17 below (see the bound above).
-  const float dist = fabsf(__fsub_rn(c, __fsub_rn(biased, kRound)));  // |c - rint(c)|
-  const float tolerance = fmaxf(__fmul_rn(c, 0x1p-19f), __fmul_rn(c, -0x1p-17f));
-  bool certain = (v > -16.f) & (0.5f - dist > tolerance);  // & : no short-circuit branches
+  // c = the clamped rs has v's sign, so the tolerance is |c| 2^-19 for v >= 0 and |c| 2^-17 below (the bound above)
+  const qm::FastCode code = qm::fast_code(rs);
+  code_bits = code.bits;
+  const float tolerance = fmaxf(__fmul_rn(code.clamped, 0x1p-19f), __fmul_rn(code.clamped, -0x1p-17f));
+  bool certain = (v > -16.f) & (0.5f - code.dist > tolerance);  // & : no short-circuit branches
   // and r is not near an outlier threshold 127.5 / -128.5 (|r| < 129 there: the error bound is below 2^-11)
   if (kDual) certain &= fabsf(beyond) > 0x1p-9f;
   return certain;
@@ -202,7 +194,7 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     for (int j = 0; j < 4; ++j) {
       const int window = i % 4 == 0 ? cols[i / 4][j] : __funnelshift_r(cols[i / 4][j], cols[i / 4 + 1][j], 8 * (i % 4));
       // the sum (|acc| <= 2^16) added to kRound's bits is the float kRound + acc: fl(acc) without I2F
-      const float acc = __fsub_rn(__int_as_float(__dp4a(window, wt[j], __float_as_int(kRound))), kRound);
+      const float acc = __fsub_rn(__int_as_float(__dp4a(window, wt[j], __float_as_int(qm::kRound))), qm::kRound);
       const bool ok =
           code_fast<kDual>(__fadd_rn(__fmul_rn(acc, m[j]), bs[j]), q.inv_out, q.inv_outlier, bits[j], outlier[j]);
       pending |= ok ? 0u : 1u << (4 * i + j);

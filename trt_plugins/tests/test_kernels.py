@@ -116,7 +116,7 @@ def _near_half_codes(scale: float, codes: range) -> torch.Tensor:
             lo, hi = (mid, hi) if mid / (1 + torch.exp(torch.tensor(-mid, dtype=torch.float64)).item()) < target \
                 else (lo, mid)
         v = torch.tensor(lo, dtype=torch.float32)
-        for off in (0, 1, 2, 3, 30, 60, 64, 70, 100, 200):
+        for off in (0, 1, 2, 3, 8, 16, 20, 24, 30, 40, 60, 64, 70, 100, 200):  # dense near the 2^-19 window's edge
             for sign in (1, -1):
                 w = v.clone()
                 for _ in range(off):
@@ -128,11 +128,18 @@ def _near_half_codes(scale: float, codes: range) -> torch.Tensor:
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("kk", [4, 3])  # 4: the tiled fast kernel; 3: the generic one
-@pytest.mark.parametrize("dual", [False, True])
-def test_conv_codes_at_rounding_boundaries(k, kk, dual):
-    s_in, s_out = 0.01, 0.05
-    codes = range(-1, 12) if not dual else range(12, 60)  # dual: outlier codes at s_out, above 127 at s_in
-    v = _near_half_codes(s_out if dual else s_in, codes)
+@pytest.mark.parametrize("case", ["single", "dual", "dual-negative"])
+def test_conv_codes_at_rounding_boundaries(k, kk, case):
+    dual = case != "single"
+    if case == "single":  # negative codes too: v < 0 has the wider tolerance
+        s_in, s_out = 0.01, 0.05
+        v = _near_half_codes(s_in, range(-27, 12))
+    elif case == "dual":  # outlier codes at s_out; code 25 of s_out sits on the threshold 127.5 of s_in
+        s_in, s_out = 0.01, 0.05
+        v = _near_half_codes(s_out, range(12, 60))
+    else:  # the negative threshold -128.5 of s_in and negative outlier codes (silu >= -0.2785 needs a small s_in)
+        s_in, s_out = 0.002, 0.0025
+        v = torch.cat([_near_half_codes(s_in, range(-132, -125)), _near_half_codes(s_out, range(-111, -100))])
     d = (v.numel() + 3) // 4 * 4
     bias = torch.zeros(d)
     bias[: v.numel()] = v
@@ -144,7 +151,7 @@ def test_conv_codes_at_rounding_boundaries(k, kk, dual):
     wu, wm, _ = ref.quant_causal_conv1d(*args)
     assert torch.equal(u.cpu(), wu)
     if dual:
-        assert torch.equal(mask.cpu(), wm) and 0.5 < wm.float().mean() < 1
+        assert torch.equal(mask.cpu(), wm) and 0.3 < wm.float().mean() < 1
     # decode in place through the exact path: a zero state and a zero tap on the new token keep v = bias, and the
     # exact path must still read the old state (a shifted one would hold the new token, under nonzero taps)
     st = torch.zeros(1, d, kk - 1, dtype=torch.int8)

@@ -77,14 +77,22 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 #ifndef QM_GEMV_MIN_BLOCKS
 #define QM_GEMV_MIN_BLOCKS 6
 #endif
+// The same for the two-columns-per-warp GEMV (more registers per thread: two columns' pieces in flight).
+#ifndef QM_GEMV_PAIR_MIN_BLOCKS
+#define QM_GEMV_PAIR_MIN_BLOCKS 5
+#endif
 
 // One output column per group of S warps (S = 1, or 4 when there are few columns, e.g. x_proj): the S warps
 // split K, lanes read 16 bytes of the weight row per step (4 dp4a), partial sums meet in shared memory.
 // Persistent (P): the grid is capped and each warp group walks columns n, n + grid columns, ...; the first pieces
-// of its next column load before the current column's reduction. Otherwise each warp group owns one column.
-template <int R, int S, bool P>
-__global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_kernel(qm_linear_args a, Seg sg) {
-  constexpr int kWarps = 256 / 32, kCols = kWarps / S;
+// of its next column load before the current column's reduction. Otherwise each warp group owns CPW adjacent
+// columns (CPW = 2 for one row when one column per warp would take more than one wave of blocks: every block pays
+// the dependency wait and the fused RMSNorm prologue, so fewer, longer blocks; a lane keeps CPW loads in flight).
+template <int R, int S, bool P, int CPW = 1>
+__global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
+    gemv_kernel(qm_linear_args a, Seg sg) {
+  static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
+  constexpr int kWarps = 256 / 32, kCols = kWarps / S * CPW;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = warp % S;
@@ -92,8 +100,8 @@ __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_ker
   const int col_step = static_cast<int>(gridDim.x) * kCols;
   extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant is fused in
   const int8_t* xsrc = a.x;
-  auto step = [&](const int4 wv, int j, int (&acc_in)[R], int (&acc_out)[R]) {
-    const int ww[4] = {wv.x, wv.y, wv.z, wv.w};
+  // one 16-byte piece j of x (and of its mask) against the same piece of each of the CPW weight rows
+  auto step = [&](const int4 (&wv)[CPW], int j, int (&acc_in)[CPW][R], int (&acc_out)[CPW][R]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= a.rows) break;
@@ -104,27 +112,39 @@ __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_ker
         const unsigned mm[4] = {static_cast<unsigned>(mv4.x) * 0xffu, static_cast<unsigned>(mv4.y) * 0xffu,
                                 static_cast<unsigned>(mv4.z) * 0xffu, static_cast<unsigned>(mv4.w) * 0xffu};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc_in[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & ~mm[q]), ww[q], acc_in[r]);
-          acc_out[r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & mm[q]), ww[q], acc_out[r]);
+        for (int c = 0; c < CPW; ++c) {
+          const int ww[4] = {wv[c].x, wv[c].y, wv[c].z, wv[c].w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc_in[c][r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & ~mm[q]), ww[q], acc_in[c][r]);
+            acc_out[c][r] = __dp4a(static_cast<int>(static_cast<unsigned>(xx[q]) & mm[q]), ww[q], acc_out[c][r]);
+          }
         }
       } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc_in[r] = __dp4a(xx[q], ww[q], acc_in[r]);
+        for (int c = 0; c < CPW; ++c) {
+          const int ww[4] = {wv[c].x, wv[c].y, wv[c].z, wv[c].w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc_in[c][r] = __dp4a(xx[q], ww[q], acc_in[c][r]);
+        }
       }
     }
   };
-  constexpr int kPre = 4;
+  constexpr int kPre = 4 / CPW;  // 16-byte pieces per lane loaded ahead, per column (the same bytes in flight)
   const int j0 = slice * 32 + lane, stride = 32 * S;
-  int4 pre[kPre];
-  auto prefetch = [&](int n) {
-    const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+  int4 pre[CPW][kPre];
+  auto prefetch = [&](int n0) {
 #pragma unroll
-    for (int u = 0; u < kPre; ++u)
-      pre[u] = n < a.n && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
+    for (int c = 0; c < CPW; ++c) {
+      const int n = n0 + c < a.n ? n0 + c : n0;  // as in the main loop: a missing second column rereads the first
+      const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+#pragma unroll
+      for (int u = 0; u < kPre; ++u)
+        pre[c][u] = n < a.n && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
+    }
   };
   // the first pieces load before waiting for the previous kernel (weights are constant)
-  prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S);
+  prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW);
   qm::wait_for_inputs();
   qm::allow_dependents();
   if (a.norm_x) {
@@ -132,46 +152,64 @@ __global__ void __launch_bounds__(256, R == 1 ? QM_GEMV_MIN_BLOCKS : 1) gemv_ker
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
   for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count
-    const int n = base + warp / S;
-    const bool active = n < a.n;
-    int acc_in[R], acc_out[R];
+    const int n0 = base + warp / S * CPW;
+    int acc_in[CPW][R], acc_out[CPW][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc_in[r] = acc_out[r] = 0;
-    if (active) {
-      const int4* w = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n) * a.k);
+    for (int c = 0; c < CPW; ++c)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc_in[c][r] = acc_out[c][r] = 0;
+    if (n0 < a.n) {
+      // a last odd column: the second slot rereads the first column's row and its sums are dropped
+      const int64_t second = CPW > 1 && n0 + 1 < a.n ? chunks : 0;
 #pragma unroll
       for (int u = 0; u < kPre; ++u)
-        if (j0 + u * stride < chunks) step(pre[u], j0 + u * stride, acc_in, acc_out);
-#pragma unroll 4
-      for (int j = j0 + kPre * stride; j < chunks; j += stride) step(w[j], j, acc_in, acc_out);
-    }
-    if (P) prefetch(n + col_step);
+        if (j0 + u * stride < chunks) {
+          int4 wv[CPW];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      for (int off = 16; off > 0; off >>= 1) {
-        acc_in[r] += __shfl_xor_sync(0xffffffffu, acc_in[r], off);
-        if (a.x_mask) acc_out[r] += __shfl_xor_sync(0xffffffffu, acc_out[r], off);
-      }
-      if (S > 1 && lane == 0) {
-        part[warp][r][0] = acc_in[r];
-        part[warp][r][1] = acc_out[r];
-      }
-    }
-    if (S > 1) __syncthreads();
-    if (active && slice == 0 && lane < R && lane < a.rows) {
-      const int r = lane;  // lane r of the column's first warp finishes row r
-      int ai = 0, ao = 0;
-      if (S > 1) {
-        for (int t = 0; t < S; ++t) {
-          ai += part[warp + t][r][0];
-          ao += part[warp + t][r][1];
+          for (int c = 0; c < CPW; ++c) wv[c] = pre[c][u];
+          step(wv, j0 + u * stride, acc_in, acc_out);
         }
-      } else {
+      const int4* w0 = reinterpret_cast<const int4*>(a.w + static_cast<int64_t>(n0) * a.k);
+#pragma unroll(4 / CPW)
+      for (int j = j0 + kPre * stride; j < chunks; j += stride) {
+        int4 wv[CPW];
 #pragma unroll
-        for (int q = 0; q < R; ++q)
-          if (q == r) ai = acc_in[q], ao = acc_out[q];
+        for (int c = 0; c < CPW; ++c) wv[c] = w0[c * second + j];  // column n0 + 1's row follows n0's
+        step(wv, j, acc_in, acc_out);
       }
-      store(sg, a, r, n, dequant(a, n, ai, ao));
+    }
+    if (P) prefetch(n0 + col_step);
+#pragma unroll
+    for (int c = 0; c < CPW; ++c) {
+      const int n = n0 + c;
+      const bool active = n < a.n;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        for (int off = 16; off > 0; off >>= 1) {
+          acc_in[c][r] += __shfl_xor_sync(0xffffffffu, acc_in[c][r], off);
+          if (a.x_mask) acc_out[c][r] += __shfl_xor_sync(0xffffffffu, acc_out[c][r], off);
+        }
+        if (S > 1 && lane == 0) {
+          part[warp][r][0] = acc_in[c][r];
+          part[warp][r][1] = acc_out[c][r];
+        }
+      }
+      if (S > 1) __syncthreads();
+      if (active && slice == 0 && lane < R && lane < a.rows) {
+        const int r = lane;  // lane r of the column's first warp finishes row r
+        int ai = 0, ao = 0;
+        if (S > 1) {
+          for (int t = 0; t < S; ++t) {
+            ai += part[warp + t][r][0];
+            ao += part[warp + t][r][1];
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < R; ++q)
+            if (q == r) ai = acc_in[c][q], ao = acc_out[c][q];
+        }
+        store(sg, a, r, n, dequant(a, n, ai, ao));
+      }
     }
     if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
   }
@@ -229,9 +267,12 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int64_t needed = (a->n + cols - 1) / cols;
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
   const bool persistent = a->rows > 1 && needed > cap;
-  const unsigned blocks = static_cast<unsigned>(persistent ? cap : needed);
+  // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
+  const bool pairs = a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
+  const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
   const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
-  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : gemv_kernel<1, 1, false>)
+  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
+                                                                       : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
                               : (few ? gemv_kernel<4, 4, false> : gemv_kernel<4, 1, false>);
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg),

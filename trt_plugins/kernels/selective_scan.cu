@@ -1,5 +1,6 @@
 // Selective scan (spec 4.4, 4.5) and the decode state update.
-// Prefill: v5, a single-pass chunked scan, parallel along time within a channel's lanes (description below).
+// Prefill: v5, a single-pass chunked scan, parallel along time within a channel's lanes (description below); for
+// many channels (int8, N = 16) one thread per channel (scan_seq_kernel), which spends fewer instructions per element.
 // Decode: one thread per 4 states of a (b, d), coalesced 16-byte state traffic.
 // Earlier versions (v1-v4) and their measurements: trt_plugins/bench/NOTES.md.
 #include <type_traits>
@@ -405,6 +406,119 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
 }
 
 
+// Prefill for many channels (int8 inputs, N = 16, D % 16 == 0, 16-byte aligned inputs): one thread per channel walks
+// time with its N states in registers, so there is no scan across lanes and no second pass: per (t, d, n) one exp
+// and three multiply-adds. A block of 128 channels of one batch row stages chunks of kSeqChunk steps (u, dt, z,
+// mask bytes; B and C dequantized) in shared memory; the next chunk's bytes are loaded into registers while the
+// current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time stays about
+// flat while the SMs fill (0.59 ms at B8 D1536 L2048 on an H100, 0.70 at B8 D4096) where v5's grows with the
+// channels (0.39, 1.00), so the launcher picks it from kSeqMinChannels (the crossover, ~20K) and keeps v5 below.
+constexpr int kSeqThreads = 128, kSeqChunk = 32;
+#ifndef QM_SCAN_SEQ_MIN_CHANNELS
+#define QM_SCAN_SEQ_MIN_CHANNELS 20480
+#endif
+constexpr int64_t kSeqMinChannels = QM_SCAN_SEQ_MIN_CHANNELS;
+
+template <int N>
+__global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
+  static_assert(N % 16 == 0, "B and C rows of a chunk come in 16-byte pieces");
+  constexpr int KC = kSeqChunk, PIECES = 4 * KC * (kSeqThreads / 16), PER = PIECES / kSeqThreads;
+  static_assert(PER == 8 && KC == 32, "the piece mapping below: 2 pieces per array and thread");
+  constexpr int BC_PIECES = 2 * KC * N / 16;
+  static_assert(PIECES % kSeqThreads == 0 && BC_PIECES <= kSeqThreads, "one round of loads per thread");
+  __shared__ __align__(16) uint8_t sIn[4][KC][kSeqThreads];  // u, dt, z, mask bytes of the chunk
+  __shared__ __align__(16) float sBC[2][KC][N];               // B, C dequantized
+  const int tid = threadIdx.x, D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * kSeqThreads;
+  const int d = d0 + tid;
+  const bool active = d < D;
+  // pieces of 16 channels: a thread loads the pieces (t, c) and (t + 16, c) of each of the 4 arrays
+  const int pt = tid / 8, pc = (tid % 8) * 16;
+  auto load = [&](int t0, int4 (&r)[PER], int4& rbc) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int k = j / 2, t = pt + (j % 2) * (KC / 2);
+      const void* src = k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
+      const bool ok = src && t0 + t < L && d0 + pc < D;
+      r[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const uint8_t*>(src) +
+                                                 (static_cast<int64_t>(b) * L + t0 + t) * D + d0 + pc)
+                : int4{};
+    }
+    const int m = tid / (BC_PIECES / 2), i = (tid % (BC_PIECES / 2)) * 16;  // matrix (B, C), byte in the chunk
+    const bool ok = tid < BC_PIECES && t0 * N + i < L * N;
+    rbc = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(m == 0 ? a.B : a.C) +
+                                              (static_cast<int64_t>(b) * L + t0) * N + i)
+             : int4{};
+  };
+  auto store = [&](const int4 (&r)[PER], const int4& rbc) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) *reinterpret_cast<int4*>(&sIn[j / 2][pt + (j % 2) * (KC / 2)][pc]) = r[j];
+    if (tid < BC_PIECES) {
+      const int m = tid / (BC_PIECES / 2), i = (tid % (BC_PIECES / 2)) * 16;
+      const float sc = m == 0 ? a.B_scale : a.C_scale;
+      const int8_t* v = reinterpret_cast<const int8_t*>(&rbc);
+#pragma unroll
+      for (int q = 0; q < 16; ++q) (&sBC[m][0][0])[i + q] = static_cast<float>(v[q]) * sc;
+    }
+  };
+  float h[N], A2[N];
+  const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    h[n] = active && a.initial_state ? a.initial_state[sbase + n] : 0.f;
+    A2[n] = active ? a.A[static_cast<int64_t>(d) * N + n] * kLog2e : 0.f;
+  }
+  const float dskip = active && a.Dskip ? a.Dskip[d] : 0.f;
+  const float bias = active && a.dt_bias ? a.dt_bias[d] : 0.f;
+  const float s_in = a.u_scale, s_out = a.dual_scale ? a.u_outlier_scale : a.u_scale;
+  int4 r[PER], rbc;
+  load(0, r, rbc);
+  for (int t0 = 0; t0 < L; t0 += KC) {
+    __syncthreads();  // the previous chunk is no longer read
+    store(r, rbc);
+    __syncthreads();
+    if (t0 + KC < L) load(t0 + KC, r, rbc);  // in flight while this chunk is computed
+    const int nt = min(KC, L - t0);
+    if (!active) continue;
+    int64_t e = (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
+#pragma unroll 2
+    for (int t = 0; t < nt; ++t) {
+      const float u = static_cast<float>(static_cast<int8_t>(sIn[0][t][tid])) * (sIn[3][t][tid] ? s_out : s_in);
+      const float delta = softplus_fast(static_cast<float>(static_cast<int8_t>(sIn[1][t][tid])) * a.dt_scale + bias);
+      const float dlu = delta * u;
+      float y[4] = {dskip * u, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < N; n += 4) {
+        const float4 bv = *reinterpret_cast<const float4*>(&sBC[0][t][n]);
+        const float4 cv = *reinterpret_cast<const float4*>(&sBC[1][t][n]);
+        const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, cc[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          h[n + j] = __fmaf_rn(ex2(delta * A2[n + j]), h[n + j], dlu * bb[j]);
+          y[j] = __fmaf_rn(h[n + j], cc[j], y[j]);
+        }
+      }
+      float yv = (y[0] + y[1]) + (y[2] + y[3]);
+      if (a.z) yv *= silu_fast(static_cast<float>(static_cast<int8_t>(sIn[2][t][tid])) * a.z_scale);
+      if (a.y_dtype == QM_DTYPE_FLOAT16)
+        static_cast<__half*>(a.y)[e] = __float2half_rn(yv);
+      else
+        static_cast<float*>(a.y)[e] = yv;
+      e += D;
+    }
+  }
+  if (active && a.final_state)
+#pragma unroll
+    for (int n = 0; n < N; ++n) a.final_state[sbase + n] = h[n];
+}
+
+template <int N>
+bool seq_applies(const qm_scan_args* a) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 && aligned(a->u) &&
+         aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) && aligned(a->B) &&
+         aligned(a->C);
+}
+
 // Decode (L = 1): G = N/4 threads per (b, d), each owning 4 consecutive states, so state reads and writes
 // are coalesced 16-byte accesses; y is reduced over the G threads with shuffles. In place is safe: every
 // thread reads its own states before writing them.
@@ -540,15 +654,24 @@ int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
 
 template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
-  // int8, N = 16 (the Mamba models): up to 2048 channels (B*D) one warp per channel with 16 steps per lane keeps
+  // int8, N = 16 (the Mamba models): from kSeqMinChannels channels (B*D) one thread per channel (scan_seq_kernel);
+  // below, up to 2048 channels one warp per channel with 16 steps per lane keeps
   // the most warps resident; above, two channels per warp with 8 steps per lane spends fewer instructions per
   // element (4 scan levels, B/C staging shared by 16 channels). Measured on H200/H100: trt_plugins/bench/NOTES.md.
   const int64_t channels = static_cast<int64_t>(a->dim) * a->batch;
   switch (a->dstate) {
     case 8: return launch_chunked<8, kInt8, ScanCfg<8, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 16:
-      if constexpr (kInt8)
+      if constexpr (kInt8) {
+        if (seq_applies<16>(a)) {
+          const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
+                          static_cast<unsigned>(a->batch));
+          scan_seq_kernel<16><<<grid, kSeqThreads, 0, stream>>>(*a);
+          QM_CHECK_LAUNCH(fn);
+          return QM_OK;
+        }
         if (channels > 2048) return launch_chunked<16, kInt8, ScanCfg<16, kInt8, 8, 16, 8>>(a, stream, fn);
+      }
       return launch_chunked<16, kInt8, ScanCfg<16, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 32: return launch_chunked<32, kInt8, ScanCfg<32, kInt8, 8, 32, 8>>(a, stream, fn);
     default: return launch_chunked<64, kInt8, ScanCfg<64, kInt8, 4, 32, 8>>(a, stream, fn);

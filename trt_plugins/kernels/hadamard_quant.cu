@@ -148,7 +148,7 @@ template <typename T, int M, bool kSplit>
 __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
                      float inv_scale, bool fast_quant) {
-  // d floats (m > 1 or p > 256), then d int8 codes (m > 1)
+  // d floats (m > 1 or p > 256), then d int8 codes
   extern __shared__ float4 row4[];
   float* row = reinterpret_cast<float*>(row4);
   const int p = 1 << lp, tid = threadIdx.x, e0 = tid * 8;
@@ -189,6 +189,35 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
       row4[tid * 2 + 1] = make_float4(v[4], v[5], v[6], v[7]);
     }
     __syncthreads();
+    if constexpr (M == 1) {
+      // p > 256: the stages h = 256 .. p / 2 combine elements 256 * 2^k apart, i.e. within a column i < 256 of the
+      // [p / 256, 256] view. One thread per column runs them in registers (E = p / 256 <= 32 values, stage order
+      // kept), quantizes, and the codes go through shared memory so that the global stores stay 8 bytes wide.
+      int8_t* codes = reinterpret_cast<int8_t*>(row + d);
+      const int E = p >> 8;
+      for (int i = tid; i < 256; i += blockDim.x) {
+        float w[32];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) w[j] = j < E ? row[j * 256 + i] : 0.f;
+#pragma unroll
+        for (int h = 1; h < 32; h <<= 1) {
+          if (h >= E) break;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            if ((j & h) == 0 && j + h < 32) {
+              const float lo = w[j], hi = w[j + h];
+              w[j] = __fadd_rn(lo, hi);
+              w[j + h] = __fsub_rn(lo, hi);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          if (j < E) codes[j * 256 + i] = quantize_fast(__fmul_rn(w[j], c), scale, inv_scale, fast_quant);
+      }
+      __syncthreads();
+      if (live) *reinterpret_cast<uint2*>(y + base + e0) = *reinterpret_cast<const uint2*>(codes + e0);
+      return;
+    }
     shared_butterflies(row, d, lp, 8);  // h = 256 ... p / 2 (none when p <= 256)
     if constexpr (M > 1) {
       // mixing, the codes through shared memory so that the global stores stay 8 bytes wide. kSplit (few rows,
@@ -219,9 +248,6 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
         *reinterpret_cast<uint2*>(y + base + e0) = *reinterpret_cast<const uint2*>(codes + e0);
       return;
     }
-    if (!live) return;
-    const float4 a = row4[tid * 2], b = row4[tid * 2 + 1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   }
   if (!live) return;
   int8_t out[8];
@@ -234,7 +260,7 @@ template <typename T, int M>
 int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, float c, float scale, float inv,
                        bool fast_quant, cudaStream_t stream) {
   const int threads = ((dim / 8 + 31) / 32) * 32;
-  const size_t smem = (M > 1 ? sizeof(float) + 1 : (dim > 256 ? sizeof(float) : 0)) * static_cast<size_t>(dim);
+  const size_t smem = (M > 1 || dim > 256 ? sizeof(float) + 1 : 0) * static_cast<size_t>(dim);  // row, codes
   // fewer rows than SMs (decode): nothing else shares an SM with a row, so the mixing spreads over every thread
   auto kernel = M > 1 && rows < qm::sm_count() ? hadamard8_kernel<T, M, true> : hadamard8_kernel<T, M, false>;
   if (smem > 48 * 1024) {

@@ -268,7 +268,7 @@ def test_float_scan_and_decode_update(k, n, d, l):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 2048, 12288])
+@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 512, 1024, 2048, 8192, 12288])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [(3, 41), (4, 100)])  # fewer rows than SMs (decode's split mixing), and more
 def test_hadamard_quant_bit_exact(k, d, dtype, rows):

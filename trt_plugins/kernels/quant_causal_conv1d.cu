@@ -47,7 +47,7 @@ __device__ __forceinline__ float fast_ex2(float a) {  // MUFU.EX2 alone: results
   return e;
 }
 
-__device__ __forceinline__ float fast_rcp(float a) {  // MUFU.RCP alone (<= 1 ulp); a is in [1, 2^24) here
+__device__ __forceinline__ float fast_rcp(float a) {  // MUFU.RCP alone (<= 1 ulp); a in [1, 2^24) where v > -16
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
   return r;

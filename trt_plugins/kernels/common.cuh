@@ -57,12 +57,18 @@ __device__ __forceinline__ int8_t saturate_code(float rounded) {
 // Spec rule 1: clamp(rne(x / s), -128, 127), IEEE division, no reciprocal multiply.
 __device__ __forceinline__ int8_t quantize(float x, float s) { return saturate_code(rintf(__fdiv_rn(x, s))); }
 
-// True when rint() of every real number within |r| * 2^-17 of r equals rint(r): r is far from a half-integer, or so
-// large that the int8 code saturates either way. Kernels that approximate a quotient x / s by x * fl(1 / s) (error
-// <= 2 ulp, or ~8 ulp with a float32 SiLU in front) take rint(r) when this holds and the spec's exact path otherwise.
-__device__ __forceinline__ bool code_is_certain(float r) {
-  const float a = fabsf(r);
-  return a > 1024.f || 0.5f - fabsf(__fsub_rn(r, rintf(r))) > __fmul_rn(a, 0x1p-17f);
+// MUFU.EX2 / MUFU.RCP alone (2 ulp / 1 ulp; .ftz: subnormal inputs and results flush to 0), without the range
+// fix-ups that exp2f, __expf and __fdividef add around them. Fast float32 paths only.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // x + kRound - kRound == rint(x) for |x| < 2^22 (round to nearest even by the FP32 adder), and the low byte of the
@@ -71,11 +77,14 @@ __device__ __forceinline__ bool code_is_certain(float r) {
 constexpr float kRound = 12582912.f;  // 1.5 * 2^23
 
 // The int8 code of r by the adder: c = clamp(r, -128, 127) (rint(c) == clamp(rint(r)): rint is monotone and keeps
-// the integer bounds), bits (low byte = the code) and dist = |c - rint(c)|. The code is certain under an error of at
-// most e in r when 0.5 - dist > e (qm::code_is_certain's test; a clamped r has dist 0: the bound whatever the error).
+// the integer bounds), bits (low byte = the code) and dist = |c - rint(c)|. Kernels that approximate a quotient x / s
+// (a reciprocal multiply, a float32 SiLU in front) take the code when certain(e) holds for a bound e on the error of
+// r: then every real number within e of c rounds alike (a clamped r has dist 0: the bound whatever the error), else
+// the spec's exact path decides.
 struct FastCode {
   float clamped, dist;
   int bits;
+  __device__ __forceinline__ bool certain(float e) const { return 0.5f - dist > e; }
 };
 
 __device__ __forceinline__ FastCode fast_code(float r) {
@@ -83,7 +92,7 @@ __device__ __forceinline__ FastCode fast_code(float r) {
   return {c, fabsf(__fsub_rn(c, __fsub_rn(biased, kRound))), __float_as_int(biased)};
 }
 
-// Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where code_is_certain's bound holds.
+// Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where the reciprocal-multiply bounds hold.
 inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
 
 // Spec rule 4: silu evaluated in float64, rounded once.

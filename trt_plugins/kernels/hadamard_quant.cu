@@ -65,7 +65,8 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
 
 // Fast path: one block per row, 8 consecutive elements per thread. Stages h = 1, 2, 4 in registers, h = 8 .. 128
 // by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
-// row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal multiply where the code is certain.
+// row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal
+// multiply where the code is certain.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float* v);
 template <>
@@ -86,10 +87,15 @@ __device__ __forceinline__ void load8<__half>(const __half* p, float* v) {
 
 // Q(hy, scale) by a reciprocal multiply: r = fl(hy fl(1 / scale)) is within 2^-22.4 |r| of the spec's fl(hy / scale)
 // (three roundings), so a code is certain with a tolerance of |r| 2^-20 (5x); else the IEEE division decides.
-__device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
+__device__ __forceinline__ bool fast_quant_code(float hy, float inv_scale, int8_t& q) {
   const qm::FastCode code = qm::fast_code(__fmul_rn(hy, inv_scale));
-  const bool certain = 0.5f - code.dist > __fmul_rn(fabsf(code.clamped), 0x1p-20f);
-  return fast_quant && certain ? static_cast<int8_t>(code.bits) : qm::quantize(hy, scale);
+  q = static_cast<int8_t>(code.bits);
+  return code.certain(__fmul_rn(fabsf(code.clamped), 0x1p-20f));
+}
+
+__device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv_scale, bool fast_quant) {
+  int8_t q;
+  return fast_quant && fast_quant_code(hy, inv_scale, q) ? q : qm::quantize(hy, scale);
 }
 
 // The same for 4 values with one branch: where any code is not certain (rare), all 4 take the IEEE division.
@@ -97,11 +103,7 @@ __device__ __forceinline__ void quantize4_fast(const float (&hy)[4], float scale
                                                int8_t (&q)[4]) {
   bool certain = fast_quant;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const qm::FastCode code = qm::fast_code(__fmul_rn(hy[j], inv_scale));
-    certain &= 0.5f - code.dist > __fmul_rn(fabsf(code.clamped), 0x1p-20f);
-    q[j] = static_cast<int8_t>(code.bits);
-  }
+  for (int j = 0; j < 4; ++j) certain &= fast_quant_code(hy[j], inv_scale, q[j]);
   if (!certain) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) q[j] = qm::quantize(hy[j], scale);

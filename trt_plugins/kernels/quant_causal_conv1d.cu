@@ -30,7 +30,7 @@ __device__ __forceinline__ void finish_exact(float v, float out_scale, float out
 }
 
 // Same result as finish_exact, cheaper: SiLU in float32 and the quotient by a reciprocal multiply; the float64
-// path runs only when a code is not certain (qm::code_is_certain's rule with a tolerance from the bound below;
+// path runs only when a code is not certain (qm::FastCode::certain with a tolerance from the bound below;
 // about 2e-4 of elements) or v <= -16. Error of r against the spec's quotient (itself within 2^-23 of the real one),
 // relative: a = fl(-v fl(log2 e)) is within 2^-23.2 of -v log2 e; ex2 (<= 2 ulp, 2^-22) and rcp (1 ulp) by MUFU
 // alone, then 4 roundings (1 + e, v * rcp, inv = fl(1 / s), r * inv). For v > -16 (|a| < 23.1) e is within 2^-19
@@ -41,23 +41,13 @@ struct ConvQuant {
   bool dual, fast;
 };
 
-__device__ __forceinline__ float fast_ex2(float a) {  // MUFU.EX2 alone: results below 2^-126 flush to 0 (1 + e = 1)
-  float e;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(a));
-  return e;
-}
-
-__device__ __forceinline__ float fast_rcp(float a) {  // MUFU.RCP alone (<= 1 ulp); a in [1, 2^24) where v > -16
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-
 // The float32 path without branches: the code's float bits (low byte = the int8 code), the outlier flag, and
 // whether both are certain (else the spec's float64 path decides: finish, or the tile's conv_element).
 template <bool kDual>
 __device__ __forceinline__ bool code_fast(float v, float inv_out, float inv_outlier, int& code_bits, bool& outlier) {
-  const float sv = __fmul_rn(v, fast_rcp(__fadd_rn(1.f, fast_ex2(__fmul_rn(v, -1.44269504088896341f)))));
+  // 1 + e is in [1, 2^24) where v > -16 (the only results used); an e below 2^-126 flushes to 0 (1 + e = 1)
+  const float e = qm::ex2_approx(__fmul_rn(v, -1.44269504088896341f));
+  const float sv = __fmul_rn(v, qm::rcp_approx(__fadd_rn(1.f, e)));
   const float r = __fmul_rn(sv, inv_out);
   float rs = r;  // the quotient whose code is stored
   float beyond = 0.f;  // dual: |r + 0.5| - 128, > 0 exactly when rint(r) leaves [-128, 127] (r >= 127.5 or r < -128.5)
@@ -71,7 +61,7 @@ __device__ __forceinline__ bool code_fast(float v, float inv_out, float inv_outl
   const qm::FastCode code = qm::fast_code(rs);
   code_bits = code.bits;
   const float tolerance = fmaxf(__fmul_rn(code.clamped, 0x1p-19f), __fmul_rn(code.clamped, -0x1p-17f));
-  bool certain = (v > -16.f) & (0.5f - code.dist > tolerance);  // & : no short-circuit branches
+  bool certain = (v > -16.f) & code.certain(tolerance);  // & : no short-circuit branches
   // and r is not near an outlier threshold 127.5 / -128.5 (|r| < 129 there: the error bound is below 2^-11)
   if (kDual) certain &= fabsf(beyond) > 0x1p-9f;
   return certain;
@@ -114,10 +104,11 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   if (mask) mask[e] = mo;
 }
 
-// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = 256 threads x 4 channels x kTile tokens of one batch row. A thread loads
-// its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per channel (byte i of channel j's
-// word stream = token row i), and takes each output's int32 sum as one dp4a of a 4-byte window of that stream with
-// the channel's 4 weight bytes (one int load: the weight row of a channel is its K taps).
+// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = 256 threads x 4 channels x kTile tokens of
+// one batch row. A thread loads its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per
+// channel (byte i of channel j's word stream = token row i), and takes each output's int32 sum as one dp4a of a
+// 4-byte window of that stream with the channel's 4 weight bytes (one int load: the weight row of a channel is its K
+// taps).
 constexpr int kTile = 8, kTaps = 4;
 static_assert(kTaps == 4 && kTile == 8, "the byte transpose below is written for 4 taps and 8 tokens");
 
@@ -308,8 +299,9 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
       aligned4(u) && (!mask || aligned4(mask))) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
-    QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream, x, weight, weight_scale, bias, state_in,
-                                 u, mask, fused_state, seqlen, dim, in_scale, q),
+    QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
+                                 x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen, dim, in_scale,
+                                 q),
                       "qm_quant_causal_conv1d conv launch");
   } else {
     const bool vec = dim % kConvVec == 0 && aligned4(u) && (!mask || aligned4(mask));

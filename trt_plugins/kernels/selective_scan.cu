@@ -11,25 +11,16 @@ namespace {
 constexpr int kMaxN = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float rcp(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using qm::ex2_approx;
+using qm::rcp_approx;
 
 // softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
 // by its series to s^13 (truncation < 2e-8 relative): ~15 instructions instead of log1pf's ~40. Branch-free, and
 // MUFU ex2 / rcp without the range fix-ups of __expf / __fdividef (e only flushes to 0 below 2^-126, where log1p(e)
 // is e to float precision anyway; 2 + e is in [2, 3]).
 __device__ __forceinline__ float softplus_fast(float x) {
-  const float e = ex2(fabsf(x) * -kLog2e);
-  const float s = e * rcp(2.f + e), s2 = s * s;
+  const float e = ex2_approx(fabsf(x) * -kLog2e);
+  const float s = e * rcp_approx(2.f + e), s2 = s * s;
   float p = __fmaf_rn(s2, 1.f / 13.f, 1.f / 11.f);
   p = __fmaf_rn(p, s2, 1.f / 9.f);
   p = __fmaf_rn(p, s2, 1.f / 7.f);
@@ -38,8 +29,8 @@ __device__ __forceinline__ float softplus_fast(float x) {
   p = __fmaf_rn(p, s2, 1.f);
   return x > 20.f ? x : fmaxf(x, 0.f) + 2.f * s * p;
 }
-// z / (1 + exp(-z)); for z < -126 ln 2 the ex2 result is +inf, rcp(inf) = 0 and the product -0 (silu(z) ~ -z e^z)
-__device__ __forceinline__ float silu_fast(float z) { return z * rcp(1.f + ex2(z * -kLog2e)); }
+// z / (1 + exp(-z)); for z < -126 ln 2 the ex2 result is +inf, its reciprocal 0 and the product -0 (silu ~ -z e^z)
+__device__ __forceinline__ float silu_fast(float z) { return z * rcp_approx(1.f + ex2_approx(z * -kLog2e)); }
 
 // Copies BYTES bytes from shared memory (aligned to min(BYTES, 16)) in 16/8/4-byte pieces.
 template <int BYTES, typename Tv>
@@ -171,6 +162,12 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
   }
 }
 
+// The k-th per-channel input of a chunk: u, dt, z (may be null), the outlier mask (null without dual scale). Selects,
+// not an indexed array: a runtime index into a local array would put it in local memory.
+__device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k) {
+  return k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
+}
+
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
@@ -182,10 +179,6 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
                                                int d0, bool vec) {
   constexpr int CH = C::CH;
   const int D = a.dim;
-  // selects, not an indexed array: a runtime index into a local array would put it in local memory
-  auto src = [&](int k) -> const void* {
-    return k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
-  };
   if constexpr (kInt8) {
     if (vec) {
       constexpr int PB = C::PB, PPR = C::CPB / PB;  // pieces per (array, t) row
@@ -202,7 +195,7 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
         for (int j = 0; j < R; ++j) {
           const int it = (j0 + j) * C::THREADS + tid;
           const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
-          const void* s = src(k);
+          const void* s = staged_input(a, k);
           const bool ok = it < kItems && t < nt && s && d0 + p * PB < D;
           r[j] = ok ? *reinterpret_cast<const Piece*>(static_cast<const uint8_t*>(s) +
                                                       (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + p * PB)
@@ -228,7 +221,7 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
     unsigned char* r = sIn + w * C::CH_BYTES;
 #pragma unroll
     for (int k = 0; k < narr; ++k) {
-      const void* s = src(k);
+      const void* s = staged_input(a, k);
       if constexpr (kInt8)
         r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
       else
@@ -355,12 +348,12 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
         const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          dA[i + j] = ex2(delta[i + j] * A2);
+          dA[i + j] = ex2_approx(delta[i + j] * A2);
           dBu[i + j] = dlu[i + j] * bb[j];
         }
       }
       // this lane's segment as an affine map h -> pa*h + pb
-      float pa = ex2(sumdelta * A2), pb = dBu[0];
+      float pa = ex2_approx(sumdelta * A2), pb = dBu[0];
 #pragma unroll
       for (int i = 1; i < T; ++i) pb = __fmaf_rn(dA[i], pb, dBu[i]);
       float carry = sCarry[ch * N + n];
@@ -441,31 +434,30 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   const bool active = d < D;
   // pieces of 16 channels: a thread loads the pieces (t, c) and (t + 16, c) of each of the 4 arrays
   const int pt = tid / 8, pc = (tid % 8) * 16;
+  const int bm = tid / (BC_PIECES / 2), bi = (tid % (BC_PIECES / 2)) * 16;  // B/C piece: matrix, byte in the chunk
   auto load = [&](int t0, int4 (&r)[PER], int4& rbc) {
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const int k = j / 2, t = pt + (j % 2) * (KC / 2);
-      const void* src = k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
+      const void* src = staged_input(a, k);
       const bool ok = src && t0 + t < L && d0 + pc < D;
       r[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const uint8_t*>(src) +
                                                  (static_cast<int64_t>(b) * L + t0 + t) * D + d0 + pc)
                 : int4{};
     }
-    const int m = tid / (BC_PIECES / 2), i = (tid % (BC_PIECES / 2)) * 16;  // matrix (B, C), byte in the chunk
-    const bool ok = tid < BC_PIECES && t0 * N + i < L * N;
-    rbc = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(m == 0 ? a.B : a.C) +
-                                              (static_cast<int64_t>(b) * L + t0) * N + i)
+    const bool ok = tid < BC_PIECES && t0 * N + bi < L * N;
+    rbc = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(bm == 0 ? a.B : a.C) +
+                                              (static_cast<int64_t>(b) * L + t0) * N + bi)
              : int4{};
   };
   auto store = [&](const int4 (&r)[PER], const int4& rbc) {
 #pragma unroll
     for (int j = 0; j < PER; ++j) *reinterpret_cast<int4*>(&sIn[j / 2][pt + (j % 2) * (KC / 2)][pc]) = r[j];
     if (tid < BC_PIECES) {
-      const int m = tid / (BC_PIECES / 2), i = (tid % (BC_PIECES / 2)) * 16;
-      const float sc = m == 0 ? a.B_scale : a.C_scale;
+      const float sc = bm == 0 ? a.B_scale : a.C_scale;
       const int8_t* v = reinterpret_cast<const int8_t*>(&rbc);
 #pragma unroll
-      for (int q = 0; q < 16; ++q) (&sBC[m][0][0])[i + q] = static_cast<float>(v[q]) * sc;
+      for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = static_cast<float>(v[q]) * sc;
     }
   };
   float h[N], A2[N];
@@ -501,7 +493,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
         const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, cc[4] = {cv.x, cv.y, cv.z, cv.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          h[n + j] = __fmaf_rn(ex2(delta * A2[n + j]), h[n + j], dlu * bb[j]);
+          h[n + j] = __fmaf_rn(ex2_approx(delta * A2[n + j]), h[n + j], dlu * bb[j]);
           y[j] = __fmaf_rn(h[n + j], cc[j], y[j]);
         }
       }
@@ -590,7 +582,7 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   float y = 0.f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    h[j] = __fmaf_rn(ex2(delta * A[j] * kLog2e), h[j], dlu * Bv[j]);
+    h[j] = __fmaf_rn(ex2_approx(delta * A[j] * kLog2e), h[j], dlu * Bv[j]);
     y = __fmaf_rn(h[j], Cv[j], y);
   }
 #pragma unroll

@@ -344,6 +344,29 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
 
 @needs_gpu
 @pytest.mark.gpu
+# one row at decode shapes with K in the thousands: x_proj (4 warps per column), out_proj (1), in_proj (2 columns per
+# warp), a wide K; 9001 columns: a last warp with one column
+@pytest.mark.parametrize(("kdim", "ncols"), [(5120, 192), (5120, 2560), (2560, 10240), (8192, 2056), (16, 9001)])
+@pytest.mark.parametrize("dual", [False, True])
+def test_int8_linear_one_row_weight_tiles(k, kdim, ncols, dual):
+    from qmamba.ops.specmath import quantize, scale_product
+
+    g = _g(kdim + ncols + dual)
+    x = torch.randint(-128, 128, (1, kdim), dtype=torch.int8, generator=g, device="cuda")
+    w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
+    ws = torch.rand(ncols, generator=g, device="cuda") * 0.001 + 1e-4
+    mask = (torch.rand(1, kdim, generator=g, device="cuda") < 0.05).to(torch.uint8) if dual else None
+    s_in, s_out = 0.02, 0.3
+    m_in = scale_product(s_in, ws.cpu()).cuda()
+    m_out = scale_product(s_out, ws.cpu()).cuda() if dual else None
+    (out,) = k.int8_linear(x, w, m_in, [(ncols, 0.05)], mask, m_out)
+    y = ref.quant_linear(x.cpu(), w.cpu(), s_in, ws.cpu(), None, None if mask is None else mask.cpu(), s_out)
+    assert torch.equal(out.cpu(), quantize(y, 0.05))
+    assert (out.cpu() != 0).float().mean() > 0.5  # the scale keeps most codes away from 0: a wrong sum shows
+
+
+@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     ("rows", "kdim", "vocab"), [(1, 768, 50280), (3, 2560, 1000), (4, 16, 33), (9, 4096, 517), (4, 2560, 50280)]
 )
@@ -366,7 +389,8 @@ def test_tied_logits_match_reference(k, rows, kdim, vocab):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("rows", "kdim", "ncols"),
-    [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40), (3, 2560, 10240), (4, 768, 3072)],
+    [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40), (3, 2560, 10240), (4, 768, 3072),
+     (1, 2560, 10240), (1, 8192, 2056), (1, 5120, 192)],
 )
 def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
     from qmamba.ops.specmath import quantize, scale_product

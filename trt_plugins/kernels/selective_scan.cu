@@ -522,8 +522,10 @@ bool seq_applies(const qm_scan_args* a) {
 // Decode (L = 1): G = N/4 threads per (b, d), each owning 4 consecutive states, so state reads and writes
 // are coalesced 16-byte accesses; y is reduced over the G threads with shuffles. In place is safe: every
 // thread reads its own states before writing them.
-template <int N, bool kInt8>
-__global__ void state_update_kernel(qm_scan_args a, bool vec) {
+// kDtW: dt_proj fused in (a.dt_w non-null), in its own instantiation: with the 16-byte rank pieces in, every update
+// took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
+template <int N, bool kInt8, bool kDtW>
+__global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   constexpr int G = N / 4;
   qm::wait_for_inputs();
   qm::allow_dependents();
@@ -538,11 +540,34 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   if constexpr (kInt8) {
     const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
     u = static_cast<float>(static_cast<const int8_t*>(a.u)[r]) * s;
-    if (a.dt_w) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, then the epilogue
+    if constexpr (kDtW) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, the epilogue
       const int8_t* lr = a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
       const int8_t* wr = a.dt_w + static_cast<int64_t>(d) * a.dt_rank;
-      int acc = 0;
-      for (int j = q; j < a.dt_rank; j += G) acc += static_cast<int>(lr[j]) * static_cast<int>(wr[j]);
+      int acc = 0;  // an exact int32 sum: any order gives the same bits
+      if (vec_dt) {
+        // rank % 16 == 0, 16-byte aligned rows: 16-byte pieces, all of a round's loads in flight before the first
+        // dp4a (byte loads in a loop of runtime length took one L2 round trip per few bytes)
+        constexpr int kPer = 4;  // pieces per lane per round: ranks up to 16 * kPer * G in one round
+        const int pieces = a.dt_rank / 16;
+        for (int j0 = q; j0 < pieces; j0 += kPer * G) {
+          int4 lv[kPer], wv[kPer];
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) {
+            const int j = j0 + k * G;
+            lv[k] = j < pieces ? reinterpret_cast<const int4*>(lr)[j] : int4{};
+            wv[k] = j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
+          }
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) {
+            acc = __dp4a(lv[k].x, wv[k].x, acc);
+            acc = __dp4a(lv[k].y, wv[k].y, acc);
+            acc = __dp4a(lv[k].z, wv[k].z, acc);
+            acc = __dp4a(lv[k].w, wv[k].w, acc);
+          }
+        }
+      } else {
+        for (int j = q; j < a.dt_rank; j += G) acc += static_cast<int>(lr[j]) * static_cast<int>(wr[j]);
+      }
 #pragma unroll
       for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, G);
       const int8_t code = qm::quantize(__fmul_rn(static_cast<float>(acc), a.dt_m[d]), a.dt_scale);
@@ -561,7 +586,9 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   float h[4], A[4], Bv[4], Cv[4];
   const int64_t s0 = r * N + 4 * q, a0 = static_cast<int64_t>(d) * N + 4 * q, b0 = static_cast<int64_t>(b) * N + 4 * q;
   if (vec) {
-    const float4 hv = a.initial_state ? reinterpret_cast<const float4*>(a.initial_state)[s0 / 4] : float4{};
+    // the state streams (evict-first loads and stores): read and written once per step, it would only push the
+    // weights or other layers' inputs out of L2 (B64 D5120: 23.3 -> 18.3 us on an H100, NOTES.md)
+    const float4 hv = a.initial_state ? __ldcs(reinterpret_cast<const float4*>(a.initial_state) + s0 / 4) : float4{};
     const float4 av = reinterpret_cast<const float4*>(a.A)[a0 / 4];
     h[0] = hv.x, h[1] = hv.y, h[2] = hv.z, h[3] = hv.w;
     A[0] = av.x, A[1] = av.y, A[2] = av.z, A[3] = av.w;
@@ -589,7 +616,7 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec) {
   for (int off = G / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off, G);
   if (!active) return;
   if (a.final_state && vec)
-    reinterpret_cast<float4*>(a.final_state)[s0 / 4] = make_float4(h[0], h[1], h[2], h[3]);
+    __stcs(reinterpret_cast<float4*>(a.final_state) + s0 / 4, make_float4(h[0], h[1], h[2], h[3]));
   else if (a.final_state)
 #pragma unroll
     for (int j = 0; j < 4; ++j) a.final_state[s0 + j] = h[j];
@@ -680,12 +707,15 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
 
 template <int N, bool kInt8>
 int launch_update_n(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
-  constexpr int G = N / 4, threads = 256;
+  constexpr int G = N / 4, threads = 128;  // 256 and 512 measured no better (NOTES.md, session 6)
   const int64_t total = static_cast<int64_t>(a->batch) * a->dim * G;
   const bool vec = reinterpret_cast<uintptr_t>(a->initial_state) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(a->final_state) % 16 == 0 && reinterpret_cast<uintptr_t>(a->A) % 16 == 0;
-  QM_CHECK_LAUNCHED(qm::launch(state_update_kernel<N, kInt8>, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
-                               dim3(threads), 0, stream, *a, vec),
+  const bool vec_dt = a->dt_w && a->dt_rank % 16 == 0 && reinterpret_cast<uintptr_t>(a->dt_w) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(a->dt_lowrank) % 16 == 0;
+  auto kernel = kInt8 && a->dt_w ? state_update_kernel<N, kInt8, kInt8> : state_update_kernel<N, kInt8, false>;
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
+                               dim3(threads), 0, stream, *a, vec, vec_dt),
                     fn);
   return QM_OK;
 }

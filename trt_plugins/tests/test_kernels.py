@@ -412,7 +412,8 @@ def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize(("b", "d", "rank"), [(1, 1536, 48), (3, 5120, 160), (2, 100, 7)])
+# ranks that are multiples of 16 take 16-byte pieces (272: a second round of pieces at N = 16); 7: byte by byte
+@pytest.mark.parametrize(("b", "d", "rank"), [(1, 1536, 48), (3, 5120, 160), (2, 100, 7), (2, 64, 272), (2, 64, 16)])
 @pytest.mark.parametrize("n", [16, 64])
 def test_state_update_with_fused_dt_proj_equals_separate(k, b, d, rank, n):
     from qmamba.ops.specmath import quantize, scale_product

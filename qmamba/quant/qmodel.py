@@ -110,7 +110,18 @@ def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
 
-class IntOps:
+class _ComposedStages:
+    """The stages both paths build from their own primitives (quantize, linear, dequant, ...) the same way."""
+
+    scan = _ref_scan
+    linear_quant = _linear_quant
+    linear_add = _linear_add
+    norm_linear_quant = _norm_linear_quant
+    dt_proj_scan = _dt_proj_scan
+    logits = _logits
+
+
+class IntOps(_ComposedStages):
     """Stages computed on integer tensors with the reference ops."""
 
     simulate = False
@@ -146,15 +157,8 @@ class IntOps:
     def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
         return torch.zeros(bsz, d, k - 1, dtype=torch.int8)
 
-    scan = _ref_scan
-    linear_quant = _linear_quant
-    linear_add = _linear_add
-    norm_linear_quant = _norm_linear_quant
-    dt_proj_scan = _dt_proj_scan
-    logits = _logits
 
-
-class SimOps:
+class SimOps(_ComposedStages):
     """Stages computed as fake quantization in float32 (float64 GEMMs over recovered codes)."""
 
     simulate = True
@@ -223,13 +227,6 @@ class SimOps:
 
     def conv_state_zeros(self, bsz: int, d: int, k: int) -> torch.Tensor:
         return torch.zeros(bsz, d, k - 1)
-
-    scan = _ref_scan
-    linear_quant = _linear_quant
-    linear_add = _linear_add
-    norm_linear_quant = _norm_linear_quant
-    dt_proj_scan = _dt_proj_scan
-    logits = _logits
 
 
 class QuantMambaLM:

@@ -11,6 +11,9 @@ namespace {
 constexpr int kMaxN = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// host: whether a device pointer allows the vector paths' BYTES-wide accesses
+inline bool aligned(const void* p, int bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 using qm::ex2_approx;
 using qm::rcp_approx;
 
@@ -513,7 +516,6 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
 
 template <int N>
 bool seq_applies(const qm_scan_args* a) {
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 && aligned(a->u) &&
          aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) && aligned(a->B) &&
          aligned(a->C);
@@ -669,11 +671,10 @@ int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
                              cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return qm::fail_cuda("cudaFuncSetAttribute(scan shared memory)", e);
   dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
-  auto aligned = [](const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  const bool vec_bc = aligned(a->B, 16) && aligned(a->C, 16) && (static_cast<int64_t>(a->seqlen) * N) % 16 == 0;
+  const bool vec_bc = aligned(a->B) && aligned(a->C) && (static_cast<int64_t>(a->seqlen) * N) % 16 == 0;
   const bool vec_ch = a->dim % C::PB == 0 && aligned(a->u, C::PB) && aligned(a->dt, C::PB) &&
                       (!a->z || aligned(a->z, C::PB)) && (!a->dual_scale || aligned(a->u_mask, C::PB));
-  const bool vec_y = a->dim % C::PB == 0 && aligned(a->y, 16);
+  const bool vec_y = a->dim % C::PB == 0 && aligned(a->y);
   scan_chunked_kernel<N, kInt8, C><<<grid, C::THREADS, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
@@ -709,10 +710,9 @@ template <int N, bool kInt8>
 int launch_update_n(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   constexpr int G = N / 4, threads = 128;  // 256 and 512 measured no better (NOTES.md, session 6)
   const int64_t total = static_cast<int64_t>(a->batch) * a->dim * G;
-  const bool vec = reinterpret_cast<uintptr_t>(a->initial_state) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(a->final_state) % 16 == 0 && reinterpret_cast<uintptr_t>(a->A) % 16 == 0;
-  const bool vec_dt = a->dt_w && a->dt_rank % 16 == 0 && reinterpret_cast<uintptr_t>(a->dt_w) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(a->dt_lowrank) % 16 == 0;
+  const bool vec = aligned(a->initial_state) && aligned(a->final_state) && aligned(a->A);
+  const bool vec_dt = a->dt_w && a->dt_rank % 16 == 0 && aligned(a->dt_w) && aligned(a->dt_lowrank);
+  // kDtW = kInt8: a fused dt_proj comes with int8 inputs only (validate), so float inputs get no kDtW instantiation
   auto kernel = kInt8 && a->dt_w ? state_update_kernel<N, kInt8, kInt8> : state_update_kernel<N, kInt8, false>;
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                dim3(threads), 0, stream, *a, vec, vec_dt),

@@ -348,7 +348,7 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
 # warp), a wide K; 9001 columns: a last warp with one column
 @pytest.mark.parametrize(("kdim", "ncols"), [(5120, 192), (5120, 2560), (2560, 10240), (8192, 2056), (16, 9001)])
 @pytest.mark.parametrize("dual", [False, True])
-def test_int8_linear_one_row_weight_tiles(k, kdim, ncols, dual):
+def test_int8_linear_one_row_at_decode_shapes(k, kdim, ncols, dual):
     from qmamba.ops.specmath import quantize, scale_product
 
     g = _g(kdim + ncols + dual)

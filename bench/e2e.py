@@ -27,7 +27,7 @@ from qmamba.model.checkpoint import load_model
 from qmamba.model.mamba import MambaLM
 from qmamba.quant.calibrate import CalibOptions, calibrate
 from qmamba.quant.recipes import get_recipe
-from qmamba.runtime.cuda_model import CudaQuantModel, _DecodeGraph
+from qmamba.runtime.cuda_model import L2_PREFETCH_PLANS, CudaOps, CudaQuantModel, _DecodeGraph, l2_prefetch_plan
 
 SIZES = {"130m": (768, 24), "1.4b": (2048, 48), "2.8b": (2560, 64)}
 
@@ -161,6 +161,73 @@ def profile_decode(size: str, batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGES = ("norm_linear_quant", "conv", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add", "logits")
+
+
+@torch.no_grad()
+def stage_costs(size: str, batch: int, reps: int = 200) -> str:
+    """What each decode stage costs inside the captured PDL chain: the graph replay with that stage's op run twice
+    (so its kernel is launched twice per layer) minus the plain replay, per call. An eager profile cannot say
+    this: a PDL kernel's measured time includes its wait on the kernel before it."""
+    fm = float_model(size)
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    plain = gpu.in_place_ops
+
+    def replay_ms() -> float:
+        g = _DecodeGraph(gpu, batch)
+        t = statistics.median(events_ms(g.graph.replay, reps=reps) for _ in range(3))
+        del g
+        return t
+
+    base = [replay_ms()]
+    lines = [f"## decode stage costs, {size} B{batch} (graph replay with one stage doubled, minus the plain replay)",
+             "", "| stage op | calls per step | replay ms | us per call |", "|---|---|---|---|"]
+    for name in STAGES:
+        ops = CudaOps(gpu.device, in_place_states=True, l2_prefetch=plain.l2_prefetch)
+        ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
+        calls = [0]
+        orig = getattr(ops, name)
+
+        def twice(*a, orig=orig, calls=calls, **kw):
+            calls[0] += 1
+            orig(*a, **kw)
+            return orig(*a, **kw)
+        setattr(ops, name, twice)  # the instance attribute shadows the method
+        gpu.in_place_ops = ops
+        t = replay_ms()
+        gpu.in_place_ops = plain
+        lines.append((name, t, calls[0]))
+    base.append(replay_ms())
+    b = statistics.mean(base)
+    out = lines[:4]
+    for name, t, n in lines[4:]:
+        per = n // 3  # two warm-up steps and the captured one
+        out.append(f"| `{name}` | {per} | {t:.4f} | {(t - b) * 1e3 / max(per, 1):.2f} |")
+    out.append(f"| (plain, before and after) | | {base[0]:.4f} / {base[1]:.4f} | |")
+    return "\n".join(out) + "\n"
+
+
+@torch.no_grad()
+def prefetch_sweep(size: str, batch: int, rounds: int = 2) -> str:
+    """Decode step time (graph replay, median of 100) for each L2 prefetch plan, the plans alternating."""
+    fm = float_model(size)
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False),
+                         l2_prefetch="none")
+    times: dict[str, list[float]] = {p: [] for p in L2_PREFETCH_PLANS}
+    for _ in range(rounds):
+        for plan in L2_PREFETCH_PLANS:
+            gpu.ops.l2_prefetch = gpu.in_place_ops.l2_prefetch = l2_prefetch_plan(gpu.model, plan)
+            g = _DecodeGraph(gpu, batch)
+            times[plan].append(events_ms(g.graph.replay, reps=100))
+            del g
+    lines = [f"## decode step by L2 prefetch plan, {size} B{batch} (ms per step; rounds alternate the plans)", "",
+             "| plan | ms per step |", "|---|---|"]
+    lines += [f"| `{p}` | {' / '.join(f'{t:.4f}' for t in ts)} |" for p, ts in times.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -169,7 +236,27 @@ def main() -> None:
     ap.add_argument("--profile-decode", default=None, metavar="SIZE:B",
                     help="only print the per-kernel times of one eager decode step, e.g. 130m:1")
     ap.add_argument("--hf-sizes", default="tiny,130m", help="sizes that also time transformers (its slow path)")
+    ap.add_argument("--stage-costs", default=None, metavar="SIZE:B",
+                    help="only print what each decode stage costs in the captured chain, e.g. 130m:1")
+    ap.add_argument("--prefetch-sweep", default=None, metavar="SIZE:B[,SIZE:B]",
+                    help="only print the decode step time of each L2 prefetch plan, e.g. 130m:1,2.8b:1")
     args = ap.parse_args()
+    if args.prefetch_sweep:
+        text = ""
+        for item in args.prefetch_sweep.split(","):
+            size, b = item.split(":")
+            text += prefetch_sweep(size, int(b)) + "\n"
+            print(text, flush=True)
+            if args.out:
+                open(args.out, "w").write(text)
+        return
+    if args.stage_costs:
+        size, b = args.stage_costs.split(":")
+        text = stage_costs(size, int(b))
+        print(text)
+        if args.out:
+            open(args.out, "w").write(text)
+        return
     if args.profile_decode:
         size, b = args.profile_decode.split(":")
         text = profile_decode(size, int(b))

@@ -27,7 +27,7 @@ from qmamba.model.checkpoint import load_model
 from qmamba.model.mamba import MambaLM
 from qmamba.quant.calibrate import CalibOptions, calibrate
 from qmamba.quant.recipes import get_recipe
-from qmamba.runtime.cuda_model import L2_PREFETCH_PLANS, CudaOps, CudaQuantModel, _DecodeGraph, l2_prefetch_plan
+from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel, _DecodeGraph
 
 SIZES = {"130m": (768, 24), "1.4b": (2048, 48), "2.8b": (2560, 64)}
 
@@ -184,7 +184,7 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
     lines = [f"## decode stage costs, {size} B{batch} (graph replay with one stage doubled, minus the plain replay)",
              "", "| stage op | calls per step | replay ms | us per call |", "|---|---|---|---|"]
     for name in STAGES:
-        ops = CudaOps(gpu.device, in_place_states=True, l2_prefetch=plain.l2_prefetch)
+        ops = CudaOps(gpu.device, in_place_states=True)
         ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
         calls = [0]
         orig = getattr(ops, name)
@@ -208,26 +208,6 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
     return "\n".join(out) + "\n"
 
 
-@torch.no_grad()
-def prefetch_sweep(size: str, batch: int, rounds: int = 2) -> str:
-    """Decode step time (graph replay, median of 100) for each L2 prefetch plan, the plans alternating."""
-    fm = float_model(size)
-    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False),
-                         l2_prefetch="none")
-    times: dict[str, list[float]] = {p: [] for p in L2_PREFETCH_PLANS}
-    for _ in range(rounds):
-        for plan in L2_PREFETCH_PLANS:
-            gpu.ops.l2_prefetch = gpu.in_place_ops.l2_prefetch = l2_prefetch_plan(gpu.model, plan)
-            g = _DecodeGraph(gpu, batch)
-            times[plan].append(events_ms(g.graph.replay, reps=100))
-            del g
-    lines = [f"## decode step by L2 prefetch plan, {size} B{batch} (ms per step; rounds alternate the plans)", "",
-             "| plan | ms per step |", "|---|---|"]
-    lines += [f"| `{p}` | {' / '.join(f'{t:.4f}' for t in ts)} |" for p, ts in times.items()]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -238,18 +218,7 @@ def main() -> None:
     ap.add_argument("--hf-sizes", default="tiny,130m", help="sizes that also time transformers (its slow path)")
     ap.add_argument("--stage-costs", default=None, metavar="SIZE:B",
                     help="only print what each decode stage costs in the captured chain, e.g. 130m:1")
-    ap.add_argument("--prefetch-sweep", default=None, metavar="SIZE:B[,SIZE:B]",
-                    help="only print the decode step time of each L2 prefetch plan, e.g. 130m:1,2.8b:1")
     args = ap.parse_args()
-    if args.prefetch_sweep:
-        text = ""
-        for item in args.prefetch_sweep.split(","):
-            size, b = item.split(":")
-            text += prefetch_sweep(size, int(b)) + "\n"
-            print(text, flush=True)
-            if args.out:
-                open(args.out, "w").write(text)
-        return
     if args.stage_costs:
         size, b = args.stage_costs.split(":")
         text = stage_costs(size, int(b))

@@ -41,10 +41,7 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 4  # qm_abi_version() of the library this binding is written for
-
-
-L2_PREFETCH_RANGES = 4  # QM_L2_PREFETCH_RANGES
+ABI_VERSION = 3  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -56,8 +53,6 @@ class LinearArgs(ctypes.Structure):
         ("residual", ctypes.c_void_p),
         ("norm_x", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
         ("norm_scale", ctypes.c_float),
-        ("l2_prefetch", ctypes.c_void_p * L2_PREFETCH_RANGES),
-        ("l2_prefetch_bytes", ctypes.c_int64 * L2_PREFETCH_RANGES),
     ]
 
 
@@ -220,13 +215,11 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 segments: list[tuple[int, float | None]], x_mask: torch.Tensor | None = None,
                 m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
                 acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
-                l2_prefetch: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
-    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). l2_prefetch: up to L2_PREFETCH_RANGES tensors
-    that later kernels read (the GEMV prefetches them into L2; no effect on results, ignored with acc_in)."""
+    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k])."""
     lib = load_library()
     src = x_q if norm is None else norm[0]
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
@@ -246,13 +239,5 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                       (ctypes.c_float * 3)(*scales, *[0.0] * (3 - len(scales))),
                       (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
                       _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale)
-    pf = list(l2_prefetch or [])
-    if len(pf) > L2_PREFETCH_RANGES:
-        raise ValueError(f"int8_linear: at most {L2_PREFETCH_RANGES} l2_prefetch tensors, got {len(pf)}")
-    for i, t in enumerate(pf):
-        if not t.is_contiguous() or t.device != src.device:
-            raise ValueError(f"int8_linear: l2_prefetch tensor {i} must be contiguous on {src.device}")
-        args.l2_prefetch[i] = t.data_ptr()
-        args.l2_prefetch_bytes[i] = t.numel() * t.element_size()
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

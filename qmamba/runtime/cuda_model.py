@@ -28,43 +28,14 @@ from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 
 LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: decode batches up to 64 use it
 
-# Which weights the decode GEMVs prefetch into L2 for later kernels of the same step (qm_linear_args.l2_prefetch),
-# so that HBM streams them while the latency-bound kernels between the big GEMVs run:
-#   none;
-#   out_proj: layer i's x_proj prefetches layer i's out_proj;
-#   next_in_proj: that, and layer i+1's in_proj;
-#   all: that, and layer i's in_proj prefetches layer i's conv, x_proj and dt_proj weights.
-L2_PREFETCH_PLANS = ("none", "out_proj", "next_in_proj", "all")
-
-
-def l2_prefetch_plan(model: QuantMambaLM, plan: str) -> dict[int, list[torch.Tensor]]:
-    """id(QLinear) -> the tensors its GEMV prefetches (see L2_PREFETCH_PLANS)."""
-    if plan not in L2_PREFETCH_PLANS:
-        raise ValueError(f"unknown L2 prefetch plan {plan!r}; choose one of {', '.join(L2_PREFETCH_PLANS)}")
-    out: dict[int, list[torch.Tensor]] = {}
-    if plan == "none":
-        return out
-    layers = model.layers
-    for i, lyr in enumerate(layers):
-        later = [lyr.out_proj.weight_q]
-        if plan != "out_proj" and i + 1 < len(layers):
-            later.append(layers[i + 1].in_proj.weight_q)
-        out[id(lyr.x_proj)] = later
-        if plan == "all":
-            conv = [lyr.conv_weight_q] if lyr.conv_weight_q is not None else []
-            out[id(lyr.in_proj)] = conv + [lyr.x_proj.weight_q, lyr.dt_proj.weight_q]
-    return out
-
 
 class CudaOps(IntOps):
     """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
     in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers)."""
 
-    def __init__(self, device: torch.device, in_place_states: bool = False,
-                 l2_prefetch: dict[int, list[torch.Tensor]] | None = None) -> None:
+    def __init__(self, device: torch.device, in_place_states: bool = False) -> None:
         self.device = device
         self.in_place = in_place_states
-        self.l2_prefetch = l2_prefetch or {}
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -106,8 +77,7 @@ class CudaOps(IntOps):
                 acc_in = self._int_mm(torch.where(m, zero, x2), lin)
                 acc_out = self._int_mm(torch.where(m, x2, zero), lin)
         return k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
-                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual,
-                             l2_prefetch=self.l2_prefetch.get(id(lin)))
+                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual)
 
     @staticmethod
     def _int_mm(x2: torch.Tensor, lin: QLinear) -> torch.Tensor:
@@ -137,7 +107,7 @@ class CudaOps(IntOps):
         if r.numel() // kdim > k.GEMV_MAX_ROWS or kdim % 16 or kdim > 8192:
             return super().norm_linear_quant(residual, norm_w, eps, s_norm, lin, segments)
         outs = k.int8_linear(None, lin.weight_q, self._multiplier(s_norm, lin), segments,
-                             norm=(r, norm_w, eps, s_norm), l2_prefetch=self.l2_prefetch.get(id(lin)))
+                             norm=(r, norm_w, eps, s_norm))
         return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
 
     def dt_proj_scan(self, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
@@ -197,17 +167,15 @@ class CudaOps(IntOps):
 class CudaQuantModel:
     """A QuantMambaLM on the GPU, called like the CPU model: (logits, states) = model(ids, states)."""
 
-    def __init__(self, model: QuantMambaLM, device: str | torch.device = "cuda",
-                 l2_prefetch: str = "next_in_proj") -> None:
+    def __init__(self, model: QuantMambaLM, device: str | torch.device = "cuda") -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("the CUDA model needs a CUDA GPU (torch.cuda.is_available() is False)")
         self.device = torch.device(device)
         k.load_library()
         self.model = model.to(self.device)
         self.cfg = model.cfg
-        plan = l2_prefetch_plan(self.model, l2_prefetch)
-        self.ops = CudaOps(self.device, l2_prefetch=plan)
-        self.in_place_ops = CudaOps(self.device, in_place_states=True, l2_prefetch=plan)
+        self.ops = CudaOps(self.device)
+        self.in_place_ops = CudaOps(self.device, in_place_states=True)
 
     def __call__(self, ids: torch.Tensor, states: list[LayerState] | None = None, in_place: bool = False):
         """in_place: write the new states into `states` (the decode graphs) instead of new tensors."""

@@ -47,29 +47,6 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
-// The l2_prefetch hint: thread 0 of every block prefetches its share of each range into L2 with bulk prefetches
-// (the TMA unit works them off; nothing waits for them). Issued before the dependency wait: the ranges are weights.
-__device__ __forceinline__ void prefetch_l2(const qm_linear_args& a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0) return;
-  constexpr uint64_t kPiece = 64 << 10;  // bytes per bulk prefetch
-#pragma unroll  // constant indices into the kernel parameter (see store())
-  for (int i = 0; i < QM_L2_PREFETCH_RANGES; ++i) {
-    if (!a.l2_prefetch[i] || a.l2_prefetch_bytes[i] <= 0) continue;
-    const uint64_t p0 = reinterpret_cast<uintptr_t>(a.l2_prefetch[i]);
-    const uint64_t b = (p0 + 15) & ~uint64_t{15}, e = (p0 + static_cast<uint64_t>(a.l2_prefetch_bytes[i])) & ~uint64_t{15};
-    if (e <= b) continue;
-    const uint64_t share = ((e - b + gridDim.x - 1) / gridDim.x + 15) & ~uint64_t{15};
-    const uint64_t s = b + blockIdx.x * share, end = s + share < e ? s + share : e;
-    for (uint64_t q = s; q < end; q += kPiece) {
-      const uint32_t bytes = static_cast<uint32_t>(end - q < kPiece ? end - q : kPiece);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(
-                       reinterpret_cast<const void*>(q))), "r"(bytes) : "memory");
-    }
-  }
-#endif
-}
-
 // RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
 // against a separate kernel launch and its round trip through memory).
 template <int R>
@@ -168,7 +145,6 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
   };
   // the first pieces load before waiting for the previous kernel (weights are constant)
   prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW);
-  prefetch_l2(a);
   qm::wait_for_inputs();
   qm::allow_dependents();
   if (a.norm_x) {
@@ -266,10 +242,6 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   }
   QM_CHECK_ARG(sg.end[sg.n - 1] == a->n, "qm_int8_linear: the last segment must end at n=%d", a->n);
   QM_CHECK_ARG(!a->residual || (sg.n == 1 && sg.scale[0] == 0.f), "qm_int8_linear: residual needs one float segment");
-  for (int i = 0; i < QM_L2_PREFETCH_RANGES; ++i)
-    QM_CHECK_ARG(a->l2_prefetch_bytes[i] >= 0 && (a->l2_prefetch_bytes[i] == 0 || a->l2_prefetch[i]),
-                 "qm_int8_linear: l2_prefetch range %d has %lld bytes at %p (bytes >= 0, non-null when > 0)", i,
-                 static_cast<long long>(a->l2_prefetch_bytes[i]), a->l2_prefetch[i]);
   const int threads = 256;
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");

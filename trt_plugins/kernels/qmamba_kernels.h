@@ -31,8 +31,7 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 4 (3: qm_tied_logits; 4: l2_prefetch in
-                                  qm_linear_args) */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 3 (3: qm_tied_logits) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -108,14 +107,7 @@ typedef struct {
   const float* norm_x;
   const float* norm_w;
   float norm_eps, norm_scale;
-  /* Optional hint, GEMV only: up to QM_L2_PREFETCH_RANGES byte ranges that later kernels of the same step read
-   * (e.g. the next GEMVs' weights), prefetched into L2 before this kernel waits for its inputs, so that HBM streams
-   * them while latency-bound kernels run. Only the 16-byte aligned inside of a range is prefetched; a NULL pointer
-   * or 0 bytes is no range. The prefetch changes no result. */
-  const void* l2_prefetch[4];
-  int64_t l2_prefetch_bytes[4];
 } qm_linear_args;
-#define QM_L2_PREFETCH_RANGES 4
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
 

@@ -367,43 +367,6 @@ def test_int8_linear_one_row_at_decode_shapes(k, kdim, ncols, dual):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_norm", [False, True])
-def test_int8_linear_l2_prefetch_changes_no_result(k, fused_norm):
-    """The L2 prefetch hint (ranges of other tensors, unaligned ends, more blocks than 16-byte pieces) is a hint:
-    the outputs equal those without it, and a malformed range is refused with its reason."""
-    import ctypes
-
-    g = _g(77 + fused_norm)
-    kdim, ncols = 768, 3072
-    x = torch.randint(-128, 128, (1, kdim), dtype=torch.int8, generator=g, device="cuda")
-    r = torch.randn(1, kdim, generator=g, device="cuda")
-    nw = torch.rand(kdim, generator=g, device="cuda") + 0.5
-    w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
-    m_in = torch.rand(ncols, generator=g, device="cuda") * 1e-3 + 1e-4
-    others = torch.randint(-128, 128, (5 << 20,), dtype=torch.int8, generator=g, device="cuda")
-    ranges = [others[3:], others[:17], others[1:2], w]  # unaligned start, a piece and a bit, 1 byte, w itself
-    norm = (r, nw, 1e-5, 0.03) if fused_norm else None
-    xin = None if fused_norm else x
-    (plain,) = k.int8_linear(xin, w, m_in, [(ncols, 0.05)], norm=norm)
-    (hinted,) = k.int8_linear(xin, w, m_in, [(ncols, 0.05)], norm=norm, l2_prefetch=ranges)
-    torch.cuda.synchronize()
-    assert torch.equal(plain, hinted) and (plain != 0).float().mean() > 0.5
-    with pytest.raises(ValueError, match="at most 4 l2_prefetch"):
-        k.int8_linear(xin, w, m_in, [(ncols, 0.05)], norm=norm, l2_prefetch=ranges + [w])
-    lib = k.load_library()
-    out = torch.empty(1, ncols, dtype=torch.int8, device="cuda")
-    args = k.LinearArgs(x=x.data_ptr(), w=w.data_ptr(), m_in=m_in.data_ptr(), rows=1, k=kdim, n=ncols, n_seg=1)
-    args.seg_end[0], args.seg_scale[0], args.seg_out[0] = ncols, 0.05, out.data_ptr()
-    args.l2_prefetch_bytes[2] = -16
-    assert lib.qm_int8_linear(ctypes.byref(args), None) == 1
-    assert "l2_prefetch range 2" in lib.qm_last_error().decode()
-    args.l2_prefetch_bytes[2] = 64  # bytes without a pointer
-    assert lib.qm_int8_linear(ctypes.byref(args), None) == 1
-    assert "non-null when > 0" in lib.qm_last_error().decode()
-
-
-@needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize(
     ("rows", "kdim", "vocab"), [(1, 768, 50280), (3, 2560, 1000), (4, 16, 33), (9, 4096, 517), (4, 2560, 50280)]
 )

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from qmamba import cuda as kernels
 from qmamba.config import MambaConfig
 from qmamba.model.checkpoint import load_model
 from qmamba.model.mamba import MambaLM
@@ -208,6 +209,30 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
     return "\n".join(out) + "\n"
 
 
+@torch.no_grad()
+def compare_libs(size: str, libs: list[str], batches: tuple[int, ...] = (1, 16, 64), rounds: int = 2) -> str:
+    """Decode step time (graph replay, median of 100) with each build of libqmamba_kernels.so, in one process on
+    one model: the graph is captured again with each library's kernels, the libraries alternating."""
+    fm = float_model(size)
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    handles = [kernels.load_library(p, build=False) for p in libs]
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for path, lib in zip(libs, handles, strict=True):
+            kernels._lib = lib
+            for b in batches:
+                g = _DecodeGraph(gpu, b)
+                times.setdefault((path, b), []).append(events_ms(g.graph.replay, reps=100))
+                del g
+    lines = [f"## decode step by library build, {size} (ms per step, graph replay; rounds alternate the builds)", "",
+             "| library | " + " | ".join(f"B{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for path in libs:
+        lines.append(f"| `{path}` | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(path, b)])
+                                                  for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -218,7 +243,17 @@ def main() -> None:
     ap.add_argument("--hf-sizes", default="tiny,130m", help="sizes that also time transformers (its slow path)")
     ap.add_argument("--stage-costs", default=None, metavar="SIZE:B",
                     help="only print what each decode stage costs in the captured chain, e.g. 130m:1")
+    ap.add_argument("--compare-libs", default=None, metavar="LIB[,LIB]",
+                    help="only print the decode step time with each library build, for --sizes")
     args = ap.parse_args()
+    if args.compare_libs:
+        text = ""
+        for size in args.sizes.split(","):
+            text += compare_libs(size, args.compare_libs.split(",")) + "\n"
+            print(text, flush=True)
+            if args.out:
+                open(args.out, "w").write(text)
+        return
     if args.stage_costs:
         size, b = args.stage_costs.split(":")
         text = stage_costs(size, int(b))

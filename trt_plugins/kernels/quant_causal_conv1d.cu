@@ -127,6 +127,9 @@ __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d
                           static_cast<uint32_t>(static_cast<uint8_t>(d)) << 24);
 }
 
+#ifndef QM_EARLY_STATE
+#define QM_EARLY_STATE 0
+#endif
 template <bool kDual>
 __global__ void __launch_bounds__(256) conv_tile_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
@@ -144,6 +147,16 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     m[j] = qm::scale_product(in_scale, ws[d0 + j]);
     bs[j] = bias[d0 + j];
   }
+#if QM_EARLY_STATE
+  int early[kTaps - 1] = {0, 0, 0};
+  if (state && L == 1) {
+#pragma unroll
+    for (int i = 0; i < kTaps - 1; ++i) {
+      const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + i;
+      early[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
+    }
+  }
+#endif
   qm::wait_for_inputs();
   qm::allow_dependents();
   int rows[12];  // token rows t0 - 3 .. t0 + 8 (the last is padding), byte j = channel d0 + j
@@ -157,6 +170,10 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
       const int src = t0 - (kTaps - 1) + i;
       if (src >= 0) {
         rows[i] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
+      } else if (QM_EARLY_STATE && state && L == 1) {
+#if QM_EARLY_STATE
+        rows[i] = early[i];
+#endif
       } else if (state) {
         const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
         rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);

@@ -526,11 +526,13 @@ bool seq_applies(const qm_scan_args* a) {
 // thread reads its own states before writing them.
 // kDtW: dt_proj fused in (a.dt_w non-null), in its own instantiation: with the 16-byte rank pieces in, every update
 // took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
+#ifndef QM_EARLY_STATE
+#define QM_EARLY_STATE 0
+#endif
 template <int N, bool kInt8, bool kDtW>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   constexpr int G = N / 4;
-  qm::wait_for_inputs();
-  qm::allow_dependents();
+  constexpr int kPer = 4;  // dt_proj: 16-byte rank pieces per lane per round (ranks up to 16 * kPer * G in one)
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t row = gid / G;
   const int q = static_cast<int>(gid % G);
@@ -538,26 +540,61 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   const bool active = row < static_cast<int64_t>(a.batch) * D;
   const int64_t r = active ? row : 0;
   const int d = static_cast<int>(r % D), b = static_cast<int>(r / D);
+  const int64_t s0 = r * N + 4 * q, a0 = static_cast<int64_t>(d) * N + 4 * q, b0 = static_cast<int64_t>(b) * N + 4 * q;
+  // The weights (A, dt_bias, D, dt_proj's row and multiplier) load before waiting for the previous kernel: at
+  // decode they come from HBM, and their latency overlaps that kernel's tail instead of following it.
+  float A[4];
+  if (vec) {
+    const float4 av = reinterpret_cast<const float4*>(a.A)[a0 / 4];
+    A[0] = av.x, A[1] = av.y, A[2] = av.z, A[3] = av.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) A[j] = a.A[a0 + j];
+  }
+  const float bias = a.dt_bias ? a.dt_bias[d] : 0.f, dskip = a.Dskip ? a.Dskip[d] : 0.f;
+  const int8_t* wr = kDtW ? a.dt_w + static_cast<int64_t>(d) * a.dt_rank : nullptr;
+  const float dt_m = kDtW ? a.dt_m[d] : 0.f;
+  const int pieces = kDtW && vec_dt ? a.dt_rank / 16 : 0;
+  int4 w_first[kPer];  // the first round's dt_proj pieces
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int j = q + k * G;
+    w_first[k] = j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
+  }
+  auto load_h = [&](float (&h)[4]) {
+    if (vec) {
+      // the state streams (evict-first loads and stores): read and written once per step, it would only push the
+      // weights or other layers' inputs out of L2 (B64 D5120: 23.3 -> 18.3 us on an H100, NOTES.md)
+      const float4 hv = a.initial_state ? __ldcs(reinterpret_cast<const float4*>(a.initial_state) + s0 / 4) : float4{};
+      h[0] = hv.x, h[1] = hv.y, h[2] = hv.z, h[3] = hv.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h[j] = a.initial_state ? a.initial_state[s0 + j] : 0.f;
+    }
+  };
+#if QM_EARLY_STATE
+  float h[4];
+  load_h(h);
+#endif
+  qm::wait_for_inputs();
+  qm::allow_dependents();
   float u, x, zv = 0.f;
   if constexpr (kInt8) {
     const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
     u = static_cast<float>(static_cast<const int8_t*>(a.u)[r]) * s;
     if constexpr (kDtW) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, the epilogue
       const int8_t* lr = a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
-      const int8_t* wr = a.dt_w + static_cast<int64_t>(d) * a.dt_rank;
       int acc = 0;  // an exact int32 sum: any order gives the same bits
       if (vec_dt) {
         // rank % 16 == 0, 16-byte aligned rows: 16-byte pieces, all of a round's loads in flight before the first
         // dp4a (byte loads in a loop of runtime length took one L2 round trip per few bytes)
-        constexpr int kPer = 4;  // pieces per lane per round: ranks up to 16 * kPer * G in one round
-        const int pieces = a.dt_rank / 16;
         for (int j0 = q; j0 < pieces; j0 += kPer * G) {
           int4 lv[kPer], wv[kPer];
 #pragma unroll
           for (int k = 0; k < kPer; ++k) {
             const int j = j0 + k * G;
             lv[k] = j < pieces ? reinterpret_cast<const int4*>(lr)[j] : int4{};
-            wv[k] = j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
+            wv[k] = j0 == q ? w_first[k] : j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
           }
 #pragma unroll
           for (int k = 0; k < kPer; ++k) {
@@ -572,7 +609,7 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
       }
 #pragma unroll
       for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, G);
-      const int8_t code = qm::quantize(__fmul_rn(static_cast<float>(acc), a.dt_m[d]), a.dt_scale);
+      const int8_t code = qm::quantize(__fmul_rn(static_cast<float>(acc), dt_m), a.dt_scale);
       x = static_cast<float>(code) * a.dt_scale;
     } else {
       x = static_cast<float>(static_cast<const int8_t*>(a.dt)[r]) * a.dt_scale;
@@ -583,21 +620,13 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
     x = static_cast<const float*>(a.dt)[r];
     if (a.z) zv = static_cast<const float*>(a.z)[r];
   }
-  if (a.dt_bias) x += a.dt_bias[d];
+  if (a.dt_bias) x += bias;
   const float delta = softplus_fast(x), dlu = delta * u;
-  float h[4], A[4], Bv[4], Cv[4];
-  const int64_t s0 = r * N + 4 * q, a0 = static_cast<int64_t>(d) * N + 4 * q, b0 = static_cast<int64_t>(b) * N + 4 * q;
-  if (vec) {
-    // the state streams (evict-first loads and stores): read and written once per step, it would only push the
-    // weights or other layers' inputs out of L2 (B64 D5120: 23.3 -> 18.3 us on an H100, NOTES.md)
-    const float4 hv = a.initial_state ? __ldcs(reinterpret_cast<const float4*>(a.initial_state) + s0 / 4) : float4{};
-    const float4 av = reinterpret_cast<const float4*>(a.A)[a0 / 4];
-    h[0] = hv.x, h[1] = hv.y, h[2] = hv.z, h[3] = hv.w;
-    A[0] = av.x, A[1] = av.y, A[2] = av.z, A[3] = av.w;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = a.initial_state ? a.initial_state[s0 + j] : 0.f, A[j] = a.A[a0 + j];
-  }
+  float Bv[4], Cv[4];
+#if !QM_EARLY_STATE
+  float h[4];
+  load_h(h);
+#endif
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if constexpr (kInt8) {
@@ -623,7 +652,7 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) a.final_state[s0 + j] = h[j];
   if (q == 0) {
-    if (a.Dskip) y += a.Dskip[d] * u;
+    if (a.Dskip) y += dskip * u;
     if (a.z) y *= silu_fast(zv);
     if (a.y_dtype == QM_DTYPE_FLOAT16)
       static_cast<__half*>(a.y)[r] = __float2half_rn(y);

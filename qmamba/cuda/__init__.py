@@ -37,11 +37,11 @@ class ScanArgs(ctypes.Structure):
         ("B_scale", ctypes.c_float), ("C_scale", ctypes.c_float), ("z_scale", ctypes.c_float),
         ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
         ("dt_lowrank", ctypes.c_void_p), ("dt_w", ctypes.c_void_p), ("dt_m", ctypes.c_void_p),
-        ("dt_rank", ctypes.c_int),
+        ("dt_rank", ctypes.c_int), ("early_state", ctypes.c_int),
     ]
 
 
-ABI_VERSION = 3  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 4  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -114,8 +114,10 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: flo
 
 
 def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: float, conv_state=None,
-                        outlier_scale: float | None = None, state_out: torch.Tensor | None = None):
-    """(u, mask or None, new conv state). state_out may be conv_state (in place)."""
+                        outlier_scale: float | None = None, state_out: torch.Tensor | None = None,
+                        early_state: bool = False):
+    """(u, mask or None, new conv state). state_out may be conv_state (in place). early_state: the caller asserts
+    what qmamba_kernels.h's "Early state reads" asks (decode: the state is read before the PDL wait)."""
     lib = load_library()
     b, l, d = x_q.shape
     k = w_q.shape[1]
@@ -127,12 +129,12 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
     _check(lib.qm_quant_causal_conv1d(
         _ptr(x_q), _ptr(w_q), _ptr(w_scale), _ptr(bias), _ptr(conv_state), _ptr(u), _ptr(mask), _ptr(new_state),
         b, l, d, k, ctypes.c_float(in_scale), ctypes.c_float(out_scale), ctypes.c_float(outlier_scale or 0.0),
-        int(dual), _stream()))
+        int(dual), int(early_state), _stream()))
     return u, mask, new_state
 
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
-          scales: dict, dt_proj: tuple | None = None) -> torch.Tensor:
+          scales: dict, dt_proj: tuple | None = None, early_state: bool = False) -> torch.Tensor:
     lib = load_library()
     bsz, l, d = u.shape
     n = A.shape[1]
@@ -146,6 +148,7 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     if dt_proj is not None:  # (dt_lowrank int8 [B, R], dt_w int8 [D, R], multiplier float32 [D])
         lr, w, m = dt_proj
         args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), w.shape[1]
+    args.early_state = int(early_state)
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
     return y
 
@@ -172,12 +175,14 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
 
 
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
-                           y_dtype=torch.float32, dt_proj: tuple | None = None, **scales):
+                           y_dtype=torch.float32, dt_proj: tuple | None = None, early_state: bool = False,
+                           **scales):
     """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. dt_proj = (dt_lowrank int8
-    [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself."""
+    [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
+    early_state: as in quant_causal_conv1d."""
     out = state if in_place else torch.empty_like(state)
     y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
-              y_dtype, scales, dt_proj)
+              y_dtype, scales, dt_proj, early_state)
     return y, out
 
 

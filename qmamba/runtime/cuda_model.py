@@ -31,7 +31,10 @@ LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: 
 
 class CudaOps(IntOps):
     """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
-    in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers)."""
+    in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers).
+    The conv and state-update kernels read their states early (early_state): every model step starts with the
+    embedding gather, a kernel launched without programmatic dependent launch, and a layer's states are written
+    only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
 
     def __init__(self, device: torch.device, in_place_states: bool = False) -> None:
         self.device = device
@@ -121,7 +124,7 @@ class CudaOps(IntOps):
             self._a(lyr), lyr.D, lyr.dt_bias, in_place=self.in_place,
             dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
             u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
-            z_scale=z.scale)
+            z_scale=z.scale, early_state=True)
 
     def logits(self, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
         rows, kdim = hf.numel() // hf.shape[-1], hf.shape[-1]
@@ -137,7 +140,7 @@ class CudaOps(IntOps):
     def conv(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None):
         u, mask, st = k.quant_causal_conv1d(x.value.contiguous(), lyr.conv_weight_q, lyr.conv_weight_scale,
                                             lyr.conv_bias, x.scale, s_u, state, s_out,
-                                            state_out=state if self.in_place else None)
+                                            state_out=state if self.in_place else None, early_state=True)
         return Act(u, s_u, mask, s_out), st
 
     def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:

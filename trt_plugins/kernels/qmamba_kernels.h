@@ -31,19 +31,27 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 3 (3: qm_tied_logits) */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 4 (3: qm_tied_logits; 4: early_state) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
                             float eps, float scale, cudaStream_t stream);
 
+/* Early state reads (decode). The kernels start early under programmatic dependent launch and wait for the
+ * kernel before them in the stream before reading their inputs. early_state = 1 lets a decode kernel read its
+ * state (the conv state, the SSM state) before that wait, overlapping the HBM round trip with the previous
+ * kernel. The caller asserts that no kernel still ahead of this one in the stream writes the state, e.g. it was
+ * last written by an earlier decode step and a kernel launched without programmatic dependent launch has run
+ * since (qmamba's decode step starts with the embedding gather). 0 is always safe. */
+
 /* QuantCausalConv1d (spec 4.3, 4.5). state_in may be NULL (zeros); state_out may be NULL (not written)
- * and may alias state_in (decode in place). mask must be non-NULL iff dual_scale. */
+ * and may alias state_in (decode in place). mask must be non-NULL iff dual_scale. early_state: see above
+ * (used when seqlen == 1). */
 QM_API int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, const float* weight_scale,
                                   const float* bias, const int8_t* state_in, int8_t* u, uint8_t* mask,
                                   int8_t* state_out, int batch, int seqlen, int dim, int kernel_size,
                                   float in_scale, float out_scale, float outlier_scale, int dual_scale,
-                                  cudaStream_t stream);
+                                  int early_state, cudaStream_t stream);
 
 /* Selective scan (spec 4.4). input_dtype QM_DTYPE_INT8: u/dt/B/C/z are int8 codes dequantized with
  * the scales (u_mask + u_outlier_scale when dual_scale); QM_DTYPE_FLOAT32: they are float32 and the
@@ -76,6 +84,7 @@ typedef struct {
   const int8_t* dt_w;
   const float* dt_m;
   int dt_rank;
+  int early_state; /* decode only, 0 or 1: initial_state read before the PDL wait (see "Early state reads") */
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);

@@ -127,14 +127,11 @@ __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d
                           static_cast<uint32_t>(static_cast<uint8_t>(d)) << 24);
 }
 
-#ifndef QM_EARLY_STATE
-#define QM_EARLY_STATE 0
-#endif
 template <bool kDual>
 __global__ void __launch_bounds__(256) conv_tile_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
     const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask,
-    int8_t* state_out, int L, int D, float in_scale, ConvQuant q) {
+    int8_t* state_out, int L, int D, float in_scale, ConvQuant q, bool early_state) {
   const int b = blockIdx.z, t0 = blockIdx.x * kTile;
   const int d0 = (blockIdx.y * 256 + threadIdx.x) * 4;
   if (d0 >= D) return;
@@ -147,16 +144,15 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     m[j] = qm::scale_product(in_scale, ws[d0 + j]);
     bs[j] = bias[d0 + j];
   }
-#if QM_EARLY_STATE
-  int early[kTaps - 1] = {0, 0, 0};
-  if (state && L == 1) {
+  int early[kTaps - 1] = {0, 0, 0};  // decode with early_state: the state's rows, read before the wait
+  const bool early_rows = early_state && state && L == 1;
+  if (early_rows) {
 #pragma unroll
     for (int i = 0; i < kTaps - 1; ++i) {
       const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + i;
       early[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
     }
   }
-#endif
   qm::wait_for_inputs();
   qm::allow_dependents();
   int rows[12];  // token rows t0 - 3 .. t0 + 8 (the last is padding), byte j = channel d0 + j
@@ -170,10 +166,8 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
       const int src = t0 - (kTaps - 1) + i;
       if (src >= 0) {
         rows[i] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
-      } else if (QM_EARLY_STATE && state && L == 1) {
-#if QM_EARLY_STATE
+      } else if (early_rows) {
         rows[i] = early[i];
-#endif
       } else if (state) {
         const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
         rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
@@ -285,7 +279,7 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                                       const float* bias, const int8_t* state_in, int8_t* u, uint8_t* mask,
                                       int8_t* state_out, int batch, int seqlen, int dim, int kernel_size,
                                       float in_scale, float out_scale, float outlier_scale, int dual_scale,
-                                      cudaStream_t stream) {
+                                      int early_state, cudaStream_t stream) {
   QM_CHECK_ARG(x && weight && weight_scale && bias && u, "qm_quant_causal_conv1d: x, weight, weight_scale, bias "
                "and u must be non-null");
   QM_CHECK_ARG(batch > 0 && seqlen > 0 && dim > 0, "qm_quant_causal_conv1d: batch=%d seqlen=%d dim=%d must be "
@@ -294,6 +288,8 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                kernel_size, kMaxK);
   QM_CHECK_ARG(dual_scale == 0 || dual_scale == 1, "qm_quant_causal_conv1d: dual_scale=%d must be 0 or 1",
                dual_scale);
+  QM_CHECK_ARG(early_state == 0 || early_state == 1, "qm_quant_causal_conv1d: early_state=%d must be 0 or 1",
+               early_state);
   QM_CHECK_ARG((mask != nullptr) == (dual_scale == 1), "qm_quant_causal_conv1d: mask must be non-null exactly "
                "when dual_scale=1");
   QM_CHECK_ARG(QM_VALID_SCALE(in_scale) && QM_VALID_SCALE(out_scale), "qm_quant_causal_conv1d: in_scale and "
@@ -318,7 +314,7 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                     static_cast<unsigned>(batch));
     QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
                                  x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen, dim, in_scale,
-                                 q),
+                                 q, early_state == 1),
                       "qm_quant_causal_conv1d conv launch");
   } else {
     const bool vec = dim % kConvVec == 0 && aligned4(u) && (!mask || aligned4(mask));

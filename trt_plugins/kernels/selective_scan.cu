@@ -526,9 +526,6 @@ bool seq_applies(const qm_scan_args* a) {
 // thread reads its own states before writing them.
 // kDtW: dt_proj fused in (a.dt_w non-null), in its own instantiation: with the 16-byte rank pieces in, every update
 // took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
-#ifndef QM_EARLY_STATE
-#define QM_EARLY_STATE 0
-#endif
 template <int N, bool kInt8, bool kDtW>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   constexpr int G = N / 4;
@@ -572,10 +569,8 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
       for (int j = 0; j < 4; ++j) h[j] = a.initial_state ? a.initial_state[s0 + j] : 0.f;
     }
   };
-#if QM_EARLY_STATE
   float h[4];
-  load_h(h);
-#endif
+  if (a.early_state) load_h(h);  // the caller asserts no kernel ahead of this one writes it (qmamba_kernels.h)
   qm::wait_for_inputs();
   qm::allow_dependents();
   float u, x, zv = 0.f;
@@ -623,10 +618,7 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   if (a.dt_bias) x += bias;
   const float delta = softplus_fast(x), dlu = delta * u;
   float Bv[4], Cv[4];
-#if !QM_EARLY_STATE
-  float h[4];
-  load_h(h);
-#endif
+  if (!a.early_state) load_h(h);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if constexpr (kInt8) {
@@ -674,6 +666,7 @@ int validate(const qm_scan_args* a, const char* fn) {
   QM_CHECK_ARG(a->y_dtype == QM_DTYPE_FLOAT32 || a->y_dtype == QM_DTYPE_FLOAT16, "%s: y_dtype=%d must be float32 "
                "or float16", fn, a->y_dtype);
   QM_CHECK_ARG(a->dual_scale == 0 || a->dual_scale == 1, "%s: dual_scale must be 0 or 1", fn);
+  QM_CHECK_ARG(a->early_state == 0 || a->early_state == 1, "%s: early_state=%d must be 0 or 1", fn, a->early_state);
   if (a->input_dtype == QM_DTYPE_INT8) {
     QM_CHECK_ARG(QM_VALID_SCALE(a->u_scale) && QM_VALID_SCALE(a->dt_scale) && QM_VALID_SCALE(a->B_scale) &&
                  QM_VALID_SCALE(a->C_scale) && (!a->z || QM_VALID_SCALE(a->z_scale)),

@@ -97,11 +97,13 @@ def test_conv_bit_exact_with_state(k, b, l, dual):
     assert torch.equal(u.cpu(), wu) and torch.equal(new.cpu(), wn)
     if dual:
         assert torch.equal(mask.cpu(), wm) and 0 < wm.float().mean() < 0.9
-    # decode in place: one token continues the state exactly
-    x1 = torch.randint(-128, 128, (b, 1, d), dtype=torch.int8, device="cuda", generator=g)
-    u1, _, same = k.quant_causal_conv1d(x1, w, ws, bias, 0.03, 0.01, new, s_out, state_out=new)
-    wu1, _, wn1 = ref.quant_causal_conv1d(x1.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, wn, s_out)
-    assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
+    # decode in place: one token continues the state exactly, the state read after or before the PDL wait
+    for early in (False, True):
+        x1 = torch.randint(-128, 128, (b, 1, d), dtype=torch.int8, device="cuda", generator=g)
+        wu1, _, wn1 = ref.quant_causal_conv1d(x1.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, new.cpu(), s_out)
+        u1, _, same = k.quant_causal_conv1d(x1, w, ws, bias, 0.03, 0.01, new, s_out, state_out=new,
+                                            early_state=early)
+        assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
 
 
 def _near_half_codes(scale: float, codes: range) -> torch.Tensor:
@@ -198,7 +200,7 @@ def test_scan_state_sizes(k, n, d, l):
     state = h0.clone()  # decode: every step through the state update kernel, in place
     for t in range(min(l, 5)):
         step = [x[:, t : t + 1].contiguous() if x is not None and x.dim() == 3 else x for x in ins]
-        y1, _ = k.selective_state_update(state, *step, in_place=True, **scales)
+        y1, _ = k.selective_state_update(state, *step, in_place=True, early_state=t % 2 == 1, **scales)
         assert rel(y1[:, 0], wy[:, t]) <= 1e-5
     head = [x[:, :5].contiguous() if x is not None and x.dim() == 3 else x for x in ins]
     _, wh5 = ref.dual_scale_selective_scan(*head, initial_state=h0, **scales)
@@ -367,6 +369,29 @@ def test_int8_linear_one_row_at_decode_shapes(k, kdim, ncols, dual):
 
 @needs_gpu
 @pytest.mark.gpu
+def test_early_state_must_be_0_or_1(k):
+    import ctypes
+
+    lib = k.load_library()
+    ins, h0, scales = _scan_inputs(1, 1, 64, 16, 5, False)
+    y = torch.empty(1, 1, 64, device="cuda")
+    args = k.ScanArgs(input_dtype=2, u=ins[0].data_ptr(), dt=ins[2].data_ptr(), B=ins[3].data_ptr(),
+                      C=ins[4].data_ptr(), A=ins[6].data_ptr(), initial_state=h0.data_ptr(), final_state=h0.data_ptr(),
+                      y=y.data_ptr(), batch=1, seqlen=1, dim=64, dstate=16, u_scale=0.1, dt_scale=0.1, B_scale=0.1,
+                      C_scale=0.1, z_scale=0.1, early_state=2)
+    assert lib.qm_selective_state_update(ctypes.byref(args), None) == 1
+    assert "early_state=2 must be 0 or 1" in lib.qm_last_error().decode()
+    x = torch.zeros(1, 1, 64, dtype=torch.int8, device="cuda")
+    w = torch.zeros(64, 4, dtype=torch.int8, device="cuda")
+    f = torch.ones(64, device="cuda")
+    rc = lib.qm_quant_causal_conv1d(*(ctypes.c_void_p(t.data_ptr()) for t in (x, w, f, f)), None,
+                                    ctypes.c_void_p(x.data_ptr()), None, None, 1, 1, 64, 4, ctypes.c_float(0.1),
+                                    ctypes.c_float(0.1), ctypes.c_float(0.0), 0, 3, None)
+    assert rc == 1 and "early_state=3 must be 0 or 1" in lib.qm_last_error().decode()
+
+
+@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     ("rows", "kdim", "vocab"), [(1, 768, 50280), (3, 2560, 1000), (4, 16, 33), (9, 4096, 517), (4, 2560, 50280)]
 )
@@ -390,14 +415,17 @@ def test_tied_logits_match_reference(k, rows, kdim, vocab):
 @pytest.mark.parametrize(
     ("rows", "kdim", "ncols"),
     [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40), (3, 2560, 10240), (4, 768, 3072),
-     (1, 2560, 10240), (1, 8192, 2056), (1, 5120, 192)],
+     (1, 2560, 10240), (1, 8192, 2056), (1, 5120, 192), (1, 768, -3072)],  # -: norm_w not 16-byte aligned
 )
 def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
     from qmamba.ops.specmath import quantize, scale_product
 
-    g = _g(rows + kdim + ncols)
+    unaligned, ncols = ncols < 0, abs(ncols)
+    g = _g(rows + kdim + ncols + unaligned)
     r = torch.randn(rows, kdim, generator=g, device="cuda") * 3
-    nw = torch.rand(kdim, generator=g, device="cuda") + 0.5
+    nw = (torch.rand(kdim + 1, generator=g, device="cuda") + 0.5)[1:] if unaligned else \
+        torch.rand(kdim, generator=g, device="cuda") + 0.5
+    assert (nw.data_ptr() % 16 != 0) == unaligned
     eps, s_norm = 1e-5, 0.05
     w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
     ws = torch.rand(ncols, generator=g, device="cuda") * 0.01 + 1e-3
@@ -430,7 +458,7 @@ def test_state_update_with_fused_dt_proj_equals_separate(k, b, d, rank, n):
     s1, s2 = h0.clone(), h0.clone()
     y1, _ = k.selective_state_update(s1, *sep, in_place=True, **scales)
     y2, _ = k.selective_state_update(s2, *fused, in_place=True, dt_proj=(lr, w, scale_product(s_lr, ws.cpu()).cuda()),
-                                     **scales)
+                                     early_state=True, **scales)  # as the decode step calls it
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
     wy, _ = ref.dual_scale_selective_scan(*sep, initial_state=h0, **scales)
     assert rel(y2, wy) <= 1e-5

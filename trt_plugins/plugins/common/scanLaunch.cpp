@@ -33,6 +33,7 @@ int launchScan(PluginTensorDesc const* in, PluginTensorDesc const*, void const* 
   args.C_scale = f.CScale;
   args.z_scale = f.zScale;
   args.workspace = workspace;
+  args.early_state = 0;  // in an engine the kernel before ours may write the state
   size_t bytes = 0;
   int rc = qm_selective_scan_workspace_size(args.batch, args.seqlen, args.dim, args.dstate, &bytes);
   args.workspace_bytes = bytes;

@@ -11,7 +11,8 @@ int launchQuantCausalConv1d(PluginTensorDesc const* in, void const* const* input
                                   static_cast<int8_t const*>(inputs[4]), static_cast<int8_t*>(outputs[0]),
                                   static_cast<uint8_t*>(mask), static_cast<int8_t*>(stateOut),
                                   static_cast<int>(x.d[0]), static_cast<int>(x.d[1]), static_cast<int>(x.d[2]),
-                                  f.kernelSize, f.inScale, f.outScale, f.outlierScale, f.dualScale, stream);
+                                  f.kernelSize, f.inScale, f.outScale, f.outlierScale, f.dualScale,
+                                  /*early_state=*/0, stream);  // the kernel before ours may write it
   if (rc != QM_OK) why = kernelError(rc);
   return rc;
 }

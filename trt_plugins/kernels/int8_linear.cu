@@ -32,15 +32,10 @@ __device__ __forceinline__ void store(const Seg& sg, const qm_linear_args& a, in
   }
 }
 
-__device__ __forceinline__ float dequant_m(const qm_linear_args& a, float m_in, float m_out, int32_t acc_in,
-                                           int32_t acc_out) {
-  float y = __fmul_rn(static_cast<float>(acc_in), m_in);
-  if (a.x_mask) y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), m_out));
-  return y;
-}
-
 __device__ __forceinline__ float dequant(const qm_linear_args& a, int n, int32_t acc_in, int32_t acc_out) {
-  return dequant_m(a, a.m_in[n], a.x_mask ? a.m_out[n] : 0.f, acc_in, acc_out);
+  float y = __fmul_rn(static_cast<float>(acc_in), a.m_in[n]);
+  if (a.x_mask) y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), a.m_out[n]));
+  return y;
 }
 
 __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
@@ -52,27 +47,10 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
-// One row's norm weights copied into shared memory with cp.async before the dependency wait (they are weights: at
-// decode they come from HBM, and that round trip would otherwise follow the wait). k % 16 == 0 (GEMV); 16-byte
-// pieces when norm_w is 16-byte aligned, else 4-byte ones.
-__device__ __forceinline__ void norm_weights_async(const qm_linear_args& a, float* nw) {
-  const bool wide = reinterpret_cast<uintptr_t>(a.norm_w) % 16 == 0;
-  const int step = wide ? 4 : 1;
-  for (int i = threadIdx.x * step; i < a.k; i += 256 * step) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(nw + i));
-    if (wide)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(a.norm_w + i) : "memory");
-    else
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(a.norm_w + i) : "memory");
-  }
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
 // RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
-// against a separate kernel launch and its round trip through memory). nw: the norm weights in shared memory
-// (norm_weights_async, one row), or nullptr to read them from global memory.
+// against a separate kernel launch and its round trip through memory).
 template <int R>
-__device__ void norm_prologue(const qm_linear_args& a, int8_t* xs, const float* nw) {
+__device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
   __shared__ float rr[R];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -82,7 +60,6 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs, const float* 
     for (int i = threadIdx.x; i < a.k; i += 256) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) red[warp] = acc;
-    if (nw) asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's copies, before the barrier
     __syncthreads();
     if (threadIdx.x == 0) {
       double sum = 0.0;
@@ -90,8 +67,7 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs, const float* 
       rr[r] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
     }
     __syncthreads();
-    const float* w = nw ? nw : a.norm_w;
-    for (int i = threadIdx.x; i < a.k; i += 256) xs[r * a.k + i] = qm::rms_code(row[i], rr[r], w[i], a.norm_scale);
+    for (int i = threadIdx.x; i < a.k; i += 256) xs[r * a.k + i] = qm::rms_code(row[i], rr[r], a.norm_w[i], a.norm_scale);
   }
   __syncthreads();
 }
@@ -167,23 +143,12 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
         pre[c][u] = n < a.n && j0 + u * stride < chunks ? w[j0 + u * stride] : make_int4(0, 0, 0, 0);
     }
   };
-  // the first pieces, the first columns' multipliers and one row's norm weights load before waiting for the
-  // previous kernel (they are weights)
-  const int first_n0 = static_cast<int>(blockIdx.x) * kCols + warp / S * CPW;
-  prefetch(first_n0);
-  float m_first[CPW][2];
-#pragma unroll
-  for (int c = 0; c < CPW; ++c) {
-    const int n = min(first_n0 + c, a.n - 1);
-    m_first[c][0] = a.m_in[n];
-    m_first[c][1] = a.x_mask ? a.m_out[n] : 0.f;
-  }
-  float* nw = R == 1 && a.norm_x ? reinterpret_cast<float*>(reinterpret_cast<int8_t*>(xs_norm) + a.k) : nullptr;
-  if (nw) norm_weights_async(a, nw);
+  // the first pieces load before waiting for the previous kernel (weights are constant)
+  prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW);
   qm::wait_for_inputs();
   qm::allow_dependents();
   if (a.norm_x) {
-    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm), nw);
+    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
   for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count
@@ -243,8 +208,7 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
           for (int q = 0; q < R; ++q)
             if (q == r) ai = acc_in[c][q], ao = acc_out[c][q];
         }
-        const bool first = n0 == first_n0;  // the multipliers loaded before the wait
-        store(sg, a, r, n, first ? dequant_m(a, m_first[c][0], m_first[c][1], ai, ao) : dequant(a, n, ai, ao));
+        store(sg, a, r, n, dequant(a, n, ai, ao));
       }
     }
     if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
@@ -306,8 +270,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
   const bool pairs = a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
-  // codes of the normed rows (+ one row's norm weights as floats): <= 40 KiB, no opt-in needed
-  const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 + 4 : 4) * a->k : 0;
+  const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
   auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
                                                                        : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)

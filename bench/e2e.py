@@ -8,6 +8,10 @@ transformers.MambaForCausalLM on CPU in tests/test_hf_equivalence.py) and transf
 be imported. The decode floor is the int8 weight bytes over the measured HBM bandwidth.
 
     PYTHONPATH=. python3 bench/e2e.py --out e2e.md [--sizes tiny,130m,1.4b,2.8b]
+
+Diagnostics (each prints one table and exits): --profile-decode SIZE:B (per-kernel times of an eager step),
+--stage-costs SIZE:B (what each stage costs inside the captured chain), --compare-libs LIB,LIB,... (the decode
+step with each build of the kernel library, alternating, in one process: before/after comparisons).
 """
 
 from __future__ import annotations
@@ -182,8 +186,7 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
         return t
 
     base = [replay_ms()]
-    lines = [f"## decode stage costs, {size} B{batch} (graph replay with one stage doubled, minus the plain replay)",
-             "", "| stage op | calls per step | replay ms | us per call |", "|---|---|---|---|"]
+    measured: list[tuple[str, float, int]] = []  # (op, replay ms, calls per step)
     for name in STAGES:
         ops = CudaOps(gpu.device, in_place_states=True)
         ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
@@ -198,15 +201,14 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
         gpu.in_place_ops = ops
         t = replay_ms()
         gpu.in_place_ops = plain
-        lines.append((name, t, calls[0]))
+        measured.append((name, t, calls[0] // 3))  # _DecodeGraph runs two warm-up steps and the captured one
     base.append(replay_ms())
     b = statistics.mean(base)
-    out = lines[:4]
-    for name, t, n in lines[4:]:
-        per = n // 3  # two warm-up steps and the captured one
-        out.append(f"| `{name}` | {per} | {t:.4f} | {(t - b) * 1e3 / max(per, 1):.2f} |")
-    out.append(f"| (plain, before and after) | | {base[0]:.4f} / {base[1]:.4f} | |")
-    return "\n".join(out) + "\n"
+    lines = [f"## decode stage costs, {size} B{batch} (graph replay with one stage doubled, minus the plain replay)",
+             "", "| stage op | calls per step | replay ms | us per call |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {n} | {t:.4f} | {(t - b) * 1e3 / max(n, 1):.2f} |" for name, t, n in measured]
+    lines.append(f"| (plain, before and after) | | {base[0]:.4f} / {base[1]:.4f} | |")
+    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()

@@ -246,12 +246,14 @@ def main() -> None:
     ap.add_argument("--stage-costs", default=None, metavar="SIZE:B",
                     help="only print what each decode stage costs in the captured chain, e.g. 130m:1")
     ap.add_argument("--compare-libs", default=None, metavar="LIB[,LIB]",
-                    help="only print the decode step time with each library build, for --sizes")
+                    help="only print the decode step time with each library build, for --sizes and --batches")
+    ap.add_argument("--batches", default="1,16,64", help="decode batch sizes of --compare-libs")
     args = ap.parse_args()
     if args.compare_libs:
         text = ""
         for size in args.sizes.split(","):
-            text += compare_libs(size, args.compare_libs.split(",")) + "\n"
+            text += compare_libs(size, args.compare_libs.split(","),
+                                 tuple(int(b) for b in args.batches.split(","))) + "\n"
             print(text, flush=True)
             if args.out:
                 open(args.out, "w").write(text)

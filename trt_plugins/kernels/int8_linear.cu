@@ -145,6 +145,17 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
   };
   // the first pieces load before waiting for the previous kernel (weights are constant)
   prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW);
+  // so do the lines of the first columns' multipliers and of one row's norm weights, into L1 by prefetches (they
+  // hold no register): at decode they come from HBM, and those round trips would follow the wait
+  if (lane == 0 && slice == 0)
+#pragma unroll
+    for (int c = 0; c < CPW; ++c) {
+      const int n = min(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW + c, a.n - 1);
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_in + n));
+      if (a.x_mask) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_out + n));
+    }
+  if (R == 1 && a.norm_x)
+    for (int i = threadIdx.x * 32; i < a.k; i += 256 * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
   qm::wait_for_inputs();
   qm::allow_dependents();
   if (a.norm_x) {

@@ -66,6 +66,12 @@ def float_model(size: str) -> MambaLM:
     return MambaLM(cfg).init_weights(0).eval()
 
 
+def quantized(fm: MambaLM):
+    """The w8a8-dualscale model of fm, calibrated on a few random tokens (a fixed seed)."""
+    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    return calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False)
+
+
 def transformers_baseline(cfg: MambaConfig):
     try:
         tr = importlib.import_module("transformers")
@@ -81,8 +87,7 @@ def bench_size(size: str, bw: float, prefill_len: int, with_hf: bool) -> list[st
     rows = []
     t0 = time.time()
     fm = float_model(size)
-    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    q = calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False)
+    q = quantized(fm)
     setup_s = time.time() - t0
     cfg = fm.cfg
     torch.cuda.synchronize()
@@ -142,9 +147,7 @@ def bench_size(size: str, bw: float, prefill_len: int, with_hf: bool) -> list[st
 @torch.no_grad()
 def profile_decode(size: str, batch: int) -> str:
     """Per-kernel GPU time of one eager decode step (torch.profiler): where a graph replay's time goes."""
-    fm = float_model(size)
-    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    gpu = CudaQuantModel(quantized(float_model(size)))
     ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
     states = gpu.init_states(batch)
     for _ in range(3):
@@ -174,9 +177,7 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
     """What each decode stage costs inside the captured PDL chain: the graph replay with that stage's op run twice
     (so its kernel is launched twice per layer) minus the plain replay, per call. An eager profile cannot say
     this: a PDL kernel's measured time includes its wait on the kernel before it."""
-    fm = float_model(size)
-    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    gpu = CudaQuantModel(quantized(float_model(size)))
     plain = gpu.in_place_ops
 
     def replay_ms() -> float:
@@ -215,9 +216,7 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
 def compare_libs(size: str, libs: list[str], batches: tuple[int, ...] = (1, 16, 64), rounds: int = 2) -> str:
     """Decode step time (graph replay, median of 100) with each build of libqmamba_kernels.so, in one process on
     one model: the graph is captured again with each library's kernels, the libraries alternating."""
-    fm = float_model(size)
-    calib = torch.randint(0, fm.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    gpu = CudaQuantModel(calibrate(fm, get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False))
+    gpu = CudaQuantModel(quantized(float_model(size)))
     handles = [kernels.load_library(p, build=False) for p in libs]
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
@@ -233,6 +232,12 @@ def compare_libs(size: str, libs: list[str], batches: tuple[int, ...] = (1, 16, 
         lines.append(f"| `{path}` | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(path, b)])
                                                   for b in batches) + " |")
     return "\n".join(lines) + "\n"
+
+
+def emit(text: str, out: str | None) -> None:
+    print(text, flush=True)
+    if out:
+        open(out, "w").write(text)
 
 
 def main() -> None:
@@ -251,27 +256,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.compare_libs:
         text = ""
-        for size in args.sizes.split(","):
+        for size in args.sizes.split(","):  # the file grows after every size: a cut-short run keeps what it has
             text += compare_libs(size, args.compare_libs.split(","),
                                  tuple(int(b) for b in args.batches.split(","))) + "\n"
-            print(text, flush=True)
-            if args.out:
-                open(args.out, "w").write(text)
+            emit(text, args.out)
         return
-    if args.stage_costs:
-        size, b = args.stage_costs.split(":")
-        text = stage_costs(size, int(b))
-        print(text)
-        if args.out:
-            open(args.out, "w").write(text)
-        return
-    if args.profile_decode:
-        size, b = args.profile_decode.split(":")
-        text = profile_decode(size, int(b))
-        print(text)
-        if args.out:
-            open(args.out, "w").write(text)
-        return
+    for spec, diagnostic in ((args.stage_costs, stage_costs), (args.profile_decode, profile_decode)):
+        if spec:
+            size, b = spec.split(":")
+            emit(diagnostic(size, int(b)), args.out)
+            return
     bw = hbm_bandwidth()
     _, why = transformers_baseline(MambaConfig(d_model=64, n_layer=1, vocab_size=256))
     # "-dirty" marks a working tree that differs from its commit (e.g. a copy sent to a GPU machine)

@@ -144,15 +144,16 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     m[j] = qm::scale_product(in_scale, ws[d0 + j]);
     bs[j] = bias[d0 + j];
   }
+  // token i of the conv state (0 .. kTaps - 2, oldest first) for the thread's 4 channels, byte j = channel d0 + j
+  auto state_row = [&](int i) {
+    const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + i;
+    return pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
+  };
   int early[kTaps - 1] = {0, 0, 0};  // decode with early_state: the state's rows, read before the wait
   const bool early_rows = early_state && state && L == 1;
-  if (early_rows) {
+  if (early_rows)
 #pragma unroll
-    for (int i = 0; i < kTaps - 1; ++i) {
-      const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + i;
-      early[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
-    }
-  }
+    for (int i = 0; i < kTaps - 1; ++i) early[i] = state_row(i);
   qm::wait_for_inputs();
   qm::allow_dependents();
   int rows[12];  // token rows t0 - 3 .. t0 + 8 (the last is padding), byte j = channel d0 + j
@@ -169,8 +170,7 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
       } else if (early_rows) {
         rows[i] = early[i];
       } else if (state) {
-        const int8_t* sb = state + (static_cast<int64_t>(b) * D + d0) * (kTaps - 1) + (kTaps - 1 + src);
-        rows[i] = pack_bytes(sb[0], sb[kTaps - 1], sb[2 * (kTaps - 1)], sb[3 * (kTaps - 1)]);
+        rows[i] = state_row(kTaps - 1 + src);
       } else {
         rows[i] = 0;
       }

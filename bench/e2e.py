@@ -169,7 +169,8 @@ def profile_decode(size: str, batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAGES = ("norm_linear_quant", "conv", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add", "logits")
+STAGES = ("norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add",
+          "logits")
 
 
 @torch.no_grad()
@@ -240,6 +241,35 @@ def emit(text: str, out: str | None) -> None:
         open(out, "w").write(text)
 
 
+# decode-op variants of --compare-fusions: CudaOps keyword arguments
+FUSIONS = {"fused": {}, "conv-separate": {"fuse_conv": False}}
+
+
+@torch.no_grad()
+def compare_fusions(size: str, batches: tuple[int, ...] = (1, 16, 64), rounds: int = 2) -> str:
+    """Decode step time (graph replay, median of 100) with each CudaOps variant of FUSIONS, in one process on one
+    model, the variants alternating: a fusion's gain measured against its own separate kernels."""
+    gpu = CudaQuantModel(quantized(float_model(size)))
+    plain = gpu.in_place_ops
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, kw in FUSIONS.items():
+            ops = CudaOps(gpu.device, in_place_states=True, **kw)
+            ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
+            gpu.in_place_ops = ops
+            for b in batches:
+                g = _DecodeGraph(gpu, b)
+                times.setdefault((name, b), []).append(events_ms(g.graph.replay, reps=100))
+                del g
+            gpu.in_place_ops = plain
+    lines = [f"## decode step by fusion variant, {size} (ms per step, graph replay; rounds alternate the variants)",
+             "", "| variant | " + " | ".join(f"B{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for name in FUSIONS:
+        lines.append(f"| {name} | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(name, b)])
+                                                 for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -252,13 +282,16 @@ def main() -> None:
                     help="only print what each decode stage costs in the captured chain, e.g. 130m:1")
     ap.add_argument("--compare-libs", default=None, metavar="LIB[,LIB]",
                     help="only print the decode step time with each library build, for --sizes and --batches")
-    ap.add_argument("--batches", default="1,16,64", help="decode batch sizes of --compare-libs")
+    ap.add_argument("--compare-fusions", action="store_true",
+                    help="only print the decode step time with each fusion variant, for --sizes and --batches")
+    ap.add_argument("--batches", default="1,16,64", help="decode batch sizes of --compare-libs / --compare-fusions")
     args = ap.parse_args()
-    if args.compare_libs:
+    if args.compare_libs or args.compare_fusions:
         text = ""
+        batches = tuple(int(b) for b in args.batches.split(","))
         for size in args.sizes.split(","):  # the file grows after every size: a cut-short run keeps what it has
-            text += compare_libs(size, args.compare_libs.split(","),
-                                 tuple(int(b) for b in args.batches.split(","))) + "\n"
+            text += (compare_libs(size, args.compare_libs.split(","), batches) if args.compare_libs
+                     else compare_fusions(size, batches)) + "\n"
             emit(text, args.out)
         return
     for spec, diagnostic in ((args.stage_costs, stage_costs), (args.profile_decode, profile_decode)):

@@ -79,6 +79,37 @@ def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):
     assert torch.equal(logits, logits_e)  # the graph replays exactly what the eager step computes
 
 
+def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
+    """Decode in place at B <= 4 computes the conv inside x_proj and shifts its state in the state update; traced
+    (dt_proj wanted) the scan path shifts it instead. Both give the separate conv kernel's bits, and layer 0's conv
+    state (integer stages only) equals the CPU integer path's."""
+    from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel
+
+    gpu = CudaQuantModel(qmodel)
+    ids = rand_ids(3, 6, seed=11)
+    runs = {}
+    for name in ("fused", "traced", "separate"):
+        gpu.in_place_ops = CudaOps(gpu.device, in_place_states=True, fuse_conv=name != "separate")
+        states, out = gpu.init_states(3), []
+        for t in range(ids.shape[1]):
+            if name == "traced":
+                with trace.trace():
+                    logits, _ = gpu(ids[:, t : t + 1], states, in_place=True)
+            else:
+                logits, _ = gpu(ids[:, t : t + 1], states, in_place=True)
+            out.append((logits.clone(), [s.conv.clone() for s in states], [s.ssm.clone() for s in states]))
+        runs[name] = out
+    for name in ("traced", "separate"):
+        for (la, ca, sa), (lb, cb, sb) in zip(runs["fused"], runs[name], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ca, cb, strict=True)), f"{name}: conv states differ"
+            assert all(torch.equal(a, b) for a, b in zip(sa, sb, strict=True)), f"{name}: ssm states differ"
+            assert torch.equal(la, lb), f"{name}: logits differ"
+    cpu_states = qmodel.init_states(3)
+    for t in range(ids.shape[1]):
+        _, cpu_states = qmodel(ids[:, t : t + 1], cpu_states)
+        assert torch.equal(runs["fused"][t][1][0].cpu(), cpu_states[0].conv), f"step {t}: layer 0 conv state"
+
+
 def test_greedy_generation_matches_the_cpu_backend(qmodel):
     from qmamba.runtime.cuda_model import CudaBackend
 

@@ -8,6 +8,7 @@ builds it with trt_plugins/kernels/build.sh when nvcc is available.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -38,10 +39,11 @@ class ScanArgs(ctypes.Structure):
         ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
         ("dt_lowrank", ctypes.c_void_p), ("dt_w", ctypes.c_void_p), ("dt_m", ctypes.c_void_p),
         ("dt_rank", ctypes.c_int), ("early_state", ctypes.c_int),
+        ("conv_state", ctypes.c_void_p), ("conv_x", ctypes.c_void_p), ("conv_kernel_size", ctypes.c_int),
     ]
 
 
-ABI_VERSION = 4  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 5  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -53,7 +55,31 @@ class LinearArgs(ctypes.Structure):
         ("residual", ctypes.c_void_p),
         ("norm_x", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
         ("norm_scale", ctypes.c_float),
+        ("conv_x", ctypes.c_void_p), ("conv_w", ctypes.c_void_p), ("conv_w_scale", ctypes.c_void_p),
+        ("conv_bias", ctypes.c_void_p), ("conv_state", ctypes.c_void_p), ("conv_u", ctypes.c_void_p),
+        ("conv_mask", ctypes.c_void_p), ("conv_in_scale", ctypes.c_float), ("conv_out_scale", ctypes.c_float),
+        ("conv_outlier_scale", ctypes.c_float), ("conv_dual_scale", ctypes.c_int), ("conv_early_state", ctypes.c_int),
     ]
+
+
+@dataclasses.dataclass
+class FusedConv:
+    """The decode conv (one token, kernel size 4) computed inside a GEMV in front of its linear (qm_int8_linear's
+    conv_x): x int8 [..., k] with the conv state [B, k, 3] (only read: the state update shifts it, see
+    selective_state_update's conv_shift); u (and mask, dual scale) receive the conv's output, which is also the
+    GEMV's input. early_state: as in quant_causal_conv1d."""
+
+    x: torch.Tensor
+    weight: torch.Tensor  # int8 [k, 4]
+    weight_scale: torch.Tensor  # float32 [k]
+    bias: torch.Tensor  # float32 [k]
+    state: torch.Tensor
+    u: torch.Tensor  # int8 like x, written
+    mask: torch.Tensor | None  # uint8 like x, written (dual scale)
+    in_scale: float
+    out_scale: float
+    outlier_scale: float | None
+    early_state: bool = False
 
 
 def build_library(out_dir: Path = DEFAULT_LIB.parent, arch: str = "-gencode arch=compute_90,code=sm_90") -> Path:
@@ -134,7 +160,8 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
 
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
-          scales: dict, dt_proj: tuple | None = None, early_state: bool = False) -> torch.Tensor:
+          scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
+          conv_shift: tuple | None = None) -> torch.Tensor:
     lib = load_library()
     bsz, l, d = u.shape
     n = A.shape[1]
@@ -149,6 +176,9 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
         lr, w, m = dt_proj
         args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), w.shape[1]
     args.early_state = int(early_state)
+    if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
+        cx, cs = conv_shift
+        args.conv_x, args.conv_state, args.conv_kernel_size = _ptr(cx), _ptr(cs), cs.shape[-1] + 1
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
     return y
 
@@ -176,13 +206,14 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
 
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
                            y_dtype=torch.float32, dt_proj: tuple | None = None, early_state: bool = False,
-                           **scales):
+                           conv_shift: tuple | None = None, **scales):
     """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. dt_proj = (dt_lowrank int8
     [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
-    early_state: as in quant_causal_conv1d."""
+    early_state: as in quant_causal_conv1d. conv_shift = (x int8 [B, 1, D], conv state int8 [B, D, 3]): the
+    kernel also shifts that conv state in place by the token x (with dt_proj; after a FusedConv GEMV)."""
     out = state if in_place else torch.empty_like(state)
     y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
-              y_dtype, scales, dt_proj, early_state)
+              y_dtype, scales, dt_proj, early_state, conv_shift)
     return y, out
 
 
@@ -220,13 +251,15 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 segments: list[tuple[int, float | None]], x_mask: torch.Tensor | None = None,
                 m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
                 acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> list[torch.Tensor]:
+                norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
+                conv: FusedConv | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
-    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k])."""
+    GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). conv: x_q and x_mask are None and the GEMV
+    computes x (and its mask) as that conv's output itself."""
     lib = load_library()
-    src = x_q if norm is None else norm[0]
+    src = norm[0] if norm is not None else conv.x if conv is not None else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
     rows = src.numel() // kdim
     outs, ends, scales, c = [], [], [], 0
@@ -244,5 +277,11 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                       (ctypes.c_float * 3)(*scales, *[0.0] * (3 - len(scales))),
                       (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
                       _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale)
+    if conv is not None:
+        args.conv_x, args.conv_w, args.conv_w_scale = _ptr(conv.x), _ptr(conv.weight), _ptr(conv.weight_scale)
+        args.conv_bias, args.conv_state, args.conv_u = _ptr(conv.bias), _ptr(conv.state), _ptr(conv.u)
+        args.conv_mask, args.conv_in_scale, args.conv_out_scale = _ptr(conv.mask), conv.in_scale, conv.out_scale
+        args.conv_outlier_scale = conv.outlier_scale or 0.0
+        args.conv_dual_scale, args.conv_early_state = int(conv.outlier_scale is not None), int(conv.early_state)
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

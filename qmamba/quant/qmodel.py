@@ -72,8 +72,11 @@ class Act:
     outlier_scale: float | None = None
 
 
-def _ref_scan(ops, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None):
+def _ref_scan(ops, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None,
+              conv_shift=None):
     """The selective scan on dequantized stage values (spec 4.4): (y, final state)."""
+    if conv_shift is not None:
+        raise ValueError("a deferred conv-state shift comes only from ops that fuse the conv (CudaOps)")
     return ref.selective_scan(ops.dequant(u), ops.dequant(dt), a_from_a_log(lyr.A_log), ops.dequant(bm),
                               ops.dequant(cm), lyr.D, ops.dequant(z), lyr.dt_bias, state)
 
@@ -100,10 +103,19 @@ def _norm_linear_quant(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: f
 
 
 def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
-                  state: torch.Tensor | None):
+                  state: torch.Tensor | None, conv_shift=None):
     """scan(u, dt_proj(dt_lr) quantized at s_dt, ...): ops may fuse the two when nobody records dt_proj."""
     (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(lyr.dt_proj.weight_q.shape[0], s_dt)])
-    return ops.scan(u, dt, bm, cm, z, lyr, state)
+    return ops.scan(u, dt, bm, cm, z, lyr, state, conv_shift)
+
+
+def _conv_x_proj(ops, x: Act, lyr: QLayer, state: torch.Tensor | None, s_u: float, s_out: float | None,
+                 segments: list[tuple[int, float]]):
+    """(u, conv state, x_proj(u)'s segments, conv_shift) with u = conv(x). Ops may compute the conv inside x_proj;
+    then the conv state comes back not yet shifted and conv_shift (else None) must go to the scan that follows
+    (dt_proj_scan / scan), which shifts it."""
+    u, st = ops.conv(x, lyr, state, s_u, s_out)
+    return u, st, ops.linear_quant(u, lyr.x_proj, segments), None
 
 
 def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
@@ -118,6 +130,7 @@ class _ComposedStages:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    conv_x_proj = _conv_x_proj
     logits = _logits
 
 
@@ -307,20 +320,18 @@ class QuantMambaLM:
         rec("in_proj.z", z)
 
         conv_state = None if state is None else state.conv
+        conv_shift = None  # set when ops compute the conv inside x_proj: the scan then shifts the conv state
         if rc.int8_ssm:
-            u, conv_state = ops.conv(x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"))
-            u_lin = u
+            u, conv_state, (dt_lr, bm, cm), conv_shift = ops.conv_x_proj(
+                x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"),
+                [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])])
+            rec("conv1d", u)
+            rec("x_proj.dt_lowrank", dt_lr)
         else:
             u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
             u = Act(u_f)
+            rec("conv1d", u)
             u_lin = ops.quantize(u_f, s["x_proj.in"])
-        rec("conv1d", u)
-
-        if rc.int8_ssm:
-            dt_lr, bm, cm = ops.linear_quant(
-                u_lin, lyr.x_proj, [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])])
-            rec("x_proj.dt_lowrank", dt_lr)
-        else:
             xdbl = ops.linear(u_lin, lyr.x_proj)
             dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
             dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
@@ -331,14 +342,14 @@ class QuantMambaLM:
 
         ssm_in = None if state is None else state.ssm
         if rc.int8_ssm and not wanted("dt_proj"):  # ops may fuse dt_proj into the scan
-            y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in)
+            y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in, conv_shift)
         else:
             if rc.int8_ssm:
                 (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(d, s["dt_proj"])])
             else:
                 dt = Act(ops.linear(dt_lr, lyr.dt_proj))
             rec("dt_proj", dt)
-            y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in)
+            y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in, conv_shift)
         rec("ssm", y)
         hq = ops.hadamard_quant(y, s["hadamard"])
         rec("hadamard", hq)

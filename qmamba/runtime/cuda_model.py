@@ -36,9 +36,10 @@ class CudaOps(IntOps):
     embedding gather, a kernel launched without programmatic dependent launch, and a layer's states are written
     only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
 
-    def __init__(self, device: torch.device, in_place_states: bool = False) -> None:
+    def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
+        self.fuse_conv = fuse_conv  # False only to measure the separate conv kernel (bench/e2e.py)
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -114,17 +115,38 @@ class CudaOps(IntOps):
         return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
 
     def dt_proj_scan(self, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
-                     state: torch.Tensor | None):
-        """Decode (one token, a state): the state-update kernel computes dt_proj itself."""
+                     state: torch.Tensor | None, conv_shift: tuple | None = None):
+        """Decode (one token, a state): the state-update kernel computes dt_proj itself (and shifts the conv
+        state when conv_x_proj left that to it)."""
         if state is None or u.value.shape[1] != 1 or u.scale is None:
-            return super().dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state)
+            return super().dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state, conv_shift)
         lin = lyr.dt_proj
         return k.selective_state_update(
             state, u.value, u.mask, None, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(),
             self._a(lyr), lyr.D, lyr.dt_bias, in_place=self.in_place,
             dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
             u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
-            z_scale=z.scale, early_state=True)
+            z_scale=z.scale, early_state=True, conv_shift=conv_shift)
+
+    def conv_x_proj(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None,
+                    segments: list[tuple[int, float]]):
+        """Decode (one token, <= GEMV_MAX_ROWS rows, states in place): the x_proj GEMV computes the conv itself,
+        one kernel instead of two. The conv state is only read there; the state update shifts it (conv_shift)."""
+        xv = x.value
+        bsz, seqlen, d = xv.shape
+        if not (self.fuse_conv and self.in_place and state is not None and seqlen == 1 and bsz <= k.GEMV_MAX_ROWS
+                and lyr.conv_weight_q.shape[1] == 4 and d % 16 == 0 and d <= (24576 if bsz == 1 else 6144)):
+            return super().conv_x_proj(x, lyr, state, s_u, s_out, segments)
+        xv = xv.contiguous()
+        u = torch.empty_like(xv)
+        mask = None if s_out is None else torch.empty(xv.shape, dtype=torch.uint8, device=xv.device)
+        conv = k.FusedConv(xv, lyr.conv_weight_q, lyr.conv_weight_scale, lyr.conv_bias, state, u, mask, x.scale, s_u,
+                           s_out, early_state=True)
+        lin = lyr.x_proj
+        outs = k.int8_linear(None, lin.weight_q, self._multiplier(s_u, lin), segments,
+                             m_out=None if s_out is None else self._multiplier(s_out, lin), conv=conv)
+        acts = [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
+        return Act(u, s_u, mask, s_out), state, acts, (xv, state)
 
     def logits(self, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
         rows, kdim = hf.numel() // hf.shape[-1], hf.shape[-1]
@@ -155,7 +177,11 @@ class CudaOps(IntOps):
             a = self._A[id(lyr)] = a_from_a_log(lyr.A_log.cpu()).to(self.device)
         return a
 
-    def scan(self, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None):
+    def scan(self, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None,
+             conv_shift: tuple | None = None):
+        if conv_shift is not None:  # the conv ran inside x_proj (traced dt_proj): shift its state here
+            cx, cs = conv_shift
+            cs.copy_(torch.cat([cs[..., 1:], cx.reshape(cs.shape[0], cs.shape[1], 1)], dim=-1))
         out = state if self.in_place else None
         if u.scale is None:  # w8a8-fpssm: float inputs
             return k.selective_scan(u.value.contiguous(), dt.value.contiguous(), self._a(lyr), bm.value.contiguous(),

@@ -4,6 +4,7 @@
 // acc comes from a GEMM (int32, e.g. cuBLASLt via torch._int_mm) or, for rows <= 4 (decode), from the GEMV
 // here: 1 or 4 warps per output column, 16-byte loads and dp4a over K, x masked per byte for the dual split.
 #include "common.cuh"
+#include "conv_decode.cuh"
 
 namespace {
 constexpr int kMaxGemvRows = 4;  // beyond, cuBLASLt's int8 GEMM + the epilogue kernel is faster (H100)
@@ -32,9 +33,10 @@ __device__ __forceinline__ void store(const Seg& sg, const qm_linear_args& a, in
   }
 }
 
-__device__ __forceinline__ float dequant(const qm_linear_args& a, int n, int32_t acc_in, int32_t acc_out) {
+__device__ __forceinline__ float dequant(const qm_linear_args& a, bool masked, int n, int32_t acc_in,
+                                         int32_t acc_out) {
   float y = __fmul_rn(static_cast<float>(acc_in), a.m_in[n]);
-  if (a.x_mask) y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), a.m_out[n]));
+  if (masked) y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), a.m_out[n]));
   return y;
 }
 
@@ -44,7 +46,7 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(a.rows) * a.n) return;
   const int r = static_cast<int>(i / a.n), n = static_cast<int>(i % a.n);
-  store(sg, a, r, n, dequant(a, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
+  store(sg, a, r, n, dequant(a, a.x_mask != nullptr, n, a.acc_in[i], a.x_mask ? a.acc_out[i] : 0));
 }
 
 // RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
@@ -72,6 +74,100 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __syncthreads();
 }
 
+// The decode conv in front of x_proj (a.conv_x non-null): every block computes the conv of all k channels of its
+// rows into shared memory (codes, then the outlier mask) and writes its share (groups g = block mod grid) of the
+// codes and mask to conv_u / conv_mask; no block waits for another. The state is only read (the state update
+// shifts it afterwards, qm_scan_args.conv_state). Work unit: a group of 4 channels of every row.
+template <int R>
+struct ConvEarly {
+  static constexpr int kPre = R == 1 ? 4 : 1;  // rounds of groups whose constants load before the PDL wait
+  int4 w[kPre];
+  float4 m[kPre], bias[kPre];
+  int st[kPre][R][3];
+};
+
+template <int R>
+__device__ __forceinline__ void conv_load_state(const qm_linear_args& a, int g, int (&st)[R][3]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int* s = reinterpret_cast<const int*>(a.conv_state) + static_cast<int64_t>(r) * a.k * 3 / 4 + 3 * g;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) st[r][i] = r < a.rows ? s[i] : 0;
+  }
+}
+
+__device__ __forceinline__ void conv_load_weights(const qm_linear_args& a, int g, int4& w, float4& m, float4& bias) {
+  w = reinterpret_cast<const int4*>(a.conv_w)[g];
+  const float4 ws = reinterpret_cast<const float4*>(a.conv_w_scale)[g];
+  m = make_float4(qm::scale_product(a.conv_in_scale, ws.x), qm::scale_product(a.conv_in_scale, ws.y),
+                  qm::scale_product(a.conv_in_scale, ws.z), qm::scale_product(a.conv_in_scale, ws.w));
+  bias = reinterpret_cast<const float4*>(a.conv_bias)[g];
+}
+
+// before the wait: the weights of the thread's first kPre groups, and their state when the caller allows it
+template <int R>
+__device__ __forceinline__ void conv_prologue_early(const qm_linear_args& a, ConvEarly<R>& e) {
+  const int groups = a.k / 4;
+#pragma unroll
+  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
+    const int g = static_cast<int>(threadIdx.x) + i * 256;
+    if (g < groups) {
+      conv_load_weights(a, g, e.w[i], e.m[i], e.bias[i]);
+      if (a.conv_early_state) conv_load_state<R>(a, g, e.st[i]);
+    }
+  }
+}
+
+template <int R, bool kDual>
+__device__ __forceinline__ void conv_group(const qm_linear_args& a, const ConvQuant& q, int g, const int (&st)[R][3],
+                                           int4 w, float4 m, float4 bias, int* xs, int* ms) {
+  const bool mine = g % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x);  // this block writes it out
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= a.rows) break;
+    const int64_t o = static_cast<int64_t>(r) * a.k / 4 + g;  // in 4-byte words
+    int codes, masks;
+    conv4_decode<kDual>(st[r], reinterpret_cast<const int*>(a.conv_x)[o], w, m, bias, q, codes, masks);
+    xs[o] = codes;
+    if (kDual) ms[o] = masks;
+    if (mine) {
+      reinterpret_cast<int*>(a.conv_u)[o] = codes;
+      if (kDual) reinterpret_cast<int*>(a.conv_mask)[o] = masks;
+    }
+  }
+}
+
+// after the wait: every group of every row into xs (codes) and ms (mask), shared memory
+template <int R, bool kDual>
+__device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const ConvEarly<R>& e, int* xs, int* ms) {
+  const int groups = a.k / 4;
+#pragma unroll
+  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
+    const int g = static_cast<int>(threadIdx.x) + i * 256;
+    if (g < groups) {
+      int st[R][3];
+      if (a.conv_early_state) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int j = 0; j < 3; ++j) st[r][j] = e.st[i][r][j];
+      } else {
+        conv_load_state<R>(a, g, st);
+      }
+      conv_group<R, kDual>(a, q, g, st, e.w[i], e.m[i], e.bias[i], xs, ms);
+    }
+  }
+  for (int g = static_cast<int>(threadIdx.x) + ConvEarly<R>::kPre * 256; g < groups; g += 256) {
+    int st[R][3];
+    int4 w;
+    float4 m, bias;
+    conv_load_weights(a, g, w, m, bias);
+    conv_load_state<R>(a, g, st);
+    conv_group<R, kDual>(a, q, g, st, w, m, bias, xs, ms);
+  }
+  __syncthreads();
+}
+
 // Resident blocks per SM the one-row GEMV is compiled for (register cap 65536 / (256 x this)): a one-row decode
 // GEMV is latency-bound, so more resident warps keep more weight loads in flight.
 #ifndef QM_GEMV_MIN_BLOCKS
@@ -88,18 +184,23 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 // of its next column load before the current column's reduction. Otherwise each warp group owns CPW adjacent
 // columns (CPW = 2 for one row when one column per warp would take more than one wave of blocks: every block pays
 // the dependency wait and the fused RMSNorm prologue, so fewer, longer blocks; a lane keeps CPW loads in flight).
-template <int R, int S, bool P, int CPW = 1>
-__global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
-    gemv_kernel(qm_linear_args a, Seg sg) {
+// kConv: the decode conv computed in front (conv_prologue), in its own instantiations (a few blocks at most: x_proj
+// has few columns, so no register cap for occupancy).
+template <int R, int S, bool P, int CPW = 1, bool kConv = false>
+__global__ void __launch_bounds__(256, kConv || R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
+    gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq) {
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
+  static_assert(!kConv || (CPW == 1 && !P), "the fused conv runs with one column per warp group, not persistent");
   constexpr int kWarps = 256 / 32, kCols = kWarps / S * CPW;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = warp % S;
   const int chunks = a.k / 16;  // 16-byte pieces of a row
   const int col_step = static_cast<int>(gridDim.x) * kCols;
-  extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant is fused in
+  extern __shared__ int4 xs_norm[];  // rows x k codes when RMSNormQuant (or the conv: then also its mask) is fused in
   const int8_t* xsrc = a.x;
+  const uint8_t* msrc = a.x_mask;
+  const bool masked = kConv ? a.conv_dual_scale != 0 : a.x_mask != nullptr;
   // one 16-byte piece j of x (and of its mask) against the same piece of each of the CPW weight rows
   auto step = [&](const int4 (&wv)[CPW], int j, int (&acc_in)[CPW][R], int (&acc_out)[CPW][R]) {
 #pragma unroll
@@ -107,8 +208,8 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
       if (r >= a.rows) break;
       const int4 xv = reinterpret_cast<const int4*>(xsrc + static_cast<int64_t>(r) * a.k)[j];
       const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
-      if (a.x_mask) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
-        const int4 mv4 = reinterpret_cast<const int4*>(a.x_mask + static_cast<int64_t>(r) * a.k)[j];
+      if (masked) {  // bytes are 0/1: times 0xff makes a byte mask (no carries)
+        const int4 mv4 = reinterpret_cast<const int4*>(msrc + static_cast<int64_t>(r) * a.k)[j];
         const unsigned mm[4] = {static_cast<unsigned>(mv4.x) * 0xffu, static_cast<unsigned>(mv4.y) * 0xffu,
                                 static_cast<unsigned>(mv4.z) * 0xffu, static_cast<unsigned>(mv4.w) * 0xffu};
 #pragma unroll
@@ -152,13 +253,24 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
     for (int c = 0; c < CPW; ++c) {
       const int n = min(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW + c, a.n - 1);
       asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_in + n));
-      if (a.x_mask) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_out + n));
+      if (masked) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_out + n));
     }
   if (R == 1 && a.norm_x)
     for (int i = threadIdx.x * 32; i < a.k; i += 256 * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
+  ConvEarly<R> conv_early;
+  if constexpr (kConv) conv_prologue_early<R>(a, conv_early);
   qm::wait_for_inputs();
   qm::allow_dependents();
-  if (a.norm_x) {
+  if constexpr (kConv) {
+    int* xs = reinterpret_cast<int*>(xs_norm);
+    int* ms = xs + R * a.k / 4;
+    if (a.conv_dual_scale)
+      conv_prologue<R, true>(a, cq, conv_early, xs, ms);
+    else
+      conv_prologue<R, false>(a, cq, conv_early, xs, ms);
+    xsrc = reinterpret_cast<const int8_t*>(xs);
+    msrc = reinterpret_cast<const uint8_t*>(ms);
+  } else if (a.norm_x) {
     norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
@@ -198,7 +310,7 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
       for (int r = 0; r < R; ++r) {
         for (int off = 16; off > 0; off >>= 1) {
           acc_in[c][r] += __shfl_xor_sync(0xffffffffu, acc_in[c][r], off);
-          if (a.x_mask) acc_out[c][r] += __shfl_xor_sync(0xffffffffu, acc_out[c][r], off);
+          if (masked) acc_out[c][r] += __shfl_xor_sync(0xffffffffu, acc_out[c][r], off);
         }
         if (S > 1 && lane == 0) {
           part[warp][r][0] = acc_in[c][r];
@@ -219,7 +331,7 @@ __global__ void __launch_bounds__(256, R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BL
           for (int q = 0; q < R; ++q)
             if (q == r) ai = acc_in[c][q], ao = acc_out[c][q];
         }
-        store(sg, a, r, n, dequant(a, n, ai, ao));
+        store(sg, a, r, n, dequant(a, masked, n, ai, ao));
       }
     }
     if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
@@ -257,17 +369,44 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
     const int64_t total = static_cast<int64_t>(a->rows) * a->n;
+    QM_CHECK_ARG(!a->conv_x, "qm_int8_linear: a fused conv (conv_x) needs the GEMV, not acc_in");
     QM_CHECK_LAUNCHED(qm::launch(epilogue_kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                  dim3(threads), 0, stream, *a, sg),
                       "qm_int8_linear epilogue launch");
     return QM_OK;
+  }
+  const bool conv = a->conv_x != nullptr;
+  ConvQuant cq{};
+  if (conv) {
+    auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+    QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x, "qm_int8_linear: with a fused conv (conv_x) x, x_mask and "
+                 "norm_x must be NULL (the conv computes x)");
+    QM_CHECK_ARG(a->conv_w && a->conv_w_scale && a->conv_bias && a->conv_state && a->conv_u,
+                 "qm_int8_linear: a fused conv needs conv_w, conv_w_scale, conv_bias, conv_state and conv_u");
+    QM_CHECK_ARG(a->conv_dual_scale == 0 || a->conv_dual_scale == 1, "qm_int8_linear: conv_dual_scale=%d must be "
+                 "0 or 1", a->conv_dual_scale);
+    QM_CHECK_ARG(a->conv_early_state == 0 || a->conv_early_state == 1, "qm_int8_linear: conv_early_state=%d must "
+                 "be 0 or 1", a->conv_early_state);
+    QM_CHECK_ARG((a->conv_mask != nullptr) == (a->conv_dual_scale == 1) && (!a->conv_dual_scale || a->m_out),
+                 "qm_int8_linear: conv_mask (and m_out) must be non-null exactly when conv_dual_scale=1");
+    QM_CHECK_ARG(QM_VALID_SCALE(a->conv_in_scale) && QM_VALID_SCALE(a->conv_out_scale) &&
+                 (!a->conv_dual_scale || QM_VALID_SCALE(a->conv_outlier_scale)),
+                 "qm_int8_linear: the conv scales must be positive and finite");
+    QM_CHECK_ARG(a->k % 16 == 0 && a->k <= (a->rows <= 1 ? 24576 : 6144),
+                 "qm_int8_linear: a fused conv needs k %% 16 == 0 and k <= 6144 (24576 for one row), k=%d", a->k);
+    QM_CHECK_ARG(aligned(a->conv_w, 16) && aligned(a->conv_w_scale, 16) && aligned(a->conv_bias, 16) &&
+                 aligned(a->conv_x, 4) && aligned(a->conv_state, 4) && aligned(a->conv_u, 4) &&
+                 aligned(a->conv_mask, 4),
+                 "qm_int8_linear: a fused conv needs 16-byte aligned conv_w, conv_w_scale, conv_bias and 4-byte "
+                 "aligned conv_x, conv_state, conv_u, conv_mask");
+    cq = make_conv_quant(a->conv_out_scale, a->conv_outlier_scale, a->conv_dual_scale == 1);
   }
   const bool norm = a->norm_x != nullptr;
   QM_CHECK_ARG(!norm || (!a->acc_in && !a->x_mask && a->norm_w && QM_VALID_SCALE(a->norm_scale) &&
                          isfinite(a->norm_eps) && a->norm_eps > 0.f && a->k <= 8192),
                "qm_int8_linear: a fused RMSNormQuant needs the GEMV (no acc_in), no x_mask, norm_w, a positive "
                "finite norm_scale and norm_eps, and k <= 8192 (k=%d)", a->k);
-  QM_CHECK_ARG((a->x || norm) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
+  QM_CHECK_ARG((a->x || norm || conv) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
@@ -277,16 +416,21 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int cols = few ? 2 : 8;
   const int64_t needed = (a->n + cols - 1) / cols;
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
-  const bool persistent = a->rows > 1 && needed > cap;
+  const bool persistent = !conv && a->rows > 1 && needed > cap;
   // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
-  const bool pairs = a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
+  const bool pairs = !conv && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
-  const size_t smem = norm ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k : 0;  // <= 32 KiB: no opt-in needed
-  auto kernel = a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
-                                                                       : gemv_kernel<1, 1, false>)
+  // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
+  const size_t smem = norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
+  auto kernel = conv           ? (a->rows <= 1 ? (few ? gemv_kernel<1, 4, false, 1, true>
+                                                      : gemv_kernel<1, 1, false, 1, true>)
+                                               : (few ? gemv_kernel<4, 4, false, 1, true>
+                                                      : gemv_kernel<4, 1, false, 1, true>))
+               : a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
+                                                                        : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
                               : (few ? gemv_kernel<4, 4, false> : gemv_kernel<4, 1, false>);
-  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg),
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg, cq),
                     "qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -31,7 +31,8 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 4 (3: qm_tied_logits; 4: early_state) */
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 5 (3: qm_tied_logits; 4: early_state;
+                                  5: the decode conv fused into the GEMV, its state shift into the update) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -85,6 +86,14 @@ typedef struct {
   const float* dt_m;
   int dt_rank;
   int early_state; /* decode only, 0 or 1: initial_state read before the PDL wait (see "Early state reads") */
+  /* Decode only, with a fused dt_proj (dt_w), optional: the conv state's shift for this token, deferred to here
+   * from a GEMV that computed the conv (qm_linear_args.conv_x), which only reads the state. When conv_state is
+   * non-NULL, each row conv_state[b, d, :] (int8 [B, D, conv_kernel_size - 1], in place) becomes its last
+   * conv_kernel_size - 2 tokens followed by conv_x[b, d] (int8 [B, D]). conv_kernel_size must be 4. With
+   * early_state the row is also read before the wait. */
+  int8_t* conv_state;
+  const int8_t* conv_x;
+  int conv_kernel_size;
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);
@@ -116,6 +125,24 @@ typedef struct {
   const float* norm_x;
   const float* norm_w;
   float norm_eps, norm_scale;
+  /* Optional, GEMV only: the decode step of QuantCausalConv1d (spec 4.3, 4.5: one token, kernel size 4) fused in
+   * front. When conv_x is non-NULL, x and x_mask must be NULL: each block computes x = u, the conv of conv_x
+   * [rows, k] int8 with the state conv_state [rows, k, 3] int8, weights conv_w [k, 4] int8, conv_w_scale [k],
+   * conv_bias [k] at conv_in_scale -> conv_out_scale (and conv_outlier_scale with its outlier mask as x_mask when
+   * conv_dual_scale = 1: m_out is then required). The blocks also write u to conv_u [rows, k] (and the mask to
+   * conv_mask), each its share. The state is only read: the caller shifts it after this kernel
+   * (qm_scan_args.conv_state). conv_early_state (0/1): the state is read before the PDL wait ("Early state
+   * reads"). Needs k <= 6144 (one row: 24576) and 16-byte aligned conv_w, conv_w_scale, conv_bias; 4-byte aligned
+   * conv_x, conv_state, conv_u, conv_mask. */
+  const int8_t* conv_x;
+  const int8_t* conv_w;
+  const float* conv_w_scale;
+  const float* conv_bias;
+  const int8_t* conv_state;
+  int8_t* conv_u;
+  uint8_t* conv_mask;
+  float conv_in_scale, conv_out_scale, conv_outlier_scale;
+  int conv_dual_scale, conv_early_state;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

@@ -2,6 +2,7 @@
 // The new conv state (last K-1 input tokens) is written by a second kernel after the first has read the
 // old state, one thread per (b, d) in ascending order, so state_out may alias state_in.
 #include "common.cuh"
+#include "conv_decode.cuh"
 
 namespace {
 constexpr int kMaxK = 8;
@@ -11,60 +12,6 @@ __device__ __forceinline__ int8_t tap(const int8_t* x, const int8_t* state, int 
   // element t of concat(state, x) along time, t in [0, K-1+L)
   if (t < km1) return state ? state[(static_cast<int64_t>(b) * D + d) * km1 + t] : 0;
   return x[(static_cast<int64_t>(b) * L + (t - km1)) * D + d];
-}
-
-// The spec's u = silu_r(v) (float64) and its quantization, exactly: the reference path.
-__device__ __forceinline__ void finish_exact(float v, float out_scale, float outlier_scale, bool dual, int8_t& u_out,
-                                             uint8_t& mask_out) {
-  const float sv = qm::silu_r(v);
-  if (!dual) {
-    u_out = qm::quantize(sv, out_scale);
-    mask_out = 0;
-    return;
-  }
-  const float q_in = rintf(__fdiv_rn(sv, out_scale));
-  const bool outlier = q_in < -128.f || q_in > 127.f;
-  const float q = outlier ? rintf(__fdiv_rn(sv, outlier_scale)) : q_in;
-  u_out = qm::saturate_code(q);
-  mask_out = outlier ? 1 : 0;
-}
-
-// Same result as finish_exact, cheaper: SiLU in float32 and the quotient by a reciprocal multiply; the float64
-// path runs only when a code is not certain (qm::FastCode::certain with a tolerance from the bound below;
-// about 2e-4 of elements) or v <= -16. Error of r against the spec's quotient (itself within 2^-23 of the real one),
-// relative: a = fl(-v fl(log2 e)) is within 2^-23.2 of -v log2 e; ex2 (<= 2 ulp, 2^-22) and rcp (1 ulp) by MUFU
-// alone, then 4 roundings (1 + e, v * rcp, inv = fl(1 / s), r * inv). For v > -16 (|a| < 23.1) e is within 2^-19
-// and r within 2^-18.7: the rule's 2^-17 is 3.2x that. For v >= 0 (a <= 0, e <= 1) e's absolute error is at most
-// 2^-22 + max(u e^-u) 2^-23.2 = 2^-21.8 against 1 + e >= 1, and r is within 2^-20.35: tolerance 2^-19, 2.5x.
-struct ConvQuant {
-  float out_scale, outlier_scale, inv_out, inv_outlier;
-  bool dual, fast;
-};
-
-// The float32 path without branches: the code's float bits (low byte = the int8 code), the outlier flag, and
-// whether both are certain (else the spec's float64 path decides: finish, or the tile's conv_element).
-template <bool kDual>
-__device__ __forceinline__ bool code_fast(float v, float inv_out, float inv_outlier, int& code_bits, bool& outlier) {
-  // 1 + e is in [1, 2^24) where v > -16 (the only results used); an e below 2^-126 flushes to 0 (1 + e = 1)
-  const float e = qm::ex2_approx(__fmul_rn(v, -1.44269504088896341f));
-  const float sv = __fmul_rn(v, qm::rcp_approx(__fadd_rn(1.f, e)));
-  const float r = __fmul_rn(sv, inv_out);
-  float rs = r;  // the quotient whose code is stored
-  float beyond = 0.f;  // dual: |r + 0.5| - 128, > 0 exactly when rint(r) leaves [-128, 127] (r >= 127.5 or r < -128.5)
-  outlier = false;
-  if (kDual) {  // at beyond == 0 (r = 127.5 or -128.5, ties to even: 128 / -128) the split is left to the exact path
-    beyond = __fsub_rn(fabsf(__fadd_rn(r, 0.5f)), 128.f);
-    outlier = beyond > 0.f;
-    rs = __fmul_rn(sv, outlier ? inv_outlier : inv_out);
-  }
-  // c = the clamped rs has v's sign, so the tolerance is |c| 2^-19 for v >= 0 and |c| 2^-17 below (the bound above)
-  const qm::FastCode code = qm::fast_code(rs);
-  code_bits = code.bits;
-  const float tolerance = fmaxf(__fmul_rn(code.clamped, 0x1p-19f), __fmul_rn(code.clamped, -0x1p-17f));
-  bool certain = (v > -16.f) & code.certain(tolerance);  // & : no short-circuit branches
-  // and r is not near an outlier threshold 127.5 / -128.5 (|r| < 129 there: the error bound is below 2^-11)
-  if (kDual) certain &= fabsf(beyond) > 0x1p-9f;
-  return certain;
 }
 
 __device__ __forceinline__ bool finish_fast(float v, const ConvQuant& q, int8_t& u_out, uint8_t& mask_out) {
@@ -299,12 +246,7 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   int64_t total = static_cast<int64_t>(batch) * seqlen * dim;
   QM_CHECK_ARG(total < (1ll << 40), "qm_quant_causal_conv1d: tensor too large");
   const int threads = 256;
-  ConvQuant q{out_scale, dual_scale ? outlier_scale : out_scale, 0.f, 0.f, dual_scale == 1, false};
-  if (qm::has_accurate_reciprocal(q.out_scale) && qm::has_accurate_reciprocal(q.outlier_scale)) {
-    q.inv_out = static_cast<float>(1.0 / q.out_scale);
-    q.inv_outlier = static_cast<float>(1.0 / q.outlier_scale);
-    q.fast = true;
-  }
+  const ConvQuant q = make_conv_quant(out_scale, outlier_scale, dual_scale == 1);
   auto aligned4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
   // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
   int8_t* fused_state = seqlen == 1 ? state_out : nullptr;

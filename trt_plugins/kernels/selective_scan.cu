@@ -571,8 +571,14 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   };
   float h[4];
   if (a.early_state) load_h(h);  // the caller asserts no kernel ahead of this one writes it (qmamba_kernels.h)
+  // the deferred conv-state shift (a.conv_state): lane 0 of the channel moves tokens 1, 2 down and appends x
+  const bool shift = kDtW && a.conv_state && active && q == 0;
+  int8_t* const crow = shift ? a.conv_state + r * 3 : nullptr;
+  int8_t c1 = 0, c2 = 0;
+  if (shift && a.early_state) c1 = crow[1], c2 = crow[2];
   qm::wait_for_inputs();
   qm::allow_dependents();
+  const int8_t cx = shift ? a.conv_x[r] : 0;
   float u, x, zv = 0.f;
   if constexpr (kInt8) {
     const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
@@ -638,6 +644,10 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
 #pragma unroll
   for (int off = G / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off, G);
   if (!active) return;
+  if (shift) {  // after the wait: the GEMV that computed the conv from the old row has finished
+    if (!a.early_state) c1 = crow[1], c2 = crow[2];
+    crow[0] = c1, crow[1] = c2, crow[2] = cx;
+  }
   if (a.final_state && vec)
     __stcs(reinterpret_cast<float4*>(a.final_state) + s0 / 4, make_float4(h[0], h[1], h[2], h[3]));
   else if (a.final_state)
@@ -680,6 +690,10 @@ int validate(const qm_scan_args* a, const char* fn) {
     QM_CHECK_ARG(a->input_dtype == QM_DTYPE_INT8 && a->dt_lowrank && a->dt_m && a->dt_rank > 0,
                  "%s: a fused dt_proj (dt_w) needs int8 inputs, dt_lowrank, dt_m and dt_rank > 0 (dt_rank=%d)", fn,
                  a->dt_rank);
+  if (a->conv_state)
+    QM_CHECK_ARG(a->dt_w && a->conv_x && a->conv_kernel_size == 4 && a->seqlen == 1,
+                 "%s: the deferred conv-state shift (conv_state) needs a fused dt_proj (dt_w), one token, conv_x and "
+                 "conv_kernel_size == 4 (got %d)", fn, a->conv_kernel_size);
   return QM_OK;
 }
 

@@ -462,3 +462,101 @@ def test_state_update_with_fused_dt_proj_equals_separate(k, b, d, rank, n):
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
     wy, _ = ref.dual_scale_selective_scan(*sep, initial_state=h0, **scales)
     assert rel(y2, wy) <= 1e-5
+
+
+def _fused_conv_inputs(rows: int, d: int, ncols: int, dual: bool, seed: int, boundary: bool = False):
+    """Decode conv + x_proj inputs. boundary: zero x and state, so v = bias exactly, and biases whose codes sit
+    next to rounding ties and outlier thresholds (the prologue's exact path must decide them)."""
+    g = _g(seed)
+    if boundary:
+        v = torch.cat([_near_half_codes(0.01, range(-27, 12)), _near_half_codes(0.05, range(20, 30))])
+        d = (v.numel() + 15) // 16 * 16
+        bias = torch.zeros(d, device="cuda")
+        bias[: v.numel()] = v.cuda()
+        x = torch.zeros(rows, 1, d, dtype=torch.int8, device="cuda")
+        st = torch.zeros(rows, d, 3, dtype=torch.int8, device="cuda")
+    else:
+        bias = torch.randn(d, device="cuda", generator=g)
+        x = torch.randint(-128, 128, (rows, 1, d), dtype=torch.int8, device="cuda", generator=g)
+        st = torch.randint(-128, 128, (rows, d, 3), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (d, 4), dtype=torch.int8, device="cuda", generator=g)
+    ws = torch.rand(d, device="cuda", generator=g) * 0.01 + 1e-4
+    wx = torch.randint(-128, 128, (ncols, d), dtype=torch.int8, device="cuda", generator=g)
+    wsx = torch.rand(ncols, device="cuda", generator=g) * 0.01 + 1e-3
+    return x, w, ws, bias, st, wx, wsx, d
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "d", "ncols"),
+    # 80 / 192: x_proj of 130m / 2.8b; 2056 columns: the one-warp-per-column instantiation; 6144 at 4 rows: the
+    # shared-memory limit; 24576 at one row likewise; -1: biases at rounding boundaries
+    [(1, 1536, 80), (1, 5120, 192), (3, 2560, 56), (4, 6144, 40), (2, 64, 2056), (1, 24576, 24), (1, -1, 40)],
+)
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("early", [False, True])
+def test_int8_linear_with_fused_conv_equals_separate(k, rows, d, ncols, dual, early):
+    from qmamba.ops.specmath import quantize, scale_product
+
+    boundary = d < 0
+    x, w, ws, bias, st, wx, wsx, d = _fused_conv_inputs(rows, abs(d), ncols, dual, rows + d + ncols + dual, boundary)
+    s_in, s_u = 0.03, 0.01
+    s_out = 0.05 if dual else None
+    wu, wm, wn = ref.quant_causal_conv1d(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), s_in, s_u, st.cpu(), s_out)
+    segs = [(ncols - 16, 0.5), (8, 0.25), (8, None)]
+    y = ref.quant_linear(wu, wx.cpu(), s_u, wsx.cpu(), None, wm, s_out)
+    u = _poison(torch.empty_like(x))
+    mask = _poison(torch.empty(x.shape, dtype=torch.uint8, device="cuda")) if dual else None
+    state = st.clone()
+    conv = k.FusedConv(x, w, ws, bias, state, u, mask, s_in, s_u, s_out, early_state=early)
+    outs = k.int8_linear(None, wx, scale_product(s_u, wsx.cpu()).cuda(), segs,
+                         m_out=scale_product(s_out, wsx.cpu()).cuda() if dual else None, conv=conv)
+    assert torch.equal(u.cpu(), wu), "conv codes differ"
+    if dual:
+        assert torch.equal(mask.cpu(), wm) and 0 < wm.float().mean() < 0.9
+    assert torch.equal(state, st), "the fused conv must only read the state"
+    assert torch.equal(outs[0].cpu(), quantize(y[..., : ncols - 16], 0.5))
+    assert torch.equal(outs[1].cpu(), quantize(y[..., ncols - 16 : ncols - 8], 0.25))
+    assert torch.equal(outs[2].cpu(), y[..., ncols - 8 :])
+    if boundary:  # some codes were decided by the exact path, and the test would see a wrong one
+        assert (wu != 0).any()
+    # the state update then shifts the conv state by the same token: equal to the conv kernel's new state
+    if rows * d * 16 <= 1 << 24:
+        ins, h0, scales = _scan_inputs(rows, 1, d, 16, d + rows, dual)
+        rank = 16
+        g = _g(d)
+        lr = torch.randint(-128, 128, (rows, 1, rank), dtype=torch.int8, generator=g, device="cuda")
+        wdt = torch.randint(-128, 128, (d, rank), dtype=torch.int8, generator=g, device="cuda")
+        mdt = (torch.rand(d, generator=g, device="cuda") * 1e-4).contiguous()
+        ins = list(ins)
+        ins[2] = None
+        plain, shifted = h0.clone(), h0.clone()
+        y1, _ = k.selective_state_update(plain, *ins, in_place=True, dt_proj=(lr, wdt, mdt), **scales)
+        y2, _ = k.selective_state_update(shifted, *ins, in_place=True, dt_proj=(lr, wdt, mdt), early_state=early,
+                                         conv_shift=(x, state), **scales)
+        assert torch.equal(y1, y2) and torch.equal(plain, shifted)
+        assert torch.equal(state.cpu(), wn), "the deferred conv-state shift differs from the conv kernel's"
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_fused_conv_and_conv_shift_reject_bad_arguments(k):
+    from qmamba.ops.specmath import scale_product
+
+    x, w, ws, bias, st, wx, wsx, d = _fused_conv_inputs(4, 6160, 40, True, 7)
+    u, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8, device="cuda")
+    m = scale_product(0.01, wsx.cpu()).cuda()
+    with pytest.raises(k.KernelError, match=r"k <= 6144 \(24576 for one row\), k=6160"):
+        k.int8_linear(None, wx, m, [(40, None)], m_out=m,
+                      conv=k.FusedConv(x, w, ws, bias, st, u, mask, 0.03, 0.01, 0.05))
+    x, w, ws, bias, st, wx, wsx, d = _fused_conv_inputs(1, 64, 40, True, 8)
+    u, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8, device="cuda")
+    with pytest.raises(k.KernelError, match="conv_mask \\(and m_out\\) must be non-null exactly when"):
+        k.int8_linear(None, wx, m, [(40, None)], conv=k.FusedConv(x, w, ws, bias, st, u, mask, 0.03, 0.01, 0.05))
+    with pytest.raises(k.KernelError, match="x, x_mask and norm_x must be NULL"):
+        k.int8_linear(x, wx, m, [(40, None)], m_out=m, conv=k.FusedConv(x, w, ws, bias, st, u, mask, 0.03, 0.01,
+                                                                         0.05))
+    ins, h0, scales = _scan_inputs(1, 1, 64, 16, 9, False)
+    with pytest.raises(k.KernelError, match="conv-state shift \\(conv_state\\) needs a fused dt_proj"):
+        k.selective_state_update(h0, *ins, in_place=True, conv_shift=(x, st), **scales)

@@ -78,9 +78,9 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 // rows into shared memory (codes, then the outlier mask) and writes its share (groups g = block mod grid) of the
 // codes and mask to conv_u / conv_mask; no block waits for another. The state is only read (the state update
 // shifts it afterwards, qm_scan_args.conv_state). Work unit: a group of 4 channels of every row.
-template <int R>
+template <int R, int T>
 struct ConvEarly {
-  static constexpr int kPre = R == 1 ? 4 : 1;  // rounds of groups whose constants load before the PDL wait
+  static constexpr int kPre = R == 1 ? 2 : 1;  // rounds of T groups whose constants load before the PDL wait
   int4 w[kPre];
   float4 m[kPre], bias[kPre];
   int st[kPre][R][3];
@@ -105,12 +105,12 @@ __device__ __forceinline__ void conv_load_weights(const qm_linear_args& a, int g
 }
 
 // before the wait: the weights of the thread's first kPre groups, and their state when the caller allows it
-template <int R>
-__device__ __forceinline__ void conv_prologue_early(const qm_linear_args& a, ConvEarly<R>& e) {
+template <int R, int T>
+__device__ __forceinline__ void conv_prologue_early(const qm_linear_args& a, ConvEarly<R, T>& e) {
   const int groups = a.k / 4;
 #pragma unroll
-  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
-    const int g = static_cast<int>(threadIdx.x) + i * 256;
+  for (int i = 0; i < ConvEarly<R, T>::kPre; ++i) {
+    const int g = static_cast<int>(threadIdx.x) + i * T;
     if (g < groups) {
       conv_load_weights(a, g, e.w[i], e.m[i], e.bias[i]);
       if (a.conv_early_state) conv_load_state<R>(a, g, e.st[i]);
@@ -138,12 +138,13 @@ __device__ __forceinline__ void conv_group(const qm_linear_args& a, const ConvQu
 }
 
 // after the wait: every group of every row into xs (codes) and ms (mask), shared memory
-template <int R, bool kDual>
-__device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const ConvEarly<R>& e, int* xs, int* ms) {
+template <int R, int T, bool kDual>
+__device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const ConvEarly<R, T>& e, int* xs,
+                              int* ms) {
   const int groups = a.k / 4;
 #pragma unroll
-  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
-    const int g = static_cast<int>(threadIdx.x) + i * 256;
+  for (int i = 0; i < ConvEarly<R, T>::kPre; ++i) {
+    const int g = static_cast<int>(threadIdx.x) + i * T;
     if (g < groups) {
       int st[R][3];
       if (a.conv_early_state) {
@@ -157,7 +158,7 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
       conv_group<R, kDual>(a, q, g, st, e.w[i], e.m[i], e.bias[i], xs, ms);
     }
   }
-  for (int g = static_cast<int>(threadIdx.x) + ConvEarly<R>::kPre * 256; g < groups; g += 256) {
+  for (int g = static_cast<int>(threadIdx.x) + ConvEarly<R, T>::kPre * T; g < groups; g += T) {
     int st[R][3];
     int4 w;
     float4 m, bias;
@@ -184,14 +185,17 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 // of its next column load before the current column's reduction. Otherwise each warp group owns CPW adjacent
 // columns (CPW = 2 for one row when one column per warp would take more than one wave of blocks: every block pays
 // the dependency wait and the fused RMSNorm prologue, so fewer, longer blocks; a lane keeps CPW loads in flight).
-// kConv: the decode conv computed in front (conv_prologue), in its own instantiations (a few blocks at most: x_proj
-// has few columns, so no register cap for occupancy).
+// kConv: the decode conv computed in front (conv_prologue), in its own instantiations with 1024 threads per block:
+// every block computes all of the conv, and with 256 threads each thread's share (1.5 groups of 4 channels per row at
+// 130m, 5 at 2.8b) was a dependent chain that 8 warps could not hide (NOTES.md, session 8). The columns per block
+// grow with the warps, so the GEMV keeps the same warps per column and the same total.
 template <int R, int S, bool P, int CPW = 1, bool kConv = false>
-__global__ void __launch_bounds__(256, kConv || R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
+__global__ void __launch_bounds__(kConv ? 1024 : 256,
+                                  kConv || R > 1 ? 1 : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
     gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq) {
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
   static_assert(!kConv || (CPW == 1 && !P), "the fused conv runs with one column per warp group, not persistent");
-  constexpr int kWarps = 256 / 32, kCols = kWarps / S * CPW;
+  constexpr int kThreads = kConv ? 1024 : 256, kWarps = kThreads / 32, kCols = kWarps / S * CPW;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = warp % S;
@@ -256,18 +260,18 @@ __global__ void __launch_bounds__(256, kConv || R > 1 ? 1 : CPW > 1 ? QM_GEMV_PA
       if (masked) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_out + n));
     }
   if (R == 1 && a.norm_x)
-    for (int i = threadIdx.x * 32; i < a.k; i += 256 * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
-  ConvEarly<R> conv_early;
-  if constexpr (kConv) conv_prologue_early<R>(a, conv_early);
+    for (int i = threadIdx.x * 32; i < a.k; i += kThreads * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
+  ConvEarly<R, kThreads> conv_early;
+  if constexpr (kConv) conv_prologue_early<R, kThreads>(a, conv_early);
   qm::wait_for_inputs();
   qm::allow_dependents();
   if constexpr (kConv) {
     int* xs = reinterpret_cast<int*>(xs_norm);
     int* ms = xs + R * a.k / 4;
     if (a.conv_dual_scale)
-      conv_prologue<R, true>(a, cq, conv_early, xs, ms);
+      conv_prologue<R, kThreads, true>(a, cq, conv_early, xs, ms);
     else
-      conv_prologue<R, false>(a, cq, conv_early, xs, ms);
+      conv_prologue<R, kThreads, false>(a, cq, conv_early, xs, ms);
     xsrc = reinterpret_cast<const int8_t*>(xs);
     msrc = reinterpret_cast<const uint8_t*>(ms);
   } else if (a.norm_x) {
@@ -413,7 +417,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
   const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
-  const int cols = few ? 2 : 8;
+  const int cols = (few ? 2 : 8) * (conv ? 4 : 1);  // a fused conv: 1024 threads per block
   const int64_t needed = (a->n + cols - 1) / cols;
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
   const bool persistent = !conv && a->rows > 1 && needed > cap;
@@ -430,7 +434,10 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                                                                         : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
                               : (few ? gemv_kernel<4, 4, false> : gemv_kernel<4, 1, false>);
-  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(threads), smem, stream, *a, sg, cq),
+  if (conv && smem > 32768)  // with the kernel's static shared memory, beyond the 48 KiB that needs no opt-in
+    QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                      "cudaFuncSetAttribute(qm_int8_linear fused conv shared memory)");
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(conv ? 1024 : threads), smem, stream, *a, sg, cq),
                     "qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -80,17 +80,26 @@ def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):
 
 
 def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
-    """Decode in place at B <= 4 computes the conv inside x_proj and shifts its state in the state update; traced
-    (dt_proj wanted) the scan path shifts it instead. Both give the separate conv kernel's bits, and layer 0's conv
-    state (integer stages only) equals the CPU integer path's."""
+    """Decode of one sequence in place computes the conv inside x_proj and shifts its state in the state update;
+    traced (dt_proj wanted) the scan path shifts it instead. Both give the separate conv kernel's bits, and layer
+    0's conv state (integer stages only) equals the CPU integer path's."""
     from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel
 
     gpu = CudaQuantModel(qmodel)
-    ids = rand_ids(3, 6, seed=11)
+    ids = rand_ids(1, 6, seed=11)
+    fused_calls = []
+
+    class Spy(CudaOps):  # counts the calls that took the fused kernel (a silent fallback would pass the rest)
+        def conv_x_proj(self, *a, **kw):
+            out = super().conv_x_proj(*a, **kw)
+            fused_calls[-1] += out[3] is not None
+            return out
+
     runs = {}
     for name in ("fused", "traced", "separate"):
-        gpu.in_place_ops = CudaOps(gpu.device, in_place_states=True, fuse_conv=name != "separate")
-        states, out = gpu.init_states(3), []
+        gpu.in_place_ops = Spy(gpu.device, in_place_states=True, fuse_conv=name != "separate")
+        fused_calls.append(0)
+        states, out = gpu.init_states(1), []
         for t in range(ids.shape[1]):
             if name == "traced":
                 with trace.trace():
@@ -99,12 +108,13 @@ def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
                 logits, _ = gpu(ids[:, t : t + 1], states, in_place=True)
             out.append((logits.clone(), [s.conv.clone() for s in states], [s.ssm.clone() for s in states]))
         runs[name] = out
+    assert fused_calls == [6 * qmodel.cfg.n_layer] * 2 + [0]
     for name in ("traced", "separate"):
         for (la, ca, sa), (lb, cb, sb) in zip(runs["fused"], runs[name], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ca, cb, strict=True)), f"{name}: conv states differ"
             assert all(torch.equal(a, b) for a, b in zip(sa, sb, strict=True)), f"{name}: ssm states differ"
             assert torch.equal(la, lb), f"{name}: logits differ"
-    cpu_states = qmodel.init_states(3)
+    cpu_states = qmodel.init_states(1)
     for t in range(ids.shape[1]):
         _, cpu_states = qmodel(ids[:, t : t + 1], cpu_states)
         assert torch.equal(runs["fused"][t][1][0].cpu(), cpu_states[0].conv), f"step {t}: layer 0 conv state"

@@ -130,12 +130,14 @@ class CudaOps(IntOps):
 
     def conv_x_proj(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None,
                     segments: list[tuple[int, float]]):
-        """Decode (one token, <= GEMV_MAX_ROWS rows, states in place): the x_proj GEMV computes the conv itself,
-        one kernel instead of two. The conv state is only read there; the state update shifts it (conv_shift)."""
+        """Decode of one sequence (one token, states in place): the x_proj GEMV computes the conv itself, one
+        kernel instead of two. The conv state is only read there; the state update shifts it (conv_shift). Not
+        at 2-4 rows, where the kernel supports it but each block's conv share is 2-4x larger: 130m B4 0.574 ->
+        0.600 ms, 2.8b B4 3.56 -> 3.97 ms (trt_plugins/bench/NOTES.md, session 8)."""
         xv = x.value
         bsz, seqlen, d = xv.shape
-        if not (self.fuse_conv and self.in_place and state is not None and seqlen == 1 and bsz <= k.GEMV_MAX_ROWS
-                and lyr.conv_weight_q.shape[1] == 4 and d % 16 == 0 and d <= (24576 if bsz == 1 else 6144)):
+        if not (self.fuse_conv and self.in_place and state is not None and seqlen == 1 and bsz == 1
+                and lyr.conv_weight_q.shape[1] == 4 and d % 16 == 0 and d <= 24576):
             return super().conv_x_proj(x, lyr, state, s_u, s_out, segments)
         xv = xv.contiguous()
         u = torch.empty_like(xv)

@@ -185,23 +185,22 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 // of its next column load before the current column's reduction. Otherwise each warp group owns CPW adjacent
 // columns (CPW = 2 for one row when one column per warp would take more than one wave of blocks: every block pays
 // the dependency wait and the fused RMSNorm prologue, so fewer, longer blocks; a lane keeps CPW loads in flight).
-// kConv: the decode conv computed in front (conv_prologue), in its own instantiations with QM_CONV_GEMV_THREADS
-// threads per block: every block computes all of the conv, and with 256 threads each thread's share (1.5 groups of 4
-// channels per row at 130m, 5 at 2.8b) is a dependent chain that 8 warps cannot hide; with 1024 a block needs a
-// whole SM's registers, so it cannot start beside the previous kernel's blocks (NOTES.md, session 8). The columns
-// per block grow with the warps, so the GEMV keeps the same warps per column and the same total.
-#ifndef QM_CONV_GEMV_THREADS
-#define QM_CONV_GEMV_THREADS 512
-#endif
-template <int R, int S, bool P, int CPW = 1, bool kConv = false>
-__global__ void __launch_bounds__(kConv ? QM_CONV_GEMV_THREADS : 256,
-                                  kConv   ? 1024 / QM_CONV_GEMV_THREADS  // at most 64 registers
-                                  : R > 1 ? 1
-                                  : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS : QM_GEMV_MIN_BLOCKS)
+// CT > 0: the decode conv computed in front (conv_prologue), in its own instantiations with CT = 512 or 1024 threads
+// per block and at most 64 registers. Every block computes all of the conv: with 256 threads a thread's share
+// (1.5 groups of 4 channels at 130m, 5 at 2.8b) is a dependent chain that 8 warps cannot hide; and a block of 1024
+// threads needs a whole SM's registers, so it cannot start beside the previous kernel's blocks under PDL, which
+// costs where the share is small (130m B1: 512 threads 0.369 ms, 1024 0.383, 256 0.400; 2.8b B1: 2.127, 2.069,
+// 2.311; NOTES.md, session 8). The columns per block grow with the warps: the same warps per column and in total.
+template <int R, int S, bool P, int CPW = 1, int CT = 0>
+__global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ? CT : 256)
+                                                     : R > 1  ? 1
+                                                     : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS
+                                                               : QM_GEMV_MIN_BLOCKS)
     gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq) {
+  constexpr bool kConv = CT > 0;
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
   static_assert(!kConv || (CPW == 1 && !P), "the fused conv runs with one column per warp group, not persistent");
-  constexpr int kThreads = kConv ? QM_CONV_GEMV_THREADS : 256, kWarps = kThreads / 32, kCols = kWarps / S * CPW;
+  constexpr int kThreads = kConv ? CT : 256, kWarps = kThreads / 32, kCols = kWarps / S * CPW;
   __shared__ int part[kWarps][R][2];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = warp % S;
@@ -423,7 +422,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
   const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
-  const int cols = (few ? 2 : 8) * (conv ? QM_CONV_GEMV_THREADS / 256 : 1);  // per block
+  // a fused conv: 1024 threads where the rows have more than 512 groups of 4 channels (one round per thread), else 512
+  const int conv_threads = !conv ? 0 : a->rows <= 1 && a->k / 4 > 512 ? 1024 : 512;
+  const int cols = (few ? 2 : 8) * (conv ? conv_threads / 256 : 1);  // per block
   const int64_t needed = (a->n + cols - 1) / cols;
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
   const bool persistent = !conv && a->rows > 1 && needed > cap;
@@ -432,10 +433,12 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
-  auto kernel = conv           ? (a->rows <= 1 ? (few ? gemv_kernel<1, 4, false, 1, true>
-                                                      : gemv_kernel<1, 1, false, 1, true>)
-                                               : (few ? gemv_kernel<4, 4, false, 1, true>
-                                                      : gemv_kernel<4, 1, false, 1, true>))
+  auto kernel = conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
+                                                                 : gemv_kernel<4, 1, false, 1, 512>)
+                                  : conv_threads == 1024 ? (few ? gemv_kernel<1, 4, false, 1, 1024>
+                                                                 : gemv_kernel<1, 1, false, 1, 1024>)
+                                                          : (few ? gemv_kernel<1, 4, false, 1, 512>
+                                                                 : gemv_kernel<1, 1, false, 1, 512>))
                : a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
                                                                         : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
@@ -443,7 +446,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (conv && smem > 32768)  // with the kernel's static shared memory, beyond the 48 KiB that needs no opt-in
     QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                       "cudaFuncSetAttribute(qm_int8_linear fused conv shared memory)");
-  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(conv ? QM_CONV_GEMV_THREADS : threads), smem, stream, *a, sg, cq),
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(conv ? conv_threads : threads), smem, stream, *a, sg, cq),
                     "qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -170,7 +170,7 @@ def profile_decode(size: str, batch: int) -> str:
 
 
 STAGES = ("norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add",
-          "logits")
+          "hadamard_linear_add", "logits")
 
 
 @torch.no_grad()
@@ -242,7 +242,8 @@ def emit(text: str, out: str | None) -> None:
 
 
 # decode-op variants of --compare-fusions: CudaOps keyword arguments
-FUSIONS = {"fused": {}, "conv-separate": {"fuse_conv": False}}
+FUSIONS = {"fused": {}, "conv-separate": {"fuse_conv": False}, "hadamard-separate": {"fuse_hadamard": False},
+           "both-separate": {"fuse_conv": False, "fuse_hadamard": False}}
 
 
 @torch.no_grad()

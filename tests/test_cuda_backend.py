@@ -79,17 +79,27 @@ def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):
     assert torch.equal(logits, logits_e)  # the graph replays exactly what the eager step computes
 
 
-def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
-    """Decode of one sequence in place computes the conv inside x_proj and shifts its state in the state update;
-    traced (dt_proj wanted) the scan path shifts it instead. Both give the separate conv kernel's bits, and layer
-    0's conv state (integer stages only) equals the CPU integer path's."""
+def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
+    """Decode of one sequence in place computes the conv inside x_proj (its state shifted in the state update) and
+    HadamardQuant inside out_proj; traced (every stage wanted) the separate kernels run and the scan path shifts
+    the conv state. All give the separate kernels' bits, and layer 0's conv state (integer stages only) equals
+    the CPU integer path's."""
+    from qmamba import cuda as kernels
     from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel
+
+    int8_linear = kernels.int8_linear
+
+    def counting_linear(*a, **kw):
+        had_calls[-1] += kw.get("hadamard") is not None
+        return int8_linear(*a, **kw)
+
+    monkeypatch.setattr(kernels, "int8_linear", counting_linear)
 
     gpu = CudaQuantModel(qmodel)
     ids = rand_ids(1, 6, seed=11)
-    fused_calls = []
+    fused_calls, had_calls = [], []
 
-    class Spy(CudaOps):  # counts the calls that took the fused kernel (a silent fallback would pass the rest)
+    class Spy(CudaOps):  # counts the calls that took the fused kernels (a silent fallback would pass the rest)
         def conv_x_proj(self, *a, **kw):
             out = super().conv_x_proj(*a, **kw)
             fused_calls[-1] += out[3] is not None
@@ -97,8 +107,10 @@ def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
 
     runs = {}
     for name in ("fused", "traced", "separate"):
-        gpu.in_place_ops = Spy(gpu.device, in_place_states=True, fuse_conv=name != "separate")
+        gpu.in_place_ops = Spy(gpu.device, in_place_states=True, fuse_conv=name != "separate",
+                               fuse_hadamard=name != "separate")
         fused_calls.append(0)
+        had_calls.append(0)
         states, out = gpu.init_states(1), []
         for t in range(ids.shape[1]):
             if name == "traced":
@@ -109,6 +121,7 @@ def test_in_place_decode_with_the_conv_inside_x_proj(qmodel):
             out.append((logits.clone(), [s.conv.clone() for s in states], [s.ssm.clone() for s in states]))
         runs[name] = out
     assert fused_calls == [6 * qmodel.cfg.n_layer] * 2 + [0]
+    assert had_calls == [6 * qmodel.cfg.n_layer, 0, 0]  # traced: every stage is wanted, so nothing fuses there
     for name in ("traced", "separate"):
         for (la, ca, sa), (lb, cb, sb) in zip(runs["fused"], runs[name], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ca, cb, strict=True)), f"{name}: conv states differ"

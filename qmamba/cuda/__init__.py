@@ -59,6 +59,7 @@ class LinearArgs(ctypes.Structure):
         ("conv_bias", ctypes.c_void_p), ("conv_state", ctypes.c_void_p), ("conv_u", ctypes.c_void_p),
         ("conv_mask", ctypes.c_void_p), ("conv_in_scale", ctypes.c_float), ("conv_out_scale", ctypes.c_float),
         ("conv_outlier_scale", ctypes.c_float), ("conv_dual_scale", ctypes.c_int), ("conv_early_state", ctypes.c_int),
+        ("had_x", ctypes.c_void_p), ("had_scale", ctypes.c_float),
     ]
 
 
@@ -252,14 +253,16 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
                 acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
-                conv: FusedConv | None = None) -> list[torch.Tensor]:
+                conv: FusedConv | None = None,
+                hadamard: tuple[torch.Tensor, float] | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
     GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). conv: x_q and x_mask are None and the GEMV
-    computes x (and its mask) as that conv's output itself."""
+    computes x (and its mask) as that conv's output itself. hadamard = (y float32 [1, k], scale): x_q is None and the
+    GEMV computes x = HadamardQuant(y, scale) itself (one row)."""
     lib = load_library()
-    src = norm[0] if norm is not None else conv.x if conv is not None else x_q
+    src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
     rows = src.numel() // kdim
     outs, ends, scales, c = [], [], [], 0
@@ -283,5 +286,7 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         args.conv_mask, args.conv_in_scale, args.conv_out_scale = _ptr(conv.mask), conv.in_scale, conv.out_scale
         args.conv_outlier_scale = conv.outlier_scale or 0.0
         args.conv_dual_scale, args.conv_early_state = int(conv.outlier_scale is not None), int(conv.early_state)
+    if hadamard is not None:
+        args.had_x, args.had_scale = _ptr(hadamard[0]), hadamard[1]
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

@@ -118,6 +118,11 @@ def _conv_x_proj(ops, x: Act, lyr: QLayer, state: torch.Tensor | None, s_u: floa
     return u, st, ops.linear_quant(u, lyr.x_proj, segments), None
 
 
+def _hadamard_linear_add(ops, y: torch.Tensor, s_h: float, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
+    """linear_add(hadamard_quant(y)): ops may fuse the two when nobody records the hadamard or out_proj stage."""
+    return ops.linear_add(ops.hadamard_quant(y, s_h), lin, residual)
+
+
 def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
@@ -131,6 +136,7 @@ class _ComposedStages:
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
     conv_x_proj = _conv_x_proj
+    hadamard_linear_add = _hadamard_linear_add
     logits = _logits
 
 
@@ -351,14 +357,17 @@ class QuantMambaLM:
             rec("dt_proj", dt)
             y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in, conv_shift)
         rec("ssm", y)
-        hq = ops.hadamard_quant(y, s["hadamard"])
-        rec("hadamard", hq)
-        if wanted("out_proj"):
-            out = ops.linear(hq, lyr.out_proj)
-            rec("out_proj", out)
-            residual = residual + out
-        else:  # nobody looks at out_proj alone: ops may fuse the residual add into the linear
-            residual = ops.linear_add(hq, lyr.out_proj, residual)
+        if not wanted("hadamard") and not wanted("out_proj"):  # ops may fuse both into out_proj
+            residual = ops.hadamard_linear_add(y, s["hadamard"], lyr.out_proj, residual)
+        else:
+            hq = ops.hadamard_quant(y, s["hadamard"])
+            rec("hadamard", hq)
+            if wanted("out_proj"):
+                out = ops.linear(hq, lyr.out_proj)
+                rec("out_proj", out)
+                residual = residual + out
+            else:  # nobody looks at out_proj alone: ops may fuse the residual add into the linear
+                residual = ops.linear_add(hq, lyr.out_proj, residual)
         rec("block", residual)
         if conv_state is None:
             conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)

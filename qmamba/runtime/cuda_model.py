@@ -36,10 +36,12 @@ class CudaOps(IntOps):
     embedding gather, a kernel launched without programmatic dependent launch, and a layer's states are written
     only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
 
-    def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True) -> None:
+    def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
+                 fuse_hadamard: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
-        self.fuse_conv = fuse_conv  # False only to measure the separate conv kernel (bench/e2e.py)
+        # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
+        self.fuse_conv, self.fuse_hadamard = fuse_conv, fuse_hadamard
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -166,6 +168,19 @@ class CudaOps(IntOps):
                                             lyr.conv_bias, x.scale, s_u, state, s_out,
                                             state_out=state if self.in_place else None, early_state=True)
         return Act(u, s_u, mask, s_out), st
+
+    def hadamard_linear_add(self, y: torch.Tensor, s_h: float, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
+        """One row (decode of one sequence), d_inner = m * 2^j <= 2048 (m 1 or 12): the out_proj GEMV computes
+        HadamardQuant itself, one kernel instead of two (each block recomputes the row)."""
+        d = y.shape[-1]
+        m = 12 if d % 12 == 0 else 1
+        p = d // m
+        if not (self.fuse_hadamard and y.numel() == d and d <= 2048 and p >= 8 and p & (p - 1) == 0
+                and y.dtype == torch.float32):
+            return super().hadamard_linear_add(y, s_h, lin, residual)
+        residual = residual.contiguous()
+        return k.int8_linear(None, lin.weight_q, self._multiplier(s_h, lin), [(lin.weight_q.shape[0], None)],
+                             residual=residual, hadamard=(y.contiguous(), s_h))[0]
 
     def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
         return Act(k.hadamard_quant(y.contiguous(), s), s)

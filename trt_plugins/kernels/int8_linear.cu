@@ -5,6 +5,7 @@
 // here: 1 or 4 warps per output column, 16-byte loads and dp4a over K, x masked per byte for the dual split.
 #include "common.cuh"
 #include "conv_decode.cuh"
+#include "hadamard_row.cuh"
 
 namespace {
 constexpr int kMaxGemvRows = 4;  // beyond, cuBLASLt's int8 GEMM + the epilogue kernel is faster (H100)
@@ -191,13 +192,26 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 // threads needs a whole SM's registers, so it cannot start beside the previous kernel's blocks under PDL, which
 // costs where the share is small (130m B1: 512 threads 0.369 ms, 1024 0.383, 256 0.400; 2.8b B1: 2.127, 2.069,
 // 2.311; NOTES.md, session 8). The columns per block grow with the warps: the same warps per column and in total.
-template <int R, int S, bool P, int CPW = 1, int CT = 0>
+// HM > 0: HadamardQuant (H_HM (x) H_p, HM = 1 or 12) computed in front, one row, by the hadamard8_row that
+// qm_hadamard_quant runs (3 blocks per SM: 130m's out_proj, 384 blocks, in one wave; at 64 registers H_12 spilled).
+#ifndef QM_HAD_FEW_BELOW  // a fused Hadamard: 4 warps per column below this many columns (the plain GEMV: 2048)
+#define QM_HAD_FEW_BELOW 2048
+#endif
+struct HadQ {
+  int lp;
+  float c, inv_scale;
+  bool fast;
+};
+
+template <int R, int S, bool P, int CPW = 1, int CT = 0, int HM = 0>
 __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ? CT : 256)
+                                                     : HM > 0 ? 3
                                                      : R > 1  ? 1
                                                      : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS
                                                                : QM_GEMV_MIN_BLOCKS)
-    gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq) {
+    gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq, HadQ hq) {
   constexpr bool kConv = CT > 0;
+  static_assert(HM == 0 || (R == 1 && !kConv && CPW == 1 && !P), "the fused Hadamard: one row, nothing else fused");
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
   static_assert(!kConv || (CPW == 1 && !P), "the fused conv runs with one column per warp group, not persistent");
   constexpr int kThreads = kConv ? CT : 256, kWarps = kThreads / 32, kCols = kWarps / S * CPW;
@@ -279,6 +293,13 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
       conv_prologue<R, kThreads, false>(a, cq, conv_early, xs, ms);
     xsrc = reinterpret_cast<const int8_t*>(xs);
     msrc = reinterpret_cast<const uint8_t*>(ms);
+  } else if constexpr (HM > 0) {  // the row's codes, then k floats and k bytes of the Hadamard's scratch
+    int8_t* xs = reinterpret_cast<int8_t*>(xs_norm);
+    hadamard8_row<float, HM, true>(a.had_x, xs, reinterpret_cast<float4*>(xs_norm + a.k / 16), a.k, hq.lp, hq.c,
+                                   a.had_scale, hq.inv_scale,
+                                   hq.fast);
+    __syncthreads();
+    xsrc = xs;
   } else if (a.norm_x) {
     norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
@@ -378,7 +399,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
     const int64_t total = static_cast<int64_t>(a->rows) * a->n;
-    QM_CHECK_ARG(!a->conv_x, "qm_int8_linear: a fused conv (conv_x) needs the GEMV, not acc_in");
+    QM_CHECK_ARG(!a->conv_x && !a->had_x, "qm_int8_linear: a fused conv or Hadamard needs the GEMV, not acc_in");
     QM_CHECK_LAUNCHED(qm::launch(epilogue_kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                  dim3(threads), 0, stream, *a, sg),
                       "qm_int8_linear epilogue launch");
@@ -410,18 +431,36 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                  "aligned conv_x, conv_state, conv_u, conv_mask");
     cq = make_conv_quant(a->conv_out_scale, a->conv_outlier_scale, a->conv_dual_scale == 1);
   }
+  const bool had = a->had_x != nullptr;
+  HadQ hq{};
+  int had_m = 0;
+  if (had) {
+    int p = 0;
+    QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x && !conv, "qm_int8_linear: with a fused Hadamard (had_x) x, "
+                 "x_mask, norm_x and conv_x must be NULL");
+    QM_CHECK_ARG(a->rows == 1, "qm_int8_linear: a fused Hadamard takes one row, got rows=%d", a->rows);
+    QM_CHECK_ARG(QM_VALID_SCALE(a->had_scale), "qm_int8_linear: had_scale must be positive and finite");
+    QM_CHECK_ARG(a->k <= 2048 && factor(a->k, &had_m, &p) && (had_m == 1 || had_m == 12) && p >= 8 &&
+                     reinterpret_cast<uintptr_t>(a->had_x) % 16 == 0,
+                 "qm_int8_linear: a fused Hadamard needs k = m * 2^j (m 1 or 12, 2^j >= 8), k <= 2048 and a 16-byte "
+                 "aligned had_x (k=%d)", a->k);
+    while ((1 << hq.lp) < p) ++hq.lp;
+    hq.c = static_cast<float>(1.0 / sqrt(static_cast<double>(a->k)));
+    hq.fast = qm::has_accurate_reciprocal(a->had_scale);
+    hq.inv_scale = hq.fast ? static_cast<float>(1.0 / a->had_scale) : 0.f;
+  }
   const bool norm = a->norm_x != nullptr;
   QM_CHECK_ARG(!norm || (!a->acc_in && !a->x_mask && a->norm_w && QM_VALID_SCALE(a->norm_scale) &&
                          isfinite(a->norm_eps) && a->norm_eps > 0.f && a->k <= 8192),
                "qm_int8_linear: a fused RMSNormQuant needs the GEMV (no acc_in), no x_mask, norm_w, a positive "
                "finite norm_scale and norm_eps, and k <= 8192 (k=%d)", a->k);
-  QM_CHECK_ARG((a->x || norm || conv) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
+  QM_CHECK_ARG((a->x || norm || conv || had) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
-  const bool few = a->n < 2048;  // few columns: 4 warps share each column's K
+  const bool few = a->n < (had ? QM_HAD_FEW_BELOW : 2048);  // few columns: 4 warps share each column's K
   // a fused conv: 1024 threads where the rows have more than 512 groups of 4 channels (one round per thread), else 512
   const int conv_threads = !conv ? 0 : a->rows <= 1 && a->k / 4 > 512 ? 1024 : 512;
   const int cols = (few ? 2 : 8) * (conv ? conv_threads / 256 : 1);  // per block
@@ -429,11 +468,14 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
   const bool persistent = !conv && a->rows > 1 && needed > cap;
   // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
-  const bool pairs = !conv && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
+  const bool pairs = !conv && !had && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
-  const size_t smem = norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
-  auto kernel = conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
+  const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
+                    : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
+  auto kernel = had            ? (had_m == 12 ? (few ? gemv_kernel<1, 4, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 12>)
+                                              : (few ? gemv_kernel<1, 4, false, 1, 0, 1> : gemv_kernel<1, 1, false, 1, 0, 1>))
+               : conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
                                                                  : gemv_kernel<4, 1, false, 1, 512>)
                                   : conv_threads == 1024 ? (few ? gemv_kernel<1, 4, false, 1, 1024>
                                                                  : gemv_kernel<1, 1, false, 1, 1024>)
@@ -446,7 +488,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (conv && smem > 32768)  // with the kernel's static shared memory, beyond the 48 KiB that needs no opt-in
     QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                       "cudaFuncSetAttribute(qm_int8_linear fused conv shared memory)");
-  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(conv ? conv_threads : threads), smem, stream, *a, sg, cq),
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(blocks), dim3(conv ? conv_threads : threads), smem, stream, *a, sg, cq, hq),
                     "qm_int8_linear gemv launch");
   return QM_OK;
 }

@@ -32,7 +32,8 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
 QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 5 (3: qm_tied_logits; 4: early_state;
-                                  5: the decode conv fused into the GEMV, its state shift into the update) */
+                                  5: the decode conv and the HadamardQuant fused into the GEMV, the conv state shift into the
+                                  update) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -143,6 +144,11 @@ typedef struct {
   uint8_t* conv_mask;
   float conv_in_scale, conv_out_scale, conv_outlier_scale;
   int conv_dual_scale, conv_early_state;
+  /* Optional, GEMV with one row only: HadamardQuant (spec 4.6) fused in front. When had_x is non-NULL, x and
+   * x_mask must be NULL: each block computes x = HadamardQuant(had_x [1, k] float32, had_scale) itself. Needs
+   * k = m * 2^j with m in {1, 12}, 2^j >= 8, k <= 2048, and a 16-byte aligned had_x. */
+  const float* had_x;
+  float had_scale;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

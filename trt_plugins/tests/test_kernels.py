@@ -560,3 +560,41 @@ def test_fused_conv_and_conv_shift_reject_bad_arguments(k):
     ins, h0, scales = _scan_inputs(1, 1, 64, 16, 9, False)
     with pytest.raises(k.KernelError, match="conv-state shift \\(conv_state\\) needs a fused dt_proj"):
         k.selective_state_update(h0, *ins, in_place=True, conv_shift=(x, st), **scales)
+
+
+@needs_gpu
+@pytest.mark.gpu
+# 1536 = 12 x 128 (130m: 768 columns, 4 warps per column; 2056: one warp per column), 2048 = 2^11 (the p > 256 path),
+# 128 (registers and shuffles only), 96 = 12 x 8 (the smallest p)
+@pytest.mark.parametrize(("kdim", "ncols"), [(1536, 768), (1536, 2056), (2048, 1024), (128, 64), (96, 40)])
+def test_int8_linear_with_fused_hadamard_equals_separate(k, kdim, ncols):
+    from qmamba.ops.specmath import scale_product
+
+    g = _g(kdim + ncols)
+    y = torch.randn(1, kdim, generator=g, device="cuda") * 2
+    w = torch.randint(-128, 128, (ncols, kdim), dtype=torch.int8, generator=g, device="cuda")
+    ws = torch.rand(ncols, generator=g, device="cuda") * 0.01 + 1e-3
+    s_h = 0.02  # a few codes clamp, most do not
+    codes = ref.hadamard_quant(y.cpu(), s_h)
+    assert 0 < (codes.abs() == 127).float().mean() < 0.2
+    want = ref.quant_linear(codes, w.cpu(), s_h, ws.cpu(), None, None, None)
+    res = torch.randn(1, ncols, generator=g, device="cuda")
+    res0, res_sep = res.cpu(), res.clone()
+    (out,) = k.int8_linear(None, w, scale_product(s_h, ws.cpu()).cuda(), [(ncols, None)], residual=res,
+                           hadamard=(y, s_h))
+    (sep,) = k.int8_linear(k.hadamard_quant(y, s_h), w, scale_product(s_h, ws.cpu()).cuda(), [(ncols, None)],
+                           residual=res_sep)
+    assert out.data_ptr() == res.data_ptr() and torch.equal(out, sep)
+    assert torch.equal(out.cpu(), res0 + want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_fused_hadamard_rejects_what_it_does_not_cover(k):
+    w = torch.zeros(64, 5120, dtype=torch.int8, device="cuda")
+    m = torch.ones(64, device="cuda")
+    with pytest.raises(k.KernelError, match=r"k = m \* 2\^j \(m 1 or 12, 2\^j >= 8\), k <= 2048"):
+        k.int8_linear(None, w, m, [(64, None)], hadamard=(torch.zeros(1, 5120, device="cuda"), 0.1))
+    with pytest.raises(k.KernelError, match="a fused Hadamard takes one row, got rows=2"):
+        k.int8_linear(None, w[:, :1536].contiguous(), m, [(64, None)],
+                      hadamard=(torch.zeros(2, 1536, device="cuda"), 0.1))

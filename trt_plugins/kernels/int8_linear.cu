@@ -194,8 +194,11 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 // 2.311; NOTES.md, session 8). The columns per block grow with the warps: the same warps per column and in total.
 // HM > 0: HadamardQuant (H_HM (x) H_p, HM = 1 or 12) computed in front, one row, by the hadamard8_row that
 // qm_hadamard_quant runs (3 blocks per SM: 130m's out_proj, 384 blocks, in one wave; at 64 registers H_12 spilled).
-#ifndef QM_HAD_FEW_BELOW  // a fused Hadamard: 4 warps per column below this many columns (the plain GEMV: 2048)
-#define QM_HAD_FEW_BELOW 2048
+#ifndef QM_CONV_FEW_BELOW  // a fused conv: 4 warps per column below this many columns
+#define QM_CONV_FEW_BELOW 2048
+#endif
+#ifndef QM_GEMV_PAIRS_ABOVE  // one row: 2 columns per warp above this many blocks per SM
+#define QM_GEMV_PAIRS_ABOVE QM_GEMV_MIN_BLOCKS
 #endif
 struct HadQ {
   int lp;
@@ -460,7 +463,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
-  const bool few = a->n < (had ? QM_HAD_FEW_BELOW : 2048);  // few columns: 4 warps share each column's K
+  // few columns: 4 warps share each column's K. Not with a fused Hadamard: one warp per column makes 4x fewer blocks,
+  // so 4x fewer copies of the row's transform (130m B1 0.384 -> 0.360 ms, NOTES.md session 8)
+  const bool few = !had && a->n < (conv ? QM_CONV_FEW_BELOW : 2048);
   // a fused conv: 1024 threads where the rows have more than 512 groups of 4 channels (one round per thread), else 512
   const int conv_threads = !conv ? 0 : a->rows <= 1 && a->k / 4 > 512 ? 1024 : 512;
   const int cols = (few ? 2 : 8) * (conv ? conv_threads / 256 : 1);  // per block
@@ -468,7 +473,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const int64_t cap = int64_t{QM_GEMV_BLOCKS_PER_SM} * qm::sm_count();
   const bool persistent = !conv && a->rows > 1 && needed > cap;
   // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
-  const bool pairs = !conv && !had && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
+  const bool pairs = !conv && !had && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_PAIRS_ABOVE} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes

@@ -194,6 +194,9 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 // 2.311; NOTES.md, session 8). The columns per block grow with the warps: the same warps per column and in total.
 // HM > 0: HadamardQuant (H_HM (x) H_p, HM = 1 or 12) computed in front, one row, by the hadamard8_row that
 // qm_hadamard_quant runs (3 blocks per SM: 130m's out_proj, 384 blocks, in one wave; at 64 registers H_12 spilled).
+// Build knobs of the session-8 sweep (H100, decode B1 ms, 130m / 2.8b; NOTES.md): one warp per column for the fused
+// conv (QM_CONV_FEW_BELOW=0) 0.365 / 2.311 against 0.364 / 2.138; pairs above one block per SM
+// (QM_GEMV_PAIRS_ABOVE=1) 0.365 / 2.198.
 #ifndef QM_CONV_FEW_BELOW  // a fused conv: 4 warps per column below this many columns
 #define QM_CONV_FEW_BELOW 2048
 #endif

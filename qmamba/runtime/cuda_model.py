@@ -4,8 +4,10 @@
 on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels; each linear with its
 dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows, else a cuBLASLt int8 GEMM
 via `torch._int_mm` + the epilogue kernel). In decode, when no tracer asks for those stages, RMSNormQuant runs
-inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); the
-decode-path kernels use programmatic dependent launch; decode's logits read the int8 tied embedding directly
+inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); for one
+sequence also the conv inside the x_proj GEMV (its state shifted by the state update) and HadamardQuant inside the
+out_proj GEMV (`conv_x_proj`, `hadamard_linear_add`): four kernels per layer. The decode-path kernels use
+programmatic dependent launch; decode's logits read the int8 tied embedding directly
 (qm_tied_logits). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast

@@ -92,6 +92,9 @@ __device__ __forceinline__ FastCode fast_code(float r) {
   return {c, fabsf(__fsub_rn(c, __fsub_rn(biased, kRound))), __float_as_int(biased)};
 }
 
+// Host: whether a device pointer allows accesses `bytes` wide (the vector paths' condition; NULL counts as aligned).
+inline bool aligned(const void* p, int bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 // Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where the reciprocal-multiply bounds hold.
 inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
 

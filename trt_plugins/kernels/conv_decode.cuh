@@ -65,7 +65,8 @@ __device__ __noinline__ void conv_exact_byte(float v, ConvQuant q, int j, int& c
   uint8_t m;
   finish_exact(v, q.out_scale, q.outlier_scale, q.dual, u, m);
   const int sh = 8 * j;
-  codes = static_cast<int>((static_cast<unsigned>(codes) & ~(0xffu << sh)) | static_cast<unsigned>(static_cast<uint8_t>(u)) << sh);
+  codes = static_cast<int>((static_cast<unsigned>(codes) & ~(0xffu << sh)) |
+                           static_cast<unsigned>(static_cast<uint8_t>(u)) << sh);
   masks = static_cast<int>((static_cast<unsigned>(masks) & ~(0xffu << sh)) | static_cast<unsigned>(m) << sh);
 }
 

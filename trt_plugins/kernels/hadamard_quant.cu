@@ -109,17 +109,14 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
   }
   if (rows == 0) return QM_OK;
-  float c = static_cast<float>(1.0 / sqrt(static_cast<double>(dim)));
-  int lp = 0;
-  while ((1 << lp) < p) ++lp;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0;
-  if (p >= 8 && dim <= 8192 && aligned) {
-    const bool fast_quant = qm::has_accurate_reciprocal(scale);
-    const float inv = fast_quant ? static_cast<float>(1.0 / scale) : 0.f;
+  const HadamardConsts hc = hadamard_consts(dim, p, scale);
+  const int lp = hc.lp;
+  const float c = hc.c;
+  if (p >= 8 && dim <= 8192 && qm::aligned(x) && qm::aligned(y, 8)) {
     int e = x_dtype == QM_DTYPE_FLOAT32 ? launch_hadamard8<float>(static_cast<const float*>(x), y, rows, dim, m, lp, c,
-                                                                  scale, inv, fast_quant, stream)
+                                                                  scale, hc.inv_scale, hc.fast, stream)
                                         : launch_hadamard8<__half>(static_cast<const __half*>(x), y, rows, dim, m, lp,
-                                                                   c, scale, inv, fast_quant, stream);
+                                                                   c, scale, hc.inv_scale, hc.fast, stream);
     if (e != QM_OK) return e;
   } else if (x_dtype == QM_DTYPE_FLOAT32) {
     hadamard_kernel<float><<<(unsigned)rows, kThreads, smem, stream>>>(static_cast<const float*>(x), y, dim, m, lp, c,

@@ -215,6 +215,21 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
   *reinterpret_cast<uint2*>(out + e0) = *reinterpret_cast<const uint2*>(q);
 }
 
+// The row transform's host-side constants for d = m * p (p = 2^lp) and a quantizer scale: c = 1 / sqrt(d) (spec
+// 4.6), and the scale's reciprocal where it is accurate (fast: the reciprocal-multiply quantizer may decide codes).
+struct HadamardConsts {
+  int lp;
+  float c, inv_scale;
+  bool fast;
+};
+
+inline HadamardConsts hadamard_consts(int d, int p, float scale) {
+  HadamardConsts h{0, static_cast<float>(1.0 / sqrt(static_cast<double>(d))), 0.f, qm::has_accurate_reciprocal(scale)};
+  while ((1 << h.lp) < p) ++h.lp;
+  if (h.fast) h.inv_scale = static_cast<float>(1.0 / scale);
+  return h;
+}
+
 // d = m * p with m in {1, 12, 20, 28} and p a power of two (host side)
 inline bool factor(int d, int* m, int* p) {
   const int ms[] = {1, 12, 20, 28};

@@ -79,9 +79,9 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
 // rows into shared memory (codes, then the outlier mask) and writes its share (groups g = block mod grid) of the
 // codes and mask to conv_u / conv_mask; no block waits for another. The state is only read (the state update
 // shifts it afterwards, qm_scan_args.conv_state). Work unit: a group of 4 channels of every row.
-template <int R, int T>
+template <int R>
 struct ConvEarly {
-  static constexpr int kPre = R == 1 ? 2 : 1;  // rounds of T groups whose constants load before the PDL wait
+  static constexpr int kPre = R == 1 ? 2 : 1;  // rounds of a block's groups whose constants load before the wait
   int4 w[kPre];
   float4 m[kPre], bias[kPre];
   int st[kPre][R][3];
@@ -107,10 +107,10 @@ __device__ __forceinline__ void conv_load_weights(const qm_linear_args& a, int g
 
 // before the wait: the weights of the thread's first kPre groups, and their state when the caller allows it
 template <int R, int T>
-__device__ __forceinline__ void conv_prologue_early(const qm_linear_args& a, ConvEarly<R, T>& e) {
+__device__ __forceinline__ void conv_prologue_early(const qm_linear_args& a, ConvEarly<R>& e) {
   const int groups = a.k / 4;
 #pragma unroll
-  for (int i = 0; i < ConvEarly<R, T>::kPre; ++i) {
+  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
     const int g = static_cast<int>(threadIdx.x) + i * T;
     if (g < groups) {
       conv_load_weights(a, g, e.w[i], e.m[i], e.bias[i]);
@@ -140,11 +140,11 @@ __device__ __forceinline__ void conv_group(const qm_linear_args& a, const ConvQu
 
 // after the wait: every group of every row into xs (codes) and ms (mask), shared memory
 template <int R, int T, bool kDual>
-__device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const ConvEarly<R, T>& e, int* xs,
+__device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const ConvEarly<R>& e, int* xs,
                               int* ms) {
   const int groups = a.k / 4;
 #pragma unroll
-  for (int i = 0; i < ConvEarly<R, T>::kPre; ++i) {
+  for (int i = 0; i < ConvEarly<R>::kPre; ++i) {
     const int g = static_cast<int>(threadIdx.x) + i * T;
     if (g < groups) {
       int st[R][3];
@@ -159,7 +159,7 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
       conv_group<R, kDual>(a, q, g, st, e.w[i], e.m[i], e.bias[i], xs, ms);
     }
   }
-  for (int g = static_cast<int>(threadIdx.x) + ConvEarly<R, T>::kPre * T; g < groups; g += T) {
+  for (int g = static_cast<int>(threadIdx.x) + ConvEarly<R>::kPre * T; g < groups; g += T) {
     int st[R][3];
     int4 w;
     float4 m, bias;
@@ -203,19 +203,13 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 #ifndef QM_GEMV_PAIRS_ABOVE  // one row: 2 columns per warp above this many blocks per SM
 #define QM_GEMV_PAIRS_ABOVE QM_GEMV_MIN_BLOCKS
 #endif
-struct HadQ {
-  int lp;
-  float c, inv_scale;
-  bool fast;
-};
-
 template <int R, int S, bool P, int CPW = 1, int CT = 0, int HM = 0>
 __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ? CT : 256)
                                                      : HM > 0 ? 3
                                                      : R > 1  ? 1
                                                      : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS
                                                                : QM_GEMV_MIN_BLOCKS)
-    gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq, HadQ hq) {
+    gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq, HadamardConsts hq) {
   constexpr bool kConv = CT > 0;
   static_assert(HM == 0 || (R == 1 && !kConv && CPW == 1 && !P), "the fused Hadamard: one row, nothing else fused");
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
@@ -285,8 +279,9 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
       if (masked) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.m_out + n));
     }
   if (R == 1 && a.norm_x)
-    for (int i = threadIdx.x * 32; i < a.k; i += kThreads * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
-  ConvEarly<R, kThreads> conv_early;
+    for (int i = threadIdx.x * 32; i < a.k; i += kThreads * 32)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
+  ConvEarly<R> conv_early;
   if constexpr (kConv) conv_prologue_early<R, kThreads>(a, conv_early);
   qm::wait_for_inputs();
   qm::allow_dependents();
@@ -302,8 +297,7 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   } else if constexpr (HM > 0) {  // the row's codes, then k floats and k bytes of the Hadamard's scratch
     int8_t* xs = reinterpret_cast<int8_t*>(xs_norm);
     hadamard8_row<float, HM, true>(a.had_x, xs, reinterpret_cast<float4*>(xs_norm + a.k / 16), a.k, hq.lp, hq.c,
-                                   a.had_scale, hq.inv_scale,
-                                   hq.fast);
+                                   a.had_scale, hq.inv_scale, hq.fast);
     __syncthreads();
     xsrc = xs;
   } else if (a.norm_x) {
@@ -414,7 +408,6 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const bool conv = a->conv_x != nullptr;
   ConvQuant cq{};
   if (conv) {
-    auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
     QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x, "qm_int8_linear: with a fused conv (conv_x) x, x_mask and "
                  "norm_x must be NULL (the conv computes x)");
     QM_CHECK_ARG(a->conv_w && a->conv_w_scale && a->conv_bias && a->conv_state && a->conv_u,
@@ -430,15 +423,15 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                  "qm_int8_linear: the conv scales must be positive and finite");
     QM_CHECK_ARG(a->k % 16 == 0 && a->k <= (a->rows <= 1 ? 24576 : 6144),
                  "qm_int8_linear: a fused conv needs k %% 16 == 0 and k <= 6144 (24576 for one row), k=%d", a->k);
-    QM_CHECK_ARG(aligned(a->conv_w, 16) && aligned(a->conv_w_scale, 16) && aligned(a->conv_bias, 16) &&
-                 aligned(a->conv_x, 4) && aligned(a->conv_state, 4) && aligned(a->conv_u, 4) &&
-                 aligned(a->conv_mask, 4),
+    QM_CHECK_ARG(qm::aligned(a->conv_w) && qm::aligned(a->conv_w_scale) && qm::aligned(a->conv_bias) &&
+                     qm::aligned(a->conv_x, 4) && qm::aligned(a->conv_state, 4) && qm::aligned(a->conv_u, 4) &&
+                     qm::aligned(a->conv_mask, 4),
                  "qm_int8_linear: a fused conv needs 16-byte aligned conv_w, conv_w_scale, conv_bias and 4-byte "
                  "aligned conv_x, conv_state, conv_u, conv_mask");
     cq = make_conv_quant(a->conv_out_scale, a->conv_outlier_scale, a->conv_dual_scale == 1);
   }
   const bool had = a->had_x != nullptr;
-  HadQ hq{};
+  HadamardConsts hq{};
   int had_m = 0;
   if (had) {
     int p = 0;
@@ -447,20 +440,18 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
     QM_CHECK_ARG(a->rows == 1, "qm_int8_linear: a fused Hadamard takes one row, got rows=%d", a->rows);
     QM_CHECK_ARG(QM_VALID_SCALE(a->had_scale), "qm_int8_linear: had_scale must be positive and finite");
     QM_CHECK_ARG(a->k <= 2048 && factor(a->k, &had_m, &p) && (had_m == 1 || had_m == 12) && p >= 8 &&
-                     reinterpret_cast<uintptr_t>(a->had_x) % 16 == 0,
+                     qm::aligned(a->had_x),
                  "qm_int8_linear: a fused Hadamard needs k = m * 2^j (m 1 or 12, 2^j >= 8), k <= 2048 and a 16-byte "
                  "aligned had_x (k=%d)", a->k);
-    while ((1 << hq.lp) < p) ++hq.lp;
-    hq.c = static_cast<float>(1.0 / sqrt(static_cast<double>(a->k)));
-    hq.fast = qm::has_accurate_reciprocal(a->had_scale);
-    hq.inv_scale = hq.fast ? static_cast<float>(1.0 / a->had_scale) : 0.f;
+    hq = hadamard_consts(a->k, p, a->had_scale);
   }
   const bool norm = a->norm_x != nullptr;
   QM_CHECK_ARG(!norm || (!a->acc_in && !a->x_mask && a->norm_w && QM_VALID_SCALE(a->norm_scale) &&
                          isfinite(a->norm_eps) && a->norm_eps > 0.f && a->k <= 8192),
                "qm_int8_linear: a fused RMSNormQuant needs the GEMV (no acc_in), no x_mask, norm_w, a positive "
                "finite norm_scale and norm_eps, and k <= 8192 (k=%d)", a->k);
-  QM_CHECK_ARG((a->x || norm || conv || had) && a->w, "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
+  QM_CHECK_ARG((a->x || norm || conv || had) && a->w,
+               "qm_int8_linear: without acc_in, x (or norm_x) and w must be non-null (GEMV)");
   QM_CHECK_ARG(a->rows <= kMaxGemvRows, "qm_int8_linear: the GEMV takes rows <= %d, got %d (pass acc_in)",
                kMaxGemvRows, a->rows);
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
@@ -481,8 +472,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
                     : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
-  auto kernel = had            ? (had_m == 12 ? (few ? gemv_kernel<1, 4, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 12>)
-                                              : (few ? gemv_kernel<1, 4, false, 1, 0, 1> : gemv_kernel<1, 1, false, 1, 0, 1>))
+  auto kernel = had            ? (had_m == 12 ? gemv_kernel<1, 1, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 1>)
                : conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
                                                                  : gemv_kernel<4, 1, false, 1, 512>)
                                   : conv_threads == 1024 ? (few ? gemv_kernel<1, 4, false, 1, 1024>

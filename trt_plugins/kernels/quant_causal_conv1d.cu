@@ -247,11 +247,10 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   QM_CHECK_ARG(total < (1ll << 40), "qm_quant_causal_conv1d: tensor too large");
   const int threads = 256;
   const ConvQuant q = make_conv_quant(out_scale, outlier_scale, dual_scale == 1);
-  auto aligned4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
   // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
   int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
-  if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && aligned4(x) && aligned4(weight) &&
-      aligned4(u) && (!mask || aligned4(mask))) {
+  if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && qm::aligned(x, 4) &&
+      qm::aligned(weight, 4) && qm::aligned(u, 4) && qm::aligned(mask, 4)) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
     QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
@@ -259,7 +258,7 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                                  q, early_state == 1),
                       "qm_quant_causal_conv1d conv launch");
   } else {
-    const bool vec = dim % kConvVec == 0 && aligned4(u) && (!mask || aligned4(mask));
+    const bool vec = dim % kConvVec == 0 && qm::aligned(u, 4) && qm::aligned(mask, 4);
     const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),
                     static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
     conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state,

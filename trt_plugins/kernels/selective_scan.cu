@@ -11,8 +11,7 @@ namespace {
 constexpr int kMaxN = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// host: whether a device pointer allows the vector paths' BYTES-wide accesses
-inline bool aligned(const void* p, int bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+using qm::aligned;
 
 using qm::ex2_approx;
 using qm::rcp_approx;

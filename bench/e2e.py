@@ -169,6 +169,33 @@ def profile_decode(size: str, batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ops_like(plain: CudaOps, **kw) -> CudaOps:
+    """Decode ops (states in place) sharing `plain`'s cached scales, multipliers and A: a variant to time."""
+    ops = CudaOps(plain.device, in_place_states=True, **kw)
+    ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
+    return ops
+
+
+def time_steps(gpu: CudaQuantModel, name: str, batches: tuple[int, ...],
+               times: dict[tuple[str, int], list[float]]) -> None:
+    """One round: the captured decode step's replay (median of 100) at each batch size, added to times[name, b]."""
+    for b in batches:
+        g = _DecodeGraph(gpu, b)
+        times.setdefault((name, b), []).append(events_ms(g.graph.replay, reps=100))
+        del g
+
+
+def step_table(title: str, label: str, names: list[str], times: dict[tuple[str, int], list[float]],
+               batches: tuple[int, ...], code: bool = False) -> str:
+    """One row per variant, one column per batch size: the decode step's ms of each round."""
+    lines = [title, "", f"| {label} | " + " | ".join(f"B{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for name in names:
+        shown = f"`{name}`" if code else name
+        lines.append(f"| {shown} | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(name, b)])
+                                                  for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
 STAGES = ("norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add",
           "hadamard_linear_add", "logits")
 
@@ -190,8 +217,7 @@ def stage_costs(size: str, batch: int, reps: int = 200) -> str:
     base = [replay_ms()]
     measured: list[tuple[str, float, int]] = []  # (op, replay ms, calls per step)
     for name in STAGES:
-        ops = CudaOps(gpu.device, in_place_states=True)
-        ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
+        ops = ops_like(plain)
         calls = [0]
         orig = getattr(ops, name)
 
@@ -223,16 +249,9 @@ def compare_libs(size: str, libs: list[str], batches: tuple[int, ...] = (1, 16, 
     for _ in range(rounds):
         for path, lib in zip(libs, handles, strict=True):
             kernels._lib = lib
-            for b in batches:
-                g = _DecodeGraph(gpu, b)
-                times.setdefault((path, b), []).append(events_ms(g.graph.replay, reps=100))
-                del g
-    lines = [f"## decode step by library build, {size} (ms per step, graph replay; rounds alternate the builds)", "",
-             "| library | " + " | ".join(f"B{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
-    for path in libs:
-        lines.append(f"| `{path}` | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(path, b)])
-                                                  for b in batches) + " |")
-    return "\n".join(lines) + "\n"
+            time_steps(gpu, path, batches, times)
+    return step_table(f"## decode step by library build, {size} (ms per step, graph replay; rounds alternate the "
+                      "builds)", "library", libs, times, batches, code=True)
 
 
 def emit(text: str, out: str | None) -> None:
@@ -255,20 +274,11 @@ def compare_fusions(size: str, batches: tuple[int, ...] = (1, 16, 64), rounds: i
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for name, kw in FUSIONS.items():
-            ops = CudaOps(gpu.device, in_place_states=True, **kw)
-            ops._scales, ops._mult, ops._A = plain._scales, plain._mult, plain._A
-            gpu.in_place_ops = ops
-            for b in batches:
-                g = _DecodeGraph(gpu, b)
-                times.setdefault((name, b), []).append(events_ms(g.graph.replay, reps=100))
-                del g
+            gpu.in_place_ops = ops_like(plain, **kw)
+            time_steps(gpu, name, batches, times)
             gpu.in_place_ops = plain
-    lines = [f"## decode step by fusion variant, {size} (ms per step, graph replay; rounds alternate the variants)",
-             "", "| variant | " + " | ".join(f"B{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
-    for name in FUSIONS:
-        lines.append(f"| {name} | " + " | ".join(" / ".join(f"{t:.4f}" for t in times[(name, b)])
-                                                 for b in batches) + " |")
-    return "\n".join(lines) + "\n"
+    return step_table(f"## decode step by fusion variant, {size} (ms per step, graph replay; rounds alternate the "
+                      "variants)", "variant", list(FUSIONS), times, batches)
 
 
 def main() -> None:

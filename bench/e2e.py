@@ -196,8 +196,8 @@ def step_table(title: str, label: str, names: list[str], times: dict[tuple[str, 
     return "\n".join(lines) + "\n"
 
 
-STAGES = ("norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan", "hadamard_quant", "linear_add",
-          "hadamard_linear_add", "logits")
+STAGES = ("in_proj_conv_x_proj", "norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan",
+          "hadamard_quant", "linear_add", "hadamard_linear_add", "logits")
 
 
 @torch.no_grad()
@@ -261,8 +261,10 @@ def emit(text: str, out: str | None) -> None:
 
 
 # decode-op variants of --compare-fusions: CudaOps keyword arguments
-FUSIONS = {"fused": {}, "conv-separate": {"fuse_conv": False}, "hadamard-separate": {"fuse_hadamard": False},
-           "both-separate": {"fuse_conv": False, "fuse_hadamard": False}}
+FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
+           "conv-separate": {"fuse_x_proj_behind": False, "fuse_conv": False},
+           "hadamard-separate": {"fuse_hadamard": False},
+           "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False}}
 
 
 @torch.no_grad()

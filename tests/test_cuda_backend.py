@@ -80,12 +80,12 @@ def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):
 
 
 def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
-    """Decode of one sequence in place computes the conv inside x_proj (its state shifted in the state update) and
-    HadamardQuant inside out_proj; traced (every stage wanted) the separate kernels run and the scan path shifts
-    the conv state. All give the separate kernels' bits, and layer 0's conv state (integer stages only) equals
-    the CPU integer path's."""
+    """Decode of one sequence in place runs the conv and x_proj's sums behind in_proj (x_proj's epilogue in the state
+    update) and HadamardQuant inside out_proj; without the first, the conv inside x_proj (its state shifted in the
+    state update); traced (every stage wanted) the separate kernels run. All give the separate kernels' bits, and
+    layer 0's conv state (integer stages only) equals the CPU integer path's."""
     from qmamba import cuda as kernels
-    from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel
+    from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel, XProjSums
 
     int8_linear = kernels.int8_linear
 
@@ -97,20 +97,26 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
 
     gpu = CudaQuantModel(qmodel)
     ids = rand_ids(1, 6, seed=11)
-    fused_calls, had_calls = [], []
+    behind_calls, front_calls, had_calls = [], [], []
 
     class Spy(CudaOps):  # counts the calls that took the fused kernels (a silent fallback would pass the rest)
-        def conv_x_proj(self, *a, **kw):
-            out = super().conv_x_proj(*a, **kw)
-            fused_calls[-1] += out[3] is not None
+        def in_proj_conv_x_proj(self, *a, **kw):
+            out = super().in_proj_conv_x_proj(*a, **kw)
+            behind_calls[-1] += isinstance(out[5], XProjSums)
             return out
 
+        def conv_x_proj(self, *a, **kw):
+            out = super().conv_x_proj(*a, **kw)
+            front_calls[-1] += out[3] is not None
+            return out
+
+    variants = {"fused": {}, "conv-in-front": {"fuse_x_proj_behind": False}, "traced": {},
+                "separate": {"fuse_conv": False, "fuse_hadamard": False, "fuse_x_proj_behind": False}}
     runs = {}
-    for name in ("fused", "traced", "separate"):
-        gpu.in_place_ops = Spy(gpu.device, in_place_states=True, fuse_conv=name != "separate",
-                               fuse_hadamard=name != "separate")
-        fused_calls.append(0)
-        had_calls.append(0)
+    for name, kw in variants.items():
+        gpu.in_place_ops = Spy(gpu.device, in_place_states=True, **kw)
+        for calls in (behind_calls, front_calls, had_calls):
+            calls.append(0)
         states, out = gpu.init_states(1), []
         for t in range(ids.shape[1]):
             if name == "traced":
@@ -120,9 +126,13 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
                 logits, _ = gpu(ids[:, t : t + 1], states, in_place=True)
             out.append((logits.clone(), [s.conv.clone() for s in states], [s.ssm.clone() for s in states]))
         runs[name] = out
-    assert fused_calls == [6 * qmodel.cfg.n_layer] * 2 + [0]
-    assert had_calls == [6 * qmodel.cfg.n_layer, 0, 0]  # traced: every stage is wanted, so nothing fuses there
-    for name in ("traced", "separate"):
+        assert gpu.in_place_ops._clear_next is None, f"{name}: x_proj's sums were left for no kernel to clear"
+        assert all(not acc.any() for acc in gpu.in_place_ops._xp_acc.values()), f"{name}: x_proj's sums not zeroed"
+    calls = 6 * qmodel.cfg.n_layer
+    assert behind_calls == [calls, 0, 0, 0]
+    assert front_calls == [0, calls, calls, 0]  # traced: the conv still runs inside x_proj, its state shifted later
+    assert had_calls == [calls, calls, 0, 0]  # traced: every stage is wanted, so the Hadamard does not fuse
+    for name in ("conv-in-front", "traced", "separate"):
         for (la, ca, sa), (lb, cb, sb) in zip(runs["fused"], runs[name], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ca, cb, strict=True)), f"{name}: conv states differ"
             assert all(torch.equal(a, b) for a, b in zip(sa, sb, strict=True)), f"{name}: ssm states differ"

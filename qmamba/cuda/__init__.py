@@ -40,10 +40,12 @@ class ScanArgs(ctypes.Structure):
         ("dt_lowrank", ctypes.c_void_p), ("dt_w", ctypes.c_void_p), ("dt_m", ctypes.c_void_p),
         ("dt_rank", ctypes.c_int), ("early_state", ctypes.c_int),
         ("conv_state", ctypes.c_void_p), ("conv_x", ctypes.c_void_p), ("conv_kernel_size", ctypes.c_int),
+        ("xp_acc", ctypes.c_void_p), ("xp_m_in", ctypes.c_void_p), ("xp_m_out", ctypes.c_void_p),
+        ("xp_n", ctypes.c_int), ("dt_lowrank_scale", ctypes.c_float),
     ]
 
 
-ABI_VERSION = 5  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 6  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -60,6 +62,8 @@ class LinearArgs(ctypes.Structure):
         ("conv_mask", ctypes.c_void_p), ("conv_in_scale", ctypes.c_float), ("conv_out_scale", ctypes.c_float),
         ("conv_outlier_scale", ctypes.c_float), ("conv_dual_scale", ctypes.c_int), ("conv_early_state", ctypes.c_int),
         ("had_x", ctypes.c_void_p), ("had_scale", ctypes.c_float),
+        ("xp_w", ctypes.c_void_p), ("xp_acc", ctypes.c_void_p), ("xp_n", ctypes.c_int),
+        ("clear", ctypes.c_void_p), ("clear_n", ctypes.c_int),
     ]
 
 
@@ -80,6 +84,28 @@ class FusedConv:
     in_scale: float
     out_scale: float
     outlier_scale: float | None
+    early_state: bool = False
+
+
+@dataclasses.dataclass
+class ConvXProjBehind:
+    """The decode conv and x_proj's int32 sums computed behind a one-row GEMV (qm_int8_linear's xp_acc), in_proj at
+    decode: the GEMV's segment 0 (int8 codes x, [1, 1, d]) is the conv's input, at that segment's scale. The conv
+    state [1, d, 3] is shifted in place; u (and mask, dual scale) receive the conv's output; acc (int32 [xp_n], or
+    [2, xp_n] with the outliers' sums, dual scale) must hold zeros and receives x_proj's sums over u
+    (xp_w int8 [xp_n, d]). Their reader is selective_state_update(x_proj=...); a later int8_linear(clear=acc) zeroes
+    them again. early_state: as in quant_causal_conv1d."""
+
+    weight: torch.Tensor  # int8 [d, 4]
+    weight_scale: torch.Tensor  # float32 [d]
+    bias: torch.Tensor  # float32 [d]
+    state: torch.Tensor  # int8 [1, d, 3], in place
+    u: torch.Tensor  # int8 [1, 1, d], written
+    mask: torch.Tensor | None  # uint8 [1, 1, d], written (dual scale)
+    out_scale: float
+    outlier_scale: float | None
+    xp_w: torch.Tensor
+    acc: torch.Tensor
     early_state: bool = False
 
 
@@ -162,7 +188,7 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
           scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
-          conv_shift: tuple | None = None) -> torch.Tensor:
+          conv_shift: tuple | None = None, x_proj: tuple | None = None) -> torch.Tensor:
     lib = load_library()
     bsz, l, d = u.shape
     n = A.shape[1]
@@ -180,6 +206,13 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
         cx, cs = conv_shift
         args.conv_x, args.conv_state, args.conv_kernel_size = _ptr(cx), _ptr(cs), cs.shape[-1] + 1
+    if x_proj is not None:  # (sums int32 [xp_n] or [2, xp_n], m_in [xp_n], m_out [xp_n] or None, dt_lowrank scale)
+        acc, xm_in, xm_out, s_lr = x_proj
+        if acc.dtype != torch.int32 or acc.numel() != (1 if xm_out is None else 2) * xm_in.shape[0]:
+            raise KernelError(f"selective_state_update: x_proj's sums must be int32 [{xm_in.shape[0]}] (or [2, "
+                              f"{xm_in.shape[0]}] with m_out), got {acc.dtype} {tuple(acc.shape)}")
+        args.xp_acc, args.xp_m_in, args.xp_m_out = _ptr(acc), _ptr(xm_in), _ptr(xm_out)
+        args.xp_n, args.dt_lowrank_scale = xm_in.shape[0], s_lr
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
     return y
 
@@ -207,14 +240,17 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
 
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
                            y_dtype=torch.float32, dt_proj: tuple | None = None, early_state: bool = False,
-                           conv_shift: tuple | None = None, **scales):
+                           conv_shift: tuple | None = None, x_proj: tuple | None = None, **scales):
     """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. dt_proj = (dt_lowrank int8
     [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
     early_state: as in quant_causal_conv1d. conv_shift = (x int8 [B, 1, D], conv state int8 [B, D, 3]): the
-    kernel also shifts that conv state in place by the token x (with dt_proj; after a FusedConv GEMV)."""
+    kernel also shifts that conv state in place by the token x (with dt_proj; after a FusedConv GEMV).
+    x_proj = (sums int32 [xp_n] (or [2, xp_n]: outliers too, dual scale), m_in float32 [xp_n], m_out or None,
+    dt_lowrank_scale), with dt_proj, batch 1: x_proj's epilogue runs here (after a ConvXProjBehind GEMV), and
+    dt_proj's dt_lowrank, B_q and C_q are buffers the kernel writes the codes into."""
     out = state if in_place else torch.empty_like(state)
     y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
-              y_dtype, scales, dt_proj, early_state, conv_shift)
+              y_dtype, scales, dt_proj, early_state, conv_shift, x_proj)
     return y, out
 
 
@@ -254,13 +290,15 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 acc_out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
                 conv: FusedConv | None = None,
-                hadamard: tuple[torch.Tensor, float] | None = None) -> list[torch.Tensor]:
+                hadamard: tuple[torch.Tensor, float] | None = None, behind: ConvXProjBehind | None = None,
+                clear: torch.Tensor | None = None) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
     GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). conv: x_q and x_mask are None and the GEMV
     computes x (and its mask) as that conv's output itself. hadamard = (y float32 [1, k], scale): x_q is None and the
-    GEMV computes x = HadamardQuant(y, scale) itself (one row)."""
+    GEMV computes x = HadamardQuant(y, scale) itself (one row). behind: the decode conv and x_proj's sums computed
+    behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait."""
     lib = load_library()
     src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
@@ -288,5 +326,21 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         args.conv_dual_scale, args.conv_early_state = int(conv.outlier_scale is not None), int(conv.early_state)
     if hadamard is not None:
         args.had_x, args.had_scale = _ptr(hadamard[0]), hadamard[1]
+    if behind is not None:
+        b = behind
+        want = (2 if b.outlier_scale is not None else 1) * b.xp_w.shape[0]
+        if b.acc.dtype != torch.int32 or b.acc.numel() != want:
+            raise KernelError(f"int8_linear: behind.acc must be int32 with {want} sums (x_proj's outputs, twice with "
+                              f"outliers), got {b.acc.dtype} {tuple(b.acc.shape)}")
+        args.conv_w, args.conv_w_scale, args.conv_bias = _ptr(b.weight), _ptr(b.weight_scale), _ptr(b.bias)
+        args.conv_state, args.conv_u, args.conv_mask = _ptr(b.state), _ptr(b.u), _ptr(b.mask)
+        args.conv_in_scale, args.conv_out_scale = scales[0], b.out_scale
+        args.conv_outlier_scale = b.outlier_scale or 0.0
+        args.conv_dual_scale, args.conv_early_state = int(b.outlier_scale is not None), int(b.early_state)
+        args.xp_w, args.xp_acc, args.xp_n = _ptr(b.xp_w), _ptr(b.acc), b.xp_w.shape[0]
+    if clear is not None:
+        if clear.dtype != torch.int32:
+            raise KernelError(f"int8_linear: clear must be an int32 tensor, got {clear.dtype}")
+        args.clear, args.clear_n = _ptr(clear), clear.numel()
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

@@ -73,10 +73,11 @@ class Act:
 
 
 def _ref_scan(ops, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None,
-              conv_shift=None):
-    """The selective scan on dequantized stage values (spec 4.4): (y, final state)."""
-    if conv_shift is not None:
-        raise ValueError("a deferred conv-state shift comes only from ops that fuse the conv (CudaOps)")
+              deferred=None):
+    """The selective scan on dequantized stage values (spec 4.4): (y, final state). deferred: work that ops which
+    fuse stages (CudaOps) left to the scan; these ops never defer any."""
+    if deferred is not None:
+        raise ValueError("deferred work comes only from ops that fuse stages (CudaOps)")
     return ref.selective_scan(ops.dequant(u), ops.dequant(dt), a_from_a_log(lyr.A_log), ops.dequant(bm),
                               ops.dequant(cm), lyr.D, ops.dequant(z), lyr.dt_bias, state)
 
@@ -103,19 +104,30 @@ def _norm_linear_quant(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: f
 
 
 def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
-                  state: torch.Tensor | None, conv_shift=None):
+                  state: torch.Tensor | None, deferred=None):
     """scan(u, dt_proj(dt_lr) quantized at s_dt, ...): ops may fuse the two when nobody records dt_proj."""
     (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(lyr.dt_proj.weight_q.shape[0], s_dt)])
-    return ops.scan(u, dt, bm, cm, z, lyr, state, conv_shift)
+    return ops.scan(u, dt, bm, cm, z, lyr, state, deferred)
 
 
 def _conv_x_proj(ops, x: Act, lyr: QLayer, state: torch.Tensor | None, s_u: float, s_out: float | None,
                  segments: list[tuple[int, float]]):
-    """(u, conv state, x_proj(u)'s segments, conv_shift) with u = conv(x). Ops may compute the conv inside x_proj;
-    then the conv state comes back not yet shifted and conv_shift (else None) must go to the scan that follows
+    """(u, conv state, x_proj(u)'s segments, deferred) with u = conv(x). Ops may compute the conv inside x_proj;
+    then the conv state comes back not yet shifted and `deferred` (else None) must go to the scan that follows
     (dt_proj_scan / scan), which shifts it."""
     u, st = ops.conv(x, lyr, state, s_u, s_out)
     return u, st, ops.linear_quant(u, lyr.x_proj, segments), None
+
+
+def _in_proj_conv_x_proj(ops, residual: torch.Tensor, lyr: QLayer, eps: float, xz_segments: list[tuple[int, float]],
+                         state: torch.Tensor | None, xp_segments: list[tuple[int, float]]):
+    """(x, z, u, conv state, x_proj's segments, deferred): in_proj of the normed residual, then the conv and x_proj.
+    Ops may run the conv and x_proj's sums behind in_proj; then x_proj's segments are written by the scan that
+    follows (dt_proj_scan, which must get `deferred`)."""
+    s = lyr.scales
+    x, z = ops.norm_linear_quant(residual, lyr.norm_weight, eps, s["norm"], lyr.in_proj, xz_segments)
+    u, st, segs, deferred = ops.conv_x_proj(x, lyr, state, s["conv1d"], s.get("conv1d.outlier"), xp_segments)
+    return x, z, u, st, segs, deferred
 
 
 def _hadamard_linear_add(ops, y: torch.Tensor, s_h: float, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
@@ -127,6 +139,11 @@ def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
 
+# stages that the fused front (in_proj_conv_x_proj) does not produce before the scan: a tracer wanting one of them
+# gets the separate stages
+_FRONT_STAGES = ("norm", "x_proj.dt_lowrank", "x_proj.B", "x_proj.C", "dt_proj")
+
+
 class _ComposedStages:
     """The stages both paths build from their own primitives (quantize, linear, dequant, ...) the same way."""
 
@@ -136,6 +153,7 @@ class _ComposedStages:
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
     conv_x_proj = _conv_x_proj
+    in_proj_conv_x_proj = _in_proj_conv_x_proj
     hadamard_linear_add = _hadamard_linear_add
     logits = _logits
 
@@ -311,51 +329,59 @@ class QuantMambaLM:
                 tr.record(name + ".mask", qt.mask)
 
         xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])] if rc.int8_ssm else []
-        if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
-            x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
-                                         xz_segments)
-        else:
-            h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
-            rec("norm", h)
-            if rc.int8_ssm:
-                x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
-            else:
-                xz = ops.linear(h, lyr.in_proj)
-                x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
-        rec("in_proj.x", x)
-        rec("in_proj.z", z)
-
         conv_state = None if state is None else state.conv
-        conv_shift = None  # set when ops compute the conv inside x_proj: the scan then shifts the conv state
+        deferred = None  # work that ops which fuse stages left to the scan (CudaOps: a conv-state shift, x_proj)
         if rc.int8_ssm:
-            u, conv_state, (dt_lr, bm, cm), conv_shift = ops.conv_x_proj(
-                x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"),
-                [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])])
+            xp_segments = [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])]
+        if rc.int8_ssm and not any(wanted(t) for t in _FRONT_STAGES):
+            # nobody looks at the norm, x_proj or dt_proj alone: ops may fuse from the norm to x_proj
+            x, z, u, conv_state, (dt_lr, bm, cm), deferred = ops.in_proj_conv_x_proj(
+                residual, lyr, cfg.rms_norm_eps, xz_segments, conv_state, xp_segments)
+            rec("in_proj.x", x)
+            rec("in_proj.z", z)
             rec("conv1d", u)
-            rec("x_proj.dt_lowrank", dt_lr)
         else:
-            u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
-            u = Act(u_f)
-            rec("conv1d", u)
-            u_lin = ops.quantize(u_f, s["x_proj.in"])
-            xdbl = ops.linear(u_lin, lyr.x_proj)
-            dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
-            dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
-            bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
-            rec("x_proj.dt_lowrank", dt_lr_f)
-        rec("x_proj.B", bm)
-        rec("x_proj.C", cm)
+            if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
+                x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
+                                             xz_segments)
+            else:
+                h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
+                rec("norm", h)
+                if rc.int8_ssm:
+                    x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
+                else:
+                    xz = ops.linear(h, lyr.in_proj)
+                    x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
+            rec("in_proj.x", x)
+            rec("in_proj.z", z)
+            if rc.int8_ssm:
+                u, conv_state, (dt_lr, bm, cm), deferred = ops.conv_x_proj(
+                    x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"), xp_segments)
+                rec("conv1d", u)
+                rec("x_proj.dt_lowrank", dt_lr)
+            else:
+                u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
+                u = Act(u_f)
+                rec("conv1d", u)
+                u_lin = ops.quantize(u_f, s["x_proj.in"])
+                xdbl = ops.linear(u_lin, lyr.x_proj)
+                dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
+                dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
+                bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
+                rec("x_proj.dt_lowrank", dt_lr_f)
+            rec("x_proj.B", bm)
+            rec("x_proj.C", cm)
 
         ssm_in = None if state is None else state.ssm
         if rc.int8_ssm and not wanted("dt_proj"):  # ops may fuse dt_proj into the scan
-            y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in, conv_shift)
+            y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in, deferred)
         else:
             if rc.int8_ssm:
                 (dt,) = ops.linear_quant(dt_lr, lyr.dt_proj, [(d, s["dt_proj"])])
             else:
                 dt = Act(ops.linear(dt_lr, lyr.dt_proj))
             rec("dt_proj", dt)
-            y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in, conv_shift)
+            y, ssm_state = ops.scan(u, dt, bm, cm, z, lyr, ssm_in, deferred)
         rec("ssm", y)
         if not wanted("hadamard") and not wanted("out_proj"):  # ops may fuse both into out_proj
             residual = ops.hadamard_linear_add(y, s["hadamard"], lyr.out_proj, residual)

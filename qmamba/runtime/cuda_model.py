@@ -4,9 +4,10 @@
 on the GPU: RMSNormQuant, conv, HadamardQuant and the scan with the CUDA kernels; each linear with its
 dequantize/requantize epilogue fused (qm_int8_linear: a dp4a GEMV for <= 4 rows, else a cuBLASLt int8 GEMM
 via `torch._int_mm` + the epilogue kernel). In decode, when no tracer asks for those stages, RMSNormQuant runs
-inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`); for one
-sequence also the conv inside the x_proj GEMV (its state shifted by the state update) and HadamardQuant inside the
-out_proj GEMV (`conv_x_proj`, `hadamard_linear_add`): four kernels per layer. The decode-path kernels use
+inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear_quant`, `dt_proj_scan`). For one
+sequence also the conv and x_proj's int32 sums run behind the in_proj GEMV, x_proj's epilogue in the state update
+(`in_proj_conv_x_proj`; the out_proj GEMV zeroes the sums again), and HadamardQuant inside the out_proj GEMV
+(`hadamard_linear_add`): three kernels per layer. The decode-path kernels use
 programmatic dependent launch; decode's logits read the int8 tied embedding directly
 (qm_tied_logits). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
@@ -20,6 +21,8 @@ steps of the same batch copy nothing).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qmamba import cuda as k
@@ -31,6 +34,18 @@ from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: decode batches up to 64 use it
 
 
+@dataclasses.dataclass
+class XProjSums:
+    """x_proj's int32 sums left by an in_proj GEMV with the conv and x_proj behind it: the state update applies
+    x_proj's epilogue (m_in, m_out: the multipliers; the segment scales) and writes the codes into `codes`."""
+
+    acc: torch.Tensor  # int32 [xp_n] or [2, xp_n] (outliers: dual scale)
+    m_in: torch.Tensor
+    m_out: torch.Tensor | None
+    scales: list[float]  # dt_lowrank, B, C
+    codes: list[torch.Tensor]  # int8 [1, 1, width] each, written by the update
+
+
 class CudaOps(IntOps):
     """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
     in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers).
@@ -39,11 +54,13 @@ class CudaOps(IntOps):
     only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
-                 fuse_hadamard: bool = True) -> None:
+                 fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
-        self.fuse_conv, self.fuse_hadamard = fuse_conv, fuse_hadamard
+        self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
+        self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
+        self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -84,8 +101,17 @@ class CudaOps(IntOps):
                 zero = torch.zeros((), dtype=torch.int8, device=self.device)
                 acc_in = self._int_mm(torch.where(m, zero, x2), lin)
                 acc_out = self._int_mm(torch.where(m, x2, zero), lin)
-        return k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
-                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual)
+        clear = self._take_clear()
+        outs = k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
+                             None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual,
+                             clear=None if acc_in is not None else clear)
+        if clear is not None and acc_in is not None:  # the GEMM path has no clear: a torch memset then
+            clear.zero_()
+        return outs
+
+    def _take_clear(self) -> torch.Tensor | None:
+        clear, self._clear_next = self._clear_next, None
+        return clear
 
     @staticmethod
     def _int_mm(x2: torch.Tensor, lin: QLinear) -> torch.Tensor:
@@ -119,23 +145,80 @@ class CudaOps(IntOps):
         return [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
 
     def dt_proj_scan(self, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
-                     state: torch.Tensor | None, conv_shift: tuple | None = None):
+                     state: torch.Tensor | None, deferred: tuple | XProjSums | None = None):
         """Decode (one token, a state): the state-update kernel computes dt_proj itself (and shifts the conv
-        state when conv_x_proj left that to it)."""
+        state when conv_x_proj left that to it, or applies x_proj's epilogue to the sums in_proj_conv_x_proj left)."""
         if state is None or u.value.shape[1] != 1 or u.scale is None:
-            return super().dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state, conv_shift)
+            self._settle(deferred)
+            return super().dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state)
         lin = lyr.dt_proj
-        return k.selective_state_update(
+        xp = deferred if isinstance(deferred, XProjSums) else None
+        y = k.selective_state_update(
             state, u.value, u.mask, None, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(),
             self._a(lyr), lyr.D, lyr.dt_bias, in_place=self.in_place,
             dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
             u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
-            z_scale=z.scale, early_state=True, conv_shift=conv_shift)
+            z_scale=z.scale, early_state=True, conv_shift=None if xp else deferred,
+            x_proj=None if xp is None else (xp.acc, xp.m_in, xp.m_out, xp.scales[0]))
+        if xp is not None:
+            self._clear_next = xp.acc  # read: the next GEMV (out_proj) zeroes the sums after its wait
+        return y
+
+    def _settle(self, deferred: tuple | XProjSums | None) -> None:
+        """Do with torch ops what a fused op left to a kernel that will not run: the conv state's shift, or x_proj's
+        epilogue (spec 4.2, float32 products and sum, IEEE division) into its codes, the sums zeroed again."""
+        if isinstance(deferred, XProjSums):
+            acc = deferred.acc.view(-1, deferred.m_in.shape[0])
+            y = acc[0].float() * deferred.m_in
+            if deferred.m_out is not None:
+                y = y + acc[1].float() * deferred.m_out
+            c = 0
+            for codes, s in zip(deferred.codes, deferred.scales, strict=True):
+                w = codes.shape[-1]
+                codes.view(-1).copy_(self.quantize(y[c : c + w], s).value)
+                c += w
+            deferred.acc.zero_()
+        elif deferred is not None:
+            cx, cs = deferred
+            cs.copy_(torch.cat([cs[..., 1:], cx.reshape(cs.shape[0], cs.shape[1], 1)], dim=-1))
+
+    def in_proj_conv_x_proj(self, residual: torch.Tensor, lyr: QLayer, eps: float,
+                            xz_segments: list[tuple[int, float]], state, xp_segments: list[tuple[int, float]]):
+        """Decode of one sequence (one token, states in place): the in_proj GEMV (RMSNormQuant in front) runs the
+        conv of its x channels and adds their share of x_proj into int32 sums; the state update that follows turns
+        them into x_proj's codes (XProjSums, passed on as `deferred`). Two kernels fewer than norm-in_proj, conv,
+        x_proj."""
+        r = residual.float().contiguous()
+        kdim, d = r.shape[-1], xz_segments[0][0]
+        sc = lyr.scales
+        s_norm, s_u, s_out = sc["norm"], sc["conv1d"], sc.get("conv1d.outlier")
+        xp_n = sum(w for w, _ in xp_segments)
+        if not (self.fuse_x_proj_behind and self.in_place and state is not None and r.numel() == kdim
+                and kdim % 16 == 0 and kdim <= 8192 and d % 16 == 0 and lyr.conv_weight_q.shape[1] == 4
+                and xp_n <= 1024 and len(xz_segments) == 2):
+            return super().in_proj_conv_x_proj(residual, lyr, eps, xz_segments, state, xp_segments)
+        dual = s_out is not None
+        acc = self._xp_acc.get((id(lyr), dual))
+        if acc is None:
+            acc = self._xp_acc[id(lyr), dual] = torch.zeros((2, xp_n) if dual else (xp_n,), dtype=torch.int32,
+                                                            device=self.device)
+        u = torch.empty(1, 1, d, dtype=torch.int8, device=self.device)
+        mask = torch.empty(1, 1, d, dtype=torch.uint8, device=self.device) if dual else None
+        behind = k.ConvXProjBehind(lyr.conv_weight_q, lyr.conv_weight_scale, lyr.conv_bias, state, u, mask, s_u, s_out,
+                                   lyr.x_proj.weight_q, acc, early_state=True)
+        lin = lyr.in_proj
+        x, z = k.int8_linear(None, lin.weight_q, self._multiplier(s_norm, lin), xz_segments,
+                             norm=(r, lyr.norm_weight, eps, s_norm), behind=behind)
+        codes = [torch.empty(1, 1, w, dtype=torch.int8, device=self.device) for w, _ in xp_segments]
+        xp = XProjSums(acc, self._multiplier(s_u, lyr.x_proj), None if s_out is None else
+                       self._multiplier(s_out, lyr.x_proj), [sc for _, sc in xp_segments], codes)
+        acts = [Act(c, sc) for c, (_, sc) in zip(codes, xp_segments, strict=True)]
+        return (Act(x, xz_segments[0][1]), Act(z, xz_segments[1][1]), Act(u, s_u, mask, s_out), state, acts, xp)
 
     def conv_x_proj(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None,
                     segments: list[tuple[int, float]]):
         """Decode of one sequence (one token, states in place): the x_proj GEMV computes the conv itself, one
-        kernel instead of two. The conv state is only read there; the state update shifts it (conv_shift). Not
+        kernel instead of two. The conv state is only read there; the state update shifts it (`deferred`). Not
         at 2-4 rows, where the kernel supports it but each block's conv share is 2-4x larger: 130m B4 0.574 ->
         0.600 ms, 2.8b B4 3.56 -> 3.97 ms (trt_plugins/bench/NOTES.md, session 8)."""
         xv = x.value
@@ -182,7 +265,7 @@ class CudaOps(IntOps):
             return super().hadamard_linear_add(y, s_h, lin, residual)
         residual = residual.contiguous()
         return k.int8_linear(None, lin.weight_q, self._multiplier(s_h, lin), [(lin.weight_q.shape[0], None)],
-                             residual=residual, hadamard=(y.contiguous(), s_h))[0]
+                             residual=residual, hadamard=(y.contiguous(), s_h), clear=self._take_clear())[0]
 
     def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
         return Act(k.hadamard_quant(y.contiguous(), s), s)
@@ -197,10 +280,8 @@ class CudaOps(IntOps):
         return a
 
     def scan(self, u: Act, dt: Act, bm: Act, cm: Act, z: Act, lyr: QLayer, state: torch.Tensor | None,
-             conv_shift: tuple | None = None):
-        if conv_shift is not None:  # the conv ran inside x_proj (traced dt_proj): shift its state here
-            cx, cs = conv_shift
-            cs.copy_(torch.cat([cs[..., 1:], cx.reshape(cs.shape[0], cs.shape[1], 1)], dim=-1))
+             deferred: tuple | XProjSums | None = None):
+        self._settle(deferred)  # e.g. the conv ran inside x_proj (traced dt_proj): shift its state here
         out = state if self.in_place else None
         if u.scale is None:  # w8a8-fpssm: float inputs
             return k.selective_scan(u.value.contiguous(), dt.value.contiguous(), self._a(lyr), bm.value.contiguous(),

@@ -170,6 +170,96 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
   __syncthreads();
 }
 
+// The conv and x_proj's sums behind a one-row GEMV (a.xp_acc non-null, in_proj at decode): the conv is per
+// channel, so the block that computed channels [base, base + C) of segment 0 (x) runs their conv itself, shifts
+// their state, and adds their share of x_proj into int32 sums (red.add: exact in any order). The kernel that
+// reads the sums (the state update) applies x_proj's epilogue; one kernel per layer fewer than a separate x_proj.
+// Work unit of the conv: a group of 4 channels (thread t < C / 4).
+__device__ __forceinline__ void tail_prefetch(const qm_linear_args& a, int base, int width) {
+  // before the wait: the lines of the block's x_proj weight slices and of its conv constants, into L1 (no registers)
+  for (int j = threadIdx.x; j < a.xp_n; j += blockDim.x)
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.xp_w + static_cast<int64_t>(j) * width + base));
+  if (threadIdx.x == 0) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.conv_w + 4 * base));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.conv_w_scale + base));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(a.conv_bias + base));
+  }
+}
+
+// the group's state row after this token: each channel's tokens 1, 2, then x (byte j of xw is channel j's x)
+__device__ __forceinline__ void shifted_state(const int (&st)[3], int xw, int (&out)[3]) {
+  unsigned o[12], nb[12];
+#pragma unroll
+  for (int i = 0; i < 12; ++i) o[i] = static_cast<unsigned>(st[i / 4]) >> (8 * (i % 4)) & 0xffu;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    nb[3 * j] = o[3 * j + 1];
+    nb[3 * j + 1] = o[3 * j + 2];
+    nb[3 * j + 2] = static_cast<unsigned>(xw) >> (8 * j) & 0xffu;
+  }
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+    out[i] = static_cast<int>(nb[4 * i] | nb[4 * i + 1] << 8 | nb[4 * i + 2] << 16 | nb[4 * i + 3] << 24);
+}
+
+// after the GEMV (xs: the block's C segment-0 codes in shared memory, 4-byte aligned; st: the state of thread t's
+// group when read before the wait)
+template <int C>
+__device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int base, int width, const int8_t* xs,
+                                const int (&st_early)[3]) {
+  constexpr int kGroups = C / 4;
+  __shared__ int us[kGroups], ms[kGroups];
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < kGroups) {
+    const int g = base / 4 + t;
+    int st[3];
+    int* srow = reinterpret_cast<int*>(a.conv_state) + 3 * g;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) st[i] = a.conv_early_state ? st_early[i] : srow[i];
+    int4 w;
+    float4 m, bias;
+    conv_load_weights(a, g, w, m, bias);
+    const int xw = reinterpret_cast<const int*>(xs)[t];
+    int codes, masks = 0;
+    if (a.conv_dual_scale)
+      conv4_decode<true>(st, xw, w, m, bias, q, codes, masks);
+    else
+      conv4_decode<false>(st, xw, w, m, bias, q, codes, masks);
+    us[t] = codes;
+    ms[t] = masks;
+    reinterpret_cast<int*>(a.conv_u)[g] = codes;
+    if (a.conv_dual_scale) reinterpret_cast<int*>(a.conv_mask)[g] = masks;
+    int nst[3];
+    shifted_state(st, xw, nst);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) srow[i] = nst[i];
+  }
+  __syncthreads();
+  const bool dual = a.conv_dual_scale != 0;
+  for (int j = t; j < a.xp_n; j += blockDim.x) {
+    const int* wrow = reinterpret_cast<const int*>(a.xp_w + static_cast<int64_t>(j) * width + base);
+    int wv[kGroups];
+    if constexpr (kGroups == 4) {
+      const int4 v = *reinterpret_cast<const int4*>(wrow);
+      wv[0] = v.x, wv[1] = v.y, wv[2] = v.z, wv[3] = v.w;
+    } else {
+      static_assert(kGroups == 2, "8 or 16 channels per block");
+      const int2 v = *reinterpret_cast<const int2*>(wrow);
+      wv[0] = v.x, wv[1] = v.y;
+    }
+    int ai = 0, ao = 0;
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const unsigned mm = static_cast<unsigned>(ms[i]) * 0xffu;  // 0/1 bytes -> byte masks
+      ai = __dp4a(static_cast<int>(static_cast<unsigned>(us[i]) & ~mm), wv[i], ai);
+      ao = __dp4a(static_cast<int>(static_cast<unsigned>(us[i]) & mm), wv[i], ao);
+    }
+    // packed sums: one cache line per sum measured slower (its reader then loads xp_n lines; NOTES.md, session 9)
+    if (ai) atomicAdd(a.xp_acc + j, ai);  // adding 0 changes nothing: skipped
+    if (dual && ao) atomicAdd(a.xp_acc + a.xp_n + j, ao);
+  }
+}
+
 // Resident blocks per SM the one-row GEMV is compiled for (register cap 65536 / (256 x this)): a one-row decode
 // GEMV is latency-bound, so more resident warps keep more weight loads in flight.
 #ifndef QM_GEMV_MIN_BLOCKS
@@ -200,22 +290,27 @@ __device__ void conv_prologue(const qm_linear_args& a, const ConvQuant& q, const
 #ifndef QM_CONV_FEW_BELOW  // a fused conv: 4 warps per column below this many columns
 #define QM_CONV_FEW_BELOW 2048
 #endif
+#ifndef QM_GEMV_L2_PREFETCH  // one row: each block asks its weight slab into L2 before its wait (1) or not (0)
+#define QM_GEMV_L2_PREFETCH 1
+#endif
 #ifndef QM_GEMV_PAIRS_ABOVE  // one row: 2 columns per warp above this many blocks per SM
 #define QM_GEMV_PAIRS_ABOVE QM_GEMV_MIN_BLOCKS
 #endif
-template <int R, int S, bool P, int CPW = 1, int CT = 0, int HM = 0>
+template <int R, int S, bool P, int CPW = 1, int CT = 0, int HM = 0, bool XP = false>
 __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ? CT : 256)
                                                      : HM > 0 ? 3
                                                      : R > 1  ? 1
-                                                     : CPW > 1 ? QM_GEMV_PAIR_MIN_BLOCKS
+                                                     : CPW > 1 || XP ? QM_GEMV_PAIR_MIN_BLOCKS
                                                                : QM_GEMV_MIN_BLOCKS)
     gemv_kernel(qm_linear_args a, Seg sg, ConvQuant cq, HadamardConsts hq) {
   constexpr bool kConv = CT > 0;
   static_assert(HM == 0 || (R == 1 && !kConv && CPW == 1 && !P), "the fused Hadamard: one row, nothing else fused");
   static_assert(CPW == 1 || (S == 1 && !P), "several columns per warp: one warp per column group, not persistent");
   static_assert(!kConv || (CPW == 1 && !P), "the fused conv runs with one column per warp group, not persistent");
+  static_assert(!XP || (R == 1 && S == 1 && !P && !kConv && HM == 0), "the tail: one row, one warp per column group");
   constexpr int kThreads = kConv ? CT : 256, kWarps = kThreads / 32, kCols = kWarps / S * CPW;
   __shared__ int part[kWarps][R][2];
+  __shared__ __align__(16) int8_t tail_x[XP ? kCols : 16];  // the block's segment-0 codes (the tail's conv input)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = warp % S;
   const int chunks = a.k / 16;  // 16-byte pieces of a row
@@ -269,6 +364,17 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   };
   // the first pieces load before waiting for the previous kernel (weights are constant)
   prefetch(static_cast<int>(blockIdx.x) * kCols + warp / S * CPW);
+#if QM_GEMV_L2_PREFETCH && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // one row, rows longer than those pieces: the block's whole slab (its columns' rows are contiguous) is asked into
+  // L2 now, so HBM streams it during the wait and the fused prologue instead of after them
+  if (R == 1 && !P && threadIdx.x == 0 && chunks > kPre * 32 * S) {
+    const int n0 = static_cast<int>(blockIdx.x) * kCols;
+    const int cols = min(kCols, a.n - n0);
+    if (cols > 0)
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.w + static_cast<int64_t>(n0) * a.k),
+                   "r"(static_cast<unsigned>(cols) * static_cast<unsigned>(a.k)) : "memory");
+  }
+#endif
   // so do the lines of the first columns' multipliers and of one row's norm weights, into L1 by prefetches (they
   // hold no register): at decode they come from HBM, and those round trips would follow the wait
   if (lane == 0 && slice == 0)
@@ -283,8 +389,24 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
       asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
   ConvEarly<R> conv_early;
   if constexpr (kConv) conv_prologue_early<R, kThreads>(a, conv_early);
+  const int tail_base = static_cast<int>(blockIdx.x) * kCols;
+  const bool tail = XP && tail_base < sg.end[0];  // block-uniform: segment 0's width is a multiple of kCols
+  int tail_st[3] = {0, 0, 0};
+  if constexpr (XP) {
+    if (tail) {
+      tail_prefetch(a, tail_base, sg.end[0]);
+      if (a.conv_early_state && threadIdx.x < kCols / 4)
+#pragma unroll
+        for (int i = 0; i < 3; ++i)
+          tail_st[i] = reinterpret_cast<const int*>(a.conv_state)[3 * (tail_base / 4 + threadIdx.x) + i];
+    }
+  }
   qm::wait_for_inputs();
   qm::allow_dependents();
+  if (a.clear)
+    for (int i = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x); i < a.clear_n;
+         i += static_cast<int>(gridDim.x) * kThreads)
+      a.clear[i] = 0;
   if constexpr (kConv) {
     int* xs = reinterpret_cast<int*>(xs_norm);
     int* ms = xs + R * a.k / 4;
@@ -361,10 +483,16 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
           for (int q = 0; q < R; ++q)
             if (q == r) ai = acc_in[c][q], ao = acc_out[c][q];
         }
-        store(sg, a, r, n, dequant(a, masked, n, ai, ao));
+        const float y = dequant(a, masked, n, ai, ao);
+        store(sg, a, r, n, y);
+        if (XP && tail) tail_x[n - tail_base] = qm::quantize(y, sg.scale[0]);  // the code store() wrote
       }
     }
     if (P && S > 1) __syncthreads();  // part[] is rewritten by the next column
+  }
+  if constexpr (XP) {
+    __syncthreads();
+    if (tail) conv_xproj_tail<kCols>(a, cq, tail_base, sg.end[0], tail_x, tail_st);
   }
 }
 
@@ -399,30 +527,45 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");
     const int64_t total = static_cast<int64_t>(a->rows) * a->n;
-    QM_CHECK_ARG(!a->conv_x && !a->had_x, "qm_int8_linear: a fused conv or Hadamard needs the GEMV, not acc_in");
+    QM_CHECK_ARG(!a->conv_x && !a->had_x && !a->xp_acc && !a->clear,
+                 "qm_int8_linear: a fused conv, Hadamard, xp_acc or clear needs the GEMV, not acc_in");
     QM_CHECK_LAUNCHED(qm::launch(epilogue_kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                  dim3(threads), 0, stream, *a, sg),
                       "qm_int8_linear epilogue launch");
     return QM_OK;
   }
-  const bool conv = a->conv_x != nullptr;
+  const bool conv = a->conv_x != nullptr, xp = a->xp_acc != nullptr;
+  QM_CHECK_ARG(!a->clear == (a->clear_n == 0) && a->clear_n >= 0 && qm::aligned(a->clear, 4),
+               "qm_int8_linear: clear (4-byte aligned) needs clear_n > 0 and clear_n=%d needs clear", a->clear_n);
+  if (xp) {
+    const int width = sg.end[0];
+    QM_CHECK_ARG(a->rows == 1 && !a->had_x, "qm_int8_linear: the conv and x_proj behind (xp_acc) take one row and no "
+                 "fused Hadamard, got rows=%d", a->rows);
+    QM_CHECK_ARG(sg.scale[0] > 0.f && width % 16 == 0 && a->conv_in_scale == sg.scale[0],
+                 "qm_int8_linear: the conv behind (xp_acc) takes segment 0 as int8 codes of a width %% 16 == 0 "
+                 "(got %d) at conv_in_scale == seg_scale[0]", width);
+    QM_CHECK_ARG(a->xp_w && a->xp_n > 0 && qm::aligned(a->xp_w) && qm::aligned(a->xp_acc, 4),
+                 "qm_int8_linear: xp_acc needs xp_w (16-byte aligned), xp_n > 0 (got %d) and a 4-byte aligned xp_acc",
+                 a->xp_n);
+  } else {
+    QM_CHECK_ARG(!a->xp_w && a->xp_n == 0, "qm_int8_linear: xp_w / xp_n without xp_acc");
+  }
   ConvQuant cq{};
-  if (conv) {
-    QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x, "qm_int8_linear: with a fused conv (conv_x) x, x_mask and "
-                 "norm_x must be NULL (the conv computes x)");
+  if (conv || xp) {
+    if (conv)
+      QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x && !xp, "qm_int8_linear: with a fused conv (conv_x) x, x_mask, "
+                   "norm_x and xp_acc must be NULL (the conv computes x)");
     QM_CHECK_ARG(a->conv_w && a->conv_w_scale && a->conv_bias && a->conv_state && a->conv_u,
                  "qm_int8_linear: a fused conv needs conv_w, conv_w_scale, conv_bias, conv_state and conv_u");
     QM_CHECK_ARG(a->conv_dual_scale == 0 || a->conv_dual_scale == 1, "qm_int8_linear: conv_dual_scale=%d must be "
                  "0 or 1", a->conv_dual_scale);
     QM_CHECK_ARG(a->conv_early_state == 0 || a->conv_early_state == 1, "qm_int8_linear: conv_early_state=%d must "
                  "be 0 or 1", a->conv_early_state);
-    QM_CHECK_ARG((a->conv_mask != nullptr) == (a->conv_dual_scale == 1) && (!a->conv_dual_scale || a->m_out),
+    QM_CHECK_ARG((a->conv_mask != nullptr) == (a->conv_dual_scale == 1) && (!a->conv_dual_scale || a->m_out || xp),
                  "qm_int8_linear: conv_mask (and m_out) must be non-null exactly when conv_dual_scale=1");
     QM_CHECK_ARG(QM_VALID_SCALE(a->conv_in_scale) && QM_VALID_SCALE(a->conv_out_scale) &&
                  (!a->conv_dual_scale || QM_VALID_SCALE(a->conv_outlier_scale)),
                  "qm_int8_linear: the conv scales must be positive and finite");
-    QM_CHECK_ARG(a->k % 16 == 0 && a->k <= (a->rows <= 1 ? 24576 : 6144),
-                 "qm_int8_linear: a fused conv needs k %% 16 == 0 and k <= 6144 (24576 for one row), k=%d", a->k);
     QM_CHECK_ARG(qm::aligned(a->conv_w) && qm::aligned(a->conv_w_scale) && qm::aligned(a->conv_bias) &&
                      qm::aligned(a->conv_x, 4) && qm::aligned(a->conv_state, 4) && qm::aligned(a->conv_u, 4) &&
                      qm::aligned(a->conv_mask, 4),
@@ -430,6 +573,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                  "aligned conv_x, conv_state, conv_u, conv_mask");
     cq = make_conv_quant(a->conv_out_scale, a->conv_outlier_scale, a->conv_dual_scale == 1);
   }
+  if (conv)
+    QM_CHECK_ARG(a->k % 16 == 0 && a->k <= (a->rows <= 1 ? 24576 : 6144),
+                 "qm_int8_linear: a fused conv needs k %% 16 == 0 and k <= 6144 (24576 for one row), k=%d", a->k);
   const bool had = a->had_x != nullptr;
   HadamardConsts hq{};
   int had_m = 0;
@@ -459,7 +605,8 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
   // few columns: 4 warps share each column's K. Not with a fused Hadamard: one warp per column makes 4x fewer blocks,
   // so 4x fewer copies of the row's transform (130m B1 0.384 -> 0.360 ms, NOTES.md session 8)
-  const bool few = !had && a->n < (conv ? QM_CONV_FEW_BELOW : 2048);
+  // and not with the conv behind: its channel groups of 4 must not straddle blocks
+  const bool few = !had && !xp && a->n < (conv ? QM_CONV_FEW_BELOW : 2048);
   // a fused conv: 1024 threads where the rows have more than 512 groups of 4 channels (one round per thread), else 512
   const int conv_threads = !conv ? 0 : a->rows <= 1 && a->k / 4 > 512 ? 1024 : 512;
   const int cols = (few ? 2 : 8) * (conv ? conv_threads / 256 : 1);  // per block
@@ -472,7 +619,8 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
                     : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
-  auto kernel = had            ? (had_m == 12 ? gemv_kernel<1, 1, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 1>)
+  auto kernel = xp             ? (pairs ? gemv_kernel<1, 1, false, 2, 0, 0, true> : gemv_kernel<1, 1, false, 1, 0, 0, true>)
+               : had            ? (had_m == 12 ? gemv_kernel<1, 1, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 1>)
                : conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
                                                                  : gemv_kernel<4, 1, false, 1, 512>)
                                   : conv_threads == 1024 ? (few ? gemv_kernel<1, 4, false, 1, 1024>

@@ -31,9 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 5 (3: qm_tied_logits; 4: early_state;
+QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 6 (3: qm_tied_logits; 4: early_state;
                                   5: the decode conv and the HadamardQuant fused into the GEMV, the conv state shift into the
-                                  update) */
+                                  update; 6: the conv and x_proj's sums behind the GEMV, x_proj's epilogue in the update,
+                                  clear) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -95,6 +96,16 @@ typedef struct {
   int8_t* conv_state;
   const int8_t* conv_x;
   int conv_kernel_size;
+  /* Decode of one sequence (batch 1) with a fused dt_proj, optional: x_proj's epilogue (spec 4.2) fused in. When
+   * xp_acc is non-NULL, dt_lowrank, B and C are not read but written: the kernel computes their codes from x_proj's
+   * int32 sums xp_acc [xp_n] (inliers; then [xp_n] outliers when xp_m_out is non-NULL), xp_n = dt_rank + 2 dstate,
+   * y = fl(fl(acc_in) * xp_m_in[j]) (+ fl(fl(acc_out) * xp_m_out[j])), codes Q(y, dt_lowrank_scale / B_scale /
+   * C_scale) for the three segments (qm_linear_args.xp_acc computes such sums). xp_n <= 1024. */
+  const int32_t* xp_acc;
+  const float* xp_m_in;
+  const float* xp_m_out;
+  int xp_n;
+  float dt_lowrank_scale;
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);
@@ -139,7 +150,7 @@ typedef struct {
   const int8_t* conv_w;
   const float* conv_w_scale;
   const float* conv_bias;
-  const int8_t* conv_state;
+  int8_t* conv_state; /* only read in front; shifted in place behind (xp_acc) */
   int8_t* conv_u;
   uint8_t* conv_mask;
   float conv_in_scale, conv_out_scale, conv_outlier_scale;
@@ -149,6 +160,21 @@ typedef struct {
    * k = m * 2^j with m in {1, 12}, 2^j >= 8, k <= 2048, and a 16-byte aligned had_x. */
   const float* had_x;
   float had_scale;
+  /* Optional, GEMV with one row only: the decode conv and the next linear's (x_proj's) int32 sums fused behind.
+   * When xp_acc is non-NULL, segment 0 (int8, its width a multiple of 16) is the conv's input x: each block takes
+   * the codes of its segment-0 columns, computes their conv as above (conv_w .. conv_dual_scale, conv_early_state;
+   * conv_x NULL, conv_in_scale == seg_scale[0]), writes u to conv_u and the mask to conv_mask, shifts conv_state
+   * [1, width, 3] in place by x, and adds its channels' share of x_proj (xp_w int8 [xp_n, width], 16-byte aligned):
+   * xp_acc[j] += sum_c xp_w[j, c] * u[c] over inliers, and xp_acc[xp_n + j] over outliers with conv_dual_scale.
+   * Integer sums, exact in any order. xp_acc must hold zeros before: clear (below) of a kernel that runs after
+   * the sums' reader resets them. The segment-0 codes are written to seg_out[0] as usual. */
+  const int8_t* xp_w;
+  int32_t* xp_acc;
+  int xp_n;
+  /* Optional, GEMV only: after its dependency wait the kernel sets clear[0 .. clear_n) to 0 (int32; e.g. the x_proj
+   * sums above once the state update that reads them has finished). */
+  int32_t* clear;
+  int clear_n;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

@@ -525,8 +525,12 @@ bool seq_applies(const qm_scan_args* a) {
 // thread reads its own states before writing them.
 // kDtW: dt_proj fused in (a.dt_w non-null), in its own instantiation: with the 16-byte rank pieces in, every update
 // took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
-template <int N, bool kInt8, bool kDtW>
+// kXp: x_proj's epilogue fused in as well (a.xp_acc: one sequence), in its own instantiation. The block turns x_proj's
+// int32 sums into the dt_lowrank / B / C codes in shared memory (block 0 also writes them out), then reads those.
+constexpr int kMaxXp = 1024;
+template <int N, bool kInt8, bool kDtW, bool kXp = false>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
+  static_assert(!kXp || kDtW, "x_proj's epilogue comes with the fused dt_proj");
   constexpr int G = N / 4;
   constexpr int kPer = 4;  // dt_proj: 16-byte rank pieces per lane per round (ranks up to 16 * kPer * G in one)
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -575,15 +579,46 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   int8_t* const crow = shift ? a.conv_state + r * 3 : nullptr;
   int8_t c1 = 0, c2 = 0;
   if (shift && a.early_state) c1 = crow[1], c2 = crow[2];
+  // x_proj's multipliers for this thread's first two outputs (weights: before the wait)
+  float xm_in[2] = {0.f, 0.f}, xm_out[2] = {0.f, 0.f};
+  if constexpr (kXp) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int j = static_cast<int>(threadIdx.x + i * blockDim.x);
+      if (j < a.xp_n) {
+        xm_in[i] = a.xp_m_in[j];
+        if (a.xp_m_out) xm_out[i] = a.xp_m_out[j];
+      }
+    }
+  }
   qm::wait_for_inputs();
   qm::allow_dependents();
+  __shared__ __align__(16) int8_t sx[kXp ? kMaxXp : 16];  // x_proj's codes: dt_lowrank, then B, then C
+  if constexpr (kXp) {
+    const int R = a.dt_rank;
+    for (int j = static_cast<int>(threadIdx.x), i = 0; j < a.xp_n; j += static_cast<int>(blockDim.x), ++i) {
+      // spec 4.2's epilogue, as qm_int8_linear's: fl(fl(acc_in) m_in) (+ fl(fl(acc_out) m_out)), then Q per segment
+      float y = __fmul_rn(static_cast<float>(a.xp_acc[j]), i == 0 ? xm_in[0] : i == 1 ? xm_in[1] : a.xp_m_in[j]);
+      if (a.xp_m_out)
+        y = __fadd_rn(y, __fmul_rn(static_cast<float>(a.xp_acc[a.xp_n + j]), i == 0 ? xm_out[0] : i == 1 ? xm_out[1] : a.xp_m_out[j]));
+      const int8_t c = qm::quantize(y, j < R ? a.dt_lowrank_scale : j < R + N ? a.B_scale : a.C_scale);
+      sx[j] = c;
+      if (blockIdx.x == 0) {  // the codes are outputs here (the pointers are the caller's buffers)
+        int8_t* dst = j < R ? const_cast<int8_t*>(a.dt_lowrank) + j
+                    : j < R + N ? static_cast<int8_t*>(const_cast<void*>(a.B)) + (j - R)
+                                : static_cast<int8_t*>(const_cast<void*>(a.C)) + (j - R - N);
+        *dst = c;
+      }
+    }
+    __syncthreads();
+  }
   const int8_t cx = shift ? a.conv_x[r] : 0;
   float u, x, zv = 0.f;
   if constexpr (kInt8) {
     const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
     u = static_cast<float>(static_cast<const int8_t*>(a.u)[r]) * s;
     if constexpr (kDtW) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, the epilogue
-      const int8_t* lr = a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
+      const int8_t* lr = kXp ? sx : a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
       int acc = 0;  // an exact int32 sum: any order gives the same bits
       if (vec_dt) {
         // rank % 16 == 0, 16-byte aligned rows: 16-byte pieces, all of a round's loads in flight before the first
@@ -627,8 +662,10 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if constexpr (kInt8) {
-      Bv[j] = static_cast<float>(static_cast<const int8_t*>(a.B)[b0 + j]) * a.B_scale;
-      Cv[j] = static_cast<float>(static_cast<const int8_t*>(a.C)[b0 + j]) * a.C_scale;
+      const int8_t* bsrc = kXp ? sx + a.dt_rank : static_cast<const int8_t*>(a.B);
+      const int8_t* csrc = kXp ? sx + a.dt_rank + N : static_cast<const int8_t*>(a.C);
+      Bv[j] = static_cast<float>(bsrc[b0 + j]) * a.B_scale;
+      Cv[j] = static_cast<float>(csrc[b0 + j]) * a.C_scale;
     } else {
       Bv[j] = static_cast<const float*>(a.B)[b0 + j];
       Cv[j] = static_cast<const float*>(a.C)[b0 + j];
@@ -693,6 +730,13 @@ int validate(const qm_scan_args* a, const char* fn) {
     QM_CHECK_ARG(a->dt_w && a->conv_x && a->conv_kernel_size == 4 && a->seqlen == 1,
                  "%s: the deferred conv-state shift (conv_state) needs a fused dt_proj (dt_w), one token, conv_x and "
                  "conv_kernel_size == 4 (got %d)", fn, a->conv_kernel_size);
+  if (a->xp_acc)
+    QM_CHECK_ARG(a->dt_w && a->batch == 1 && a->seqlen == 1 && a->xp_m_in && a->xp_n == a->dt_rank + 2 * a->dstate &&
+                     a->xp_n <= kMaxXp && (a->xp_m_out != nullptr) == (a->dual_scale == 1) &&
+                     QM_VALID_SCALE(a->dt_lowrank_scale) && aligned(a->xp_acc, 4),
+                 "%s: x_proj's epilogue (xp_acc, 4-byte aligned) needs a fused dt_proj (dt_w), batch 1, one token, "
+                 "xp_m_in, xp_n == dt_rank + 2 dstate <= %d (got %d), xp_m_out exactly with dual_scale and a positive "
+                 "finite dt_lowrank_scale", fn, kMaxXp, a->xp_n);
   return QM_OK;
 }
 
@@ -748,7 +792,8 @@ int launch_update_n(const qm_scan_args* a, cudaStream_t stream, const char* fn) 
   const bool vec = aligned(a->initial_state) && aligned(a->final_state) && aligned(a->A);
   const bool vec_dt = a->dt_w && a->dt_rank % 16 == 0 && aligned(a->dt_w) && aligned(a->dt_lowrank);
   // kDtW = kInt8: a fused dt_proj comes with int8 inputs only (validate), so float inputs get no kDtW instantiation
-  auto kernel = kInt8 && a->dt_w ? state_update_kernel<N, kInt8, kInt8> : state_update_kernel<N, kInt8, false>;
+  auto kernel = kInt8 && a->xp_acc ? state_update_kernel<N, kInt8, kInt8, kInt8>
+               : kInt8 && a->dt_w ? state_update_kernel<N, kInt8, kInt8> : state_update_kernel<N, kInt8, false>;
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>((total + threads - 1) / threads)),
                                dim3(threads), 0, stream, *a, vec, vec_dt),
                     fn);

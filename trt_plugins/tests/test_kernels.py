@@ -541,6 +541,120 @@ def test_int8_linear_with_fused_conv_equals_separate(k, rows, d, ncols, dual, ea
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("kdim", "d", "rank", "n"),
+    # 130m (8 channels per block, 80 sums), 2.8b (two columns per warp: 16 channels per block, 192 sums: a second
+    # round of the update's multipliers), a small model (its 128 columns would otherwise take 4 warps per column),
+    # 384 sums (beyond the update's preloaded rounds and the GEMV's 256 threads)
+    [(768, 1536, 48, 16), (2560, 5120, 160, 16), (64, 64, 16, 8), (256, 512, 256, 64)],
+)
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("early", [False, True])
+def test_in_proj_with_conv_and_x_proj_behind_equals_reference(k, kdim, d, rank, n, dual, early):
+    """in_proj (RMSNorm in front) with the decode conv and x_proj's sums behind, then the state update with x_proj's
+    epilogue and dt_proj fused: every code equals the reference chain, and y / the SSM state equal the update fed
+    with the reference codes. A later GEMV's clear zeroes the sums again."""
+    from qmamba.ops.specmath import quantize, scale_product
+
+    g = _g(kdim + d + rank + 10 * dual + early)
+    f32 = dict(device="cuda", generator=g)
+    i8 = dict(dtype=torch.int8, device="cuda", generator=g)
+    r = torch.randn(1, 1, kdim, **f32)
+    nw = torch.rand(kdim, **f32) + 0.5
+    w_in, ws_in = torch.randint(-128, 128, (2 * d, kdim), **i8), torch.rand(2 * d, **f32) * 0.01 + 1e-3
+    cw, cws, cb = torch.randint(-128, 128, (d, 4), **i8), torch.rand(d, **f32) * 0.01 + 1e-4, torch.randn(d, **f32)
+    st = torch.randint(-128, 128, (1, d, 3), **i8)
+    xp_n = rank + 2 * n
+    wx, wsx = torch.randint(-128, 128, (xp_n, d), **i8), torch.rand(xp_n, **f32) * 0.01 + 1e-3
+    s_norm, s_x, s_z, s_u, s_lr = 0.02, 0.05, 0.05, 0.01, 0.5
+    s_out = 0.05 if dual else None
+    # the reference chain
+    h = ref.rms_norm_quant(r.cpu(), nw.cpu(), 1e-5, s_norm)
+    xz = ref.quant_linear(h, w_in.cpu(), s_norm, ws_in.cpu())
+    wxc, wzc = quantize(xz[..., :d], s_x), quantize(xz[..., d:], s_z)
+    wu, wm, wn = ref.quant_causal_conv1d(wxc, cw.cpu(), cws.cpu(), cb.cpu(), s_x, s_u, st.cpu(), s_out)
+    y = ref.quant_linear(wu, wx.cpu(), s_u, wsx.cpu(), None, wm, s_out)
+    want_lr, want_b, want_c = quantize(y[..., :rank], s_lr), quantize(y[..., rank : rank + n], 0.25), \
+        quantize(y[..., rank + n :], 0.25)
+    assert 0 < (want_lr.abs() < 127).float().mean() and (want_b != 0).any()
+    # the fused in_proj
+    u = _poison(torch.empty(1, 1, d, dtype=torch.int8, device="cuda"))
+    mask = _poison(torch.empty(1, 1, d, dtype=torch.uint8, device="cuda")) if dual else None
+    state = st.clone()
+    acc = torch.zeros((2, xp_n) if dual else (xp_n,), dtype=torch.int32, device="cuda")
+    behind = k.ConvXProjBehind(cw, cws, cb, state, u, mask, s_u, s_out, wx, acc, early_state=early)
+    x, z = k.int8_linear(None, w_in, scale_product(s_norm, ws_in.cpu()).cuda(), [(d, s_x), (d, s_z)],
+                         norm=(r, nw, 1e-5, s_norm), behind=behind)
+    assert torch.equal(x.cpu(), wxc) and torch.equal(z.cpu(), wzc)
+    assert torch.equal(u.cpu(), wu), "conv codes differ"
+    if dual:
+        assert torch.equal(mask.cpu(), wm) and 0 < wm.float().mean() < 0.9
+    assert torch.equal(state.cpu(), wn), "the shifted conv state differs from the conv's"
+    # the update with x_proj's epilogue, against the update fed with the reference codes
+    A = a_from_a_log(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1)).cuda()
+    D, dt_bias = torch.randn(d, **f32), torch.rand(d, **f32) * -4 - 2
+    wdt, mdt = torch.randint(-128, 128, (d, rank), **i8), (torch.rand(d, **f32) * 1e-4).contiguous()
+    h0 = torch.randn(1, d, n, **f32) * 0.1
+    scales = dict(u_scale=s_u, u_outlier_scale=s_out, dt_scale=0.03, B_scale=0.25, C_scale=0.25, z_scale=s_z)
+    m_in = scale_product(s_u, wsx.cpu()).cuda()
+    m_out = scale_product(s_out, wsx.cpu()).cuda() if dual else None
+    lr, bq, cq = (_poison(torch.empty(1, 1, m, dtype=torch.int8, device="cuda")) for m in (rank, n, n))
+    fused_h, plain_h = h0.clone(), h0.clone()
+    y1, _ = k.selective_state_update(fused_h, u, mask, None, bq, cq, z, A, D, dt_bias, in_place=True,
+                                     dt_proj=(lr, wdt, mdt), x_proj=(acc, m_in, m_out, s_lr), early_state=early,
+                                     **scales)
+    assert torch.equal(lr.cpu(), want_lr) and torch.equal(bq.cpu(), want_b) and torch.equal(cq.cpu(), want_c)
+    y2, _ = k.selective_state_update(plain_h, u, mask, None, want_b.cuda(), want_c.cuda(), z, A, D, dt_bias,
+                                     in_place=True, dt_proj=(want_lr.cuda(), wdt, mdt), **scales)
+    assert torch.equal(y1, y2) and torch.equal(fused_h, plain_h)
+    # a later GEMV clears the sums for the next step
+    res = torch.zeros(1, 8, device="cuda")
+    k.int8_linear(z, w_in[:8, :d].contiguous(), ws_in[:8].contiguous(), [(8, None)], residual=res, clear=acc)
+    assert not acc.any()
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_conv_and_x_proj_behind_reject_bad_arguments(k):
+    from qmamba.ops.specmath import scale_product
+
+    d, kdim = 64, 64
+    x = torch.zeros(2, 1, kdim, dtype=torch.int8, device="cuda")
+    w_in = torch.zeros(2 * d, kdim, dtype=torch.int8, device="cuda")
+    m = scale_product(0.02, torch.ones(2 * d)).cuda()
+    cw, cws, cb = torch.zeros(d, 4, dtype=torch.int8, device="cuda"), torch.ones(d, device="cuda"), \
+        torch.zeros(d, device="cuda")
+    st, u = torch.zeros(1, d, 3, dtype=torch.int8, device="cuda"), torch.empty(1, 1, d, dtype=torch.int8, device="cuda")
+    wx, acc = torch.zeros(32, d, dtype=torch.int8, device="cuda"), torch.zeros(32, dtype=torch.int32, device="cuda")
+    behind = k.ConvXProjBehind(cw, cws, cb, st, u, None, 0.01, None, wx, acc)
+    with pytest.raises(k.KernelError, match="take one row and no fused Hadamard, got rows=2"):
+        k.int8_linear(x, w_in, m, [(d, 0.05), (d, 0.05)], behind=behind)
+    with pytest.raises(k.KernelError, match=r"width % 16 == 0 \(got 56\)"):
+        k.int8_linear(x[:1], w_in, m, [(56, 0.05), (2 * d - 56, 0.05)], behind=behind)
+    with pytest.raises(k.KernelError, match="segment 0 as int8 codes"):
+        k.int8_linear(x[:1], w_in, m, [(d, None), (d, 0.05)], behind=behind)
+    with pytest.raises(k.KernelError, match="behind.acc must be int32 with 32 sums"):
+        k.int8_linear(x[:1], w_in, m, [(d, 0.05), (d, 0.05)],
+                      behind=k.ConvXProjBehind(cw, cws, cb, st, u, None, 0.01, None, wx, acc.float()))
+    with pytest.raises(k.KernelError, match="xp_acc or clear needs the GEMV, not acc_in"):
+        k.int8_linear(x[:1], w_in, m, [(d, 0.05), (d, 0.05)], acc_in=torch.zeros(1, 2 * d, dtype=torch.int32,
+                                                                                   device="cuda"), clear=acc)
+    ins, h0, scales = _scan_inputs(1, 1, d, 16, 9, False)
+    lr = torch.zeros(1, 1, 16, dtype=torch.int8, device="cuda")
+    wdt, mdt = torch.zeros(d, 16, dtype=torch.int8, device="cuda"), torch.ones(d, device="cuda")
+    ins = list(ins)
+    ins[2] = None
+    with pytest.raises(k.KernelError, match=r"xp_n == dt_rank \+ 2 dstate <= 1024 \(got 32\)"):
+        k.selective_state_update(h0, *ins, in_place=True, dt_proj=(lr, wdt, mdt),
+                                 x_proj=(acc, torch.ones(32, device="cuda"), None, 0.5), **scales)
+    with pytest.raises(k.KernelError, match="needs a fused dt_proj"):
+        k.selective_state_update(h0, *ins[:2], torch.zeros(1, 1, d, dtype=torch.int8, device="cuda"), *ins[3:],
+                                 in_place=True, x_proj=(torch.zeros(48, dtype=torch.int32, device="cuda"),
+                                                        torch.ones(48, device="cuda"), None, 0.5), **scales)
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_fused_conv_and_conv_shift_reject_bad_arguments(k):
     from qmamba.ops.specmath import scale_product
 
@@ -554,7 +668,7 @@ def test_fused_conv_and_conv_shift_reject_bad_arguments(k):
     u, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8, device="cuda")
     with pytest.raises(k.KernelError, match="conv_mask \\(and m_out\\) must be non-null exactly when"):
         k.int8_linear(None, wx, m, [(40, None)], conv=k.FusedConv(x, w, ws, bias, st, u, mask, 0.03, 0.01, 0.05))
-    with pytest.raises(k.KernelError, match="x, x_mask and norm_x must be NULL"):
+    with pytest.raises(k.KernelError, match="x, x_mask, norm_x and xp_acc must be NULL"):
         k.int8_linear(x, wx, m, [(40, None)], m_out=m, conv=k.FusedConv(x, w, ws, bias, st, u, mask, 0.03, 0.01,
                                                                          0.05))
     ins, h0, scales = _scan_inputs(1, 1, 64, 16, 9, False)

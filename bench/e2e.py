@@ -197,7 +197,7 @@ def step_table(title: str, label: str, names: list[str], times: dict[tuple[str, 
 
 
 STAGES = ("in_proj_conv_x_proj", "norm_linear_quant", "conv", "conv_x_proj", "linear_quant", "dt_proj_scan",
-          "hadamard_quant", "linear_add", "hadamard_linear_add", "logits")
+          "hadamard_quant", "linear_add", "hadamard_linear_add", "logits", "norm_logits")
 
 
 @torch.no_grad()
@@ -264,7 +264,9 @@ def emit(text: str, out: str | None) -> None:
 FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
            "conv-separate": {"fuse_x_proj_behind": False, "fuse_conv": False},
            "hadamard-separate": {"fuse_hadamard": False},
-           "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False}}
+           "final-norm-separate": {"fuse_final_norm": False},
+           "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False,
+                            "fuse_final_norm": False}}
 
 
 @torch.no_grad()

@@ -265,9 +265,10 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Spec 4.7 logits (qm_tied_logits): h float32 [..., k], e_q int8 [V, k], e_scale float32 [V] -> [..., V]
-    (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h."""
+    (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h.
+    norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first."""
     lib = load_library()
     kdim, n = h.shape[-1], e_q.shape[0]
     h = h.float().contiguous()
@@ -276,8 +277,9 @@ def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
     elif out.shape != (*h.shape[:-1], n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"tied_logits: out must be float32 contiguous {(*h.shape[:-1], n)}, got {out.dtype}"
                          f"{tuple(out.shape)}")
+    norm_w, eps = norm if norm is not None else (None, 0.0)
     _check(lib.qm_tied_logits(_ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(h.numel() // kdim),
-                              ctypes.c_int(kdim), ctypes.c_int(n), _stream()))
+                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps), _stream()))
     return out
 
 

@@ -95,8 +95,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     x = x.float()
     d = x.shape[-1]
-    ms = sum_r(x * x, -1) / torch.tensor(float(d), dtype=torch.float32)
-    r = 1.0 / sqrt_r(ms + torch.tensor(eps, dtype=torch.float32))
+    # the divisor on x's device: a CPU scalar divisor makes PyTorch's CUDA path multiply by its reciprocal
+    ms = sum_r(x * x, -1) / torch.tensor(float(d), dtype=torch.float32, device=x.device)
+    r = 1.0 / sqrt_r(ms + torch.tensor(eps, dtype=torch.float32, device=x.device))
     return (x * r.unsqueeze(-1)) * weight.float()
 
 

@@ -139,6 +139,11 @@ def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
 
+def _norm_logits(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, emb: QLinear) -> torch.Tensor:
+    """logits(rmsnorm(residual)): ops may fuse the final norm into the logits."""
+    return ops.logits(rmsnorm(residual, norm_w, eps), emb)
+
+
 # stages that the fused front (in_proj_conv_x_proj) does not produce before the scan: a tracer wanting one of them
 # gets the separate stages
 _FRONT_STAGES = ("norm", "x_proj.dt_lowrank", "x_proj.B", "x_proj.C", "dt_proj")
@@ -156,6 +161,7 @@ class _ComposedStages:
     in_proj_conv_x_proj = _in_proj_conv_x_proj
     hadamard_linear_add = _hadamard_linear_add
     logits = _logits
+    norm_logits = _norm_logits
 
 
 class IntOps(_ComposedStages):
@@ -302,9 +308,13 @@ class QuantMambaLM:
         for i, lyr in enumerate(self.layers):
             residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])
             new_states.append(st)
-        hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
-        trace.record("norm_f", hf)
-        logits = ops.logits(hf, self.embedding)
+        tr = trace.active()
+        if tr is not None and tr.wants("norm_f"):
+            hf = rmsnorm(residual, self.norm_f_weight, self.cfg.rms_norm_eps)
+            trace.record("norm_f", hf)
+            logits = ops.logits(hf, self.embedding)
+        else:  # nobody looks at the final norm alone: ops may fuse it into the logits
+            logits = ops.norm_logits(residual, self.norm_f_weight, self.cfg.rms_norm_eps, self.embedding)
         trace.record("logits", logits)
         return logits, new_states
 

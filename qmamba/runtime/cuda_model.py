@@ -54,11 +54,12 @@ class CudaOps(IntOps):
     only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
-                 fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True) -> None:
+                 fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
         self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
+        self.fuse_final_norm = fuse_final_norm
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._scales: dict[float, torch.Tensor] = {}
@@ -236,6 +237,14 @@ class CudaOps(IntOps):
                              m_out=None if s_out is None else self._multiplier(s_out, lin), conv=conv)
         acts = [Act(o, sc) for o, (_, sc) in zip(outs, segments, strict=True)]
         return Act(u, s_u, mask, s_out), state, acts, (xv, state)
+
+    def norm_logits(self, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, emb: QLinear) -> torch.Tensor:
+        """Decode-sized batches: qm_tied_logits applies the final RMSNorm itself (each block to its copy of the
+        rows), one kernel instead of the dozen small torch ops of specmath.rmsnorm."""
+        rows, kdim = residual.numel() // residual.shape[-1], residual.shape[-1]
+        if not (self.fuse_final_norm and rows <= LOGITS_KERNEL_ROWS and kdim % 16 == 0 and kdim <= 4096):
+            return super().norm_logits(residual, norm_w, eps, emb)
+        return k.tied_logits(residual, emb.weight_q, emb.weight_scale, norm=(norm_w.float().contiguous(), eps))
 
     def logits(self, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
         rows, kdim = hf.numel() // hf.shape[-1], hf.shape[-1]

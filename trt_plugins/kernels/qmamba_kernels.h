@@ -34,7 +34,7 @@ QM_API const char* qm_status_string(int status);
 QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 6 (3: qm_tied_logits; 4: early_state;
                                   5: the decode conv and the HadamardQuant fused into the GEMV, the conv state shift into the
                                   update; 6: the conv and x_proj's sums behind the GEMV, x_proj's epilogue in the update,
-                                  clear) */
+                                  clear, qm_tied_logits' norm) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -181,9 +181,11 @@ QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
 
 /* Logits through the tied int8 embedding (spec 4.7): out[r, v] = fl(fl(sum_k h[r, k] * e_q[v, k]) * e_scale[v]),
  * h float32 [rows, k], e_q int8 [n, k] (16-byte aligned, k % 16 == 0, k <= 4096), out float32 [rows, n]. The table
- * is read once per group of 4 rows: meant for decode (few rows). */
+ * is read once per group of 4 rows: meant for decode (few rows). norm_w non-NULL: h is the residual stream and each
+ * block applies the final RMSNorm (spec 4.1 without the quantizer: fl(fl(h * r) * norm_w[k]), r from the float64
+ * sum of squares, norm_eps) itself first. */
 QM_API int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k, int n,
-                          cudaStream_t stream);
+                          const float* norm_w, float norm_eps, cudaStream_t stream);
 
 /* HadamardQuant (spec 4.6): rows = B*L vectors of length dim; x_dtype float32 or float16. */
 QM_API int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t rows, int dim, float scale,

@@ -28,8 +28,10 @@ template <int R>
 __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* __restrict__ h,
                                                                   const int8_t* __restrict__ e_q,
                                                                   const float* __restrict__ e_scale,
-                                                                  float* __restrict__ out, int rows, int k, int n) {
+                                                                  float* __restrict__ out, int rows, int k, int n,
+                                                                  const float* __restrict__ norm_w, float norm_eps) {
   extern __shared__ float hs[];  // [R][k]
+  __shared__ double red[R][kWarps];  // the final norm's warp sums, per row
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = k / 16, groups = (n + kVocabPerWarp - 1) / kVocabPerWarp;
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
@@ -51,6 +53,25 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
     hs[i] = r < rows ? h[static_cast<int64_t>(r) * k + (i - r * k)] : 0.f;
   }
   __syncthreads();
+  if (norm_w) {  // the final RMSNorm, every block for itself (a row is a few KB; it replaces a dozen small kernels)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      double acc = 0.0;
+      for (int i = threadIdx.x; i < k; i += kWarps * 32) acc += static_cast<double>(__fmul_rn(hs[r * k + i], hs[r * k + i]));
+      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) red[r][warp] = acc;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      double sum = 0.0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[r][w];
+      const float rr = qm::rms_reciprocal(sum, k, norm_eps);
+      for (int i = threadIdx.x; i < k; i += kWarps * 32) hs[r * k + i] = __fmul_rn(__fmul_rn(hs[r * k + i], rr), norm_w[i]);
+    }
+    __syncthreads();
+  }
   for (bool head = true; g < groups; g += total_warps, head = false) {  // warp-uniform
     float acc[kVocabPerWarp][R];
 #pragma unroll
@@ -106,11 +127,13 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
 }  // namespace
 
 extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k,
-                              int n, cudaStream_t stream) {
+                              int n, const float* norm_w, float norm_eps, cudaStream_t stream) {
   QM_CHECK_ARG(h && e_q && e_scale && out, "qm_tied_logits: h, e_q, e_scale and out must be non-null");
   QM_CHECK_ARG(rows > 0 && k > 0 && n > 0, "qm_tied_logits: rows=%d k=%d n=%d must be positive", rows, k, n);
   QM_CHECK_ARG(k % 16 == 0 && k <= kMaxK && reinterpret_cast<uintptr_t>(e_q) % 16 == 0,
                "qm_tied_logits: needs k %% 16 == 0, k <= %d and a 16-byte aligned table (k=%d)", kMaxK, k);
+  QM_CHECK_ARG(!norm_w || (isfinite(norm_eps) && norm_eps > 0.f), "qm_tied_logits: norm_eps must be positive and "
+               "finite with norm_w");
   const int64_t needed = (n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp);
   const int64_t cap = int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
@@ -121,7 +144,7 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
     if (rr == 1) {
       const size_t smem = static_cast<size_t>(k) * sizeof(float);
       QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<1>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr, e_q,
-                                   e_scale, outr, rr, k, n),
+                                   e_scale, outr, rr, k, n, norm_w, norm_eps),
                         "qm_tied_logits launch");
     } else {
       const size_t smem = static_cast<size_t>(kRows) * k * sizeof(float);
@@ -131,7 +154,7 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
                           "qm_tied_logits shared-memory opt-in");
       }
       QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<kRows>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr,
-                                   e_q, e_scale, outr, rr, k, n),
+                                   e_q, e_scale, outr, rr, k, n, norm_w, norm_eps),
                         "qm_tied_logits launch");
     }
   }

@@ -395,17 +395,25 @@ def test_early_state_must_be_0_or_1(k):
 @pytest.mark.parametrize(
     ("rows", "kdim", "vocab"), [(1, 768, 50280), (3, 2560, 1000), (4, 16, 33), (9, 4096, 517), (4, 2560, 50280)]
 )
-def test_tied_logits_match_reference(k, rows, kdim, vocab):
+@pytest.mark.parametrize("norm", [False, True])
+def test_tied_logits_match_reference(k, rows, kdim, vocab, norm):
+    """norm: the kernel applies the final RMSNorm to h first; the normed rows must equal specmath.rmsnorm's."""
+    from qmamba.ops.specmath import rmsnorm
+
     g = _g(rows + kdim + vocab)
     h = torch.randn(rows, kdim, generator=g, device="cuda")
+    w = torch.rand(kdim, generator=g, device="cuda") + 0.5
     e_q = torch.randint(-128, 128, (vocab, kdim), dtype=torch.int8, generator=g, device="cuda")
     e_q[0] = -128  # extreme codes: the byte-to-float conversion must be exact at both ends
     e_q[-1] = 127
     e_s = torch.rand(vocab, generator=g, device="cuda") * 0.01 + 1e-4
     out = _poison(torch.empty(rows, vocab, device="cuda"))
-    k.tied_logits(h, e_q, e_s, out=out)
-    want = (h.cpu().double() @ e_q.cpu().double().T) * e_s.cpu().double()  # exact sums: the spec's formula
+    k.tied_logits(h, e_q, e_s, out=out, norm=(w, 1e-5) if norm else None)
+    hn = rmsnorm(h.cpu(), w.cpu(), 1e-5) if norm else h.cpu()
+    want = (hn.double() @ e_q.cpu().double().T) * e_s.cpu().double()  # exact sums: the spec's formula
     assert rel(out.cpu(), want) < 1e-6 and not out.isnan().any()
+    if norm:  # the same normed rows: the same kernel then gives the same bits
+        assert torch.equal(out, k.tied_logits(hn.cuda(), e_q, e_s))
     with pytest.raises(k.KernelError, match="k % 16 == 0"):
         k.tied_logits(h[:, :-1], e_q[:, :-1].contiguous(), e_s)
 

@@ -79,6 +79,26 @@ def test_prefill_then_graph_decode_equals_longer_prefill(qmodel):
     assert torch.equal(logits, logits_e)  # the graph replays exactly what the eager step computes
 
 
+def test_decode_graph_captures_with_every_fusion_off(qmodel):
+    """The separate stages (bench/e2e.py --compare-fusions times them) must be capturable too: no host-to-device
+    copy inside the step. The replay equals the eager step with the same ops."""
+    from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel, _DecodeGraph
+
+    gpu = CudaQuantModel(qmodel)
+    gpu.in_place_ops = CudaOps(gpu.device, in_place_states=True, fuse_conv=False, fuse_hadamard=False,
+                               fuse_x_proj_behind=False, fuse_final_norm=False, embedding_kernel=False,
+                               persist_logits_table=False)
+    g = _DecodeGraph(gpu, 1)
+    tok = torch.tensor([7])
+    states = gpu.init_states(1)
+    for st, gs in zip(states, g.states, strict=True):
+        st.conv.copy_(gs.conv)
+        st.ssm.copy_(gs.ssm)
+    eager, _ = gpu(tok.view(1, 1).to(gpu.device), states, in_place=True)
+    replayed, _ = g.step(tok, g.states)
+    assert torch.equal(replayed, eager[:, -1].float())
+
+
 def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
     """Decode of one sequence in place runs the conv and x_proj's sums behind in_proj (x_proj's epilogue in the state
     update) and HadamardQuant inside out_proj; without the first, the conv inside x_proj (its state shifted in the

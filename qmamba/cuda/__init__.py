@@ -265,10 +265,12 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
-                out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+                l2_persist: bool = False) -> torch.Tensor:
     """Spec 4.7 logits (qm_tied_logits): h float32 [..., k], e_q int8 [V, k], e_scale float32 [V] -> [..., V]
     (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h.
-    norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first."""
+    norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first.
+    l2_persist: the launch asks L2 to keep the table (needs l2_persist_reserve first)."""
     lib = load_library()
     kdim, n = h.shape[-1], e_q.shape[0]
     h = h.float().contiguous()
@@ -279,7 +281,39 @@ def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
                          f"{tuple(out.shape)}")
     norm_w, eps = norm if norm is not None else (None, 0.0)
     _check(lib.qm_tied_logits(_ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(h.numel() // kdim),
-                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps), _stream()))
+                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps),
+                              ctypes.c_int(int(l2_persist)), _stream()))
+    return out
+
+
+def l2_persist_max() -> int:
+    """The current device's largest persisting L2 set-aside in bytes (0: the device has none)."""
+    lib = load_library()
+    n = ctypes.c_size_t(0)
+    _check(lib.qm_l2_persist_max(ctypes.byref(n)))
+    return n.value
+
+
+def l2_persist_reserve(nbytes: int) -> int:
+    """Sets the device's persisting L2 set-aside to min(nbytes, the maximum) for this process; returns it. 0
+    releases it and resets the lines kept so far."""
+    lib = load_library()
+    got = ctypes.c_size_t(0)
+    _check(lib.qm_l2_persist_reserve(ctypes.c_size_t(nbytes), ctypes.byref(got)))
+    return got.value
+
+
+def embedding_lookup(ids: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> torch.Tensor:
+    """Spec 4.7 lookup (qm_embedding_lookup), as ref.embedding_lookup: float32 [*ids.shape, k]. An id out of range
+    gives a row of NaN. The kernel is launched without programmatic dependent launch (it opens a decode step)."""
+    lib = load_library()
+    if ids.dtype != torch.int64:
+        raise KernelError(f"embedding_lookup: ids must be int64, got {ids.dtype}")
+    ids = ids.contiguous()
+    kdim = e_q.shape[1]
+    out = torch.empty(*ids.shape, kdim, dtype=torch.float32, device=ids.device)
+    _check(lib.qm_embedding_lookup(_ptr(ids), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(ids.numel()),
+                                   ctypes.c_int(kdim), ctypes.c_int64(e_q.shape[0]), _stream()))
     return out
 
 

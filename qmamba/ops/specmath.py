@@ -95,9 +95,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     x = x.float()
     d = x.shape[-1]
-    # the divisor on x's device: a CPU scalar divisor makes PyTorch's CUDA path multiply by its reciprocal
-    ms = sum_r(x * x, -1) / torch.tensor(float(d), dtype=torch.float32, device=x.device)
-    r = 1.0 / sqrt_r(ms + torch.tensor(eps, dtype=torch.float32, device=x.device))
+    # the divisor a tensor on x's device (a CPU scalar divisor makes PyTorch's CUDA path multiply by its reciprocal),
+    # filled there rather than copied from the host (a copy is not allowed inside CUDA-graph capture)
+    ms = sum_r(x * x, -1) / x.new_full((), float(d))
+    r = 1.0 / sqrt_r(ms + x.new_full((), eps))
     return (x * r.unsqueeze(-1)) * weight.float()
 
 

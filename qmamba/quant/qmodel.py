@@ -139,6 +139,10 @@ def _logits(ops, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
     return ref.tied_logits(hf, emb.weight_q, emb.weight_scale)
 
 
+def _embed(ops, ids: torch.Tensor, emb: QLinear) -> torch.Tensor:
+    return ref.embedding_lookup(ids, emb.weight_q, emb.weight_scale)
+
+
 def _norm_logits(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, emb: QLinear) -> torch.Tensor:
     """logits(rmsnorm(residual)): ops may fuse the final norm into the logits."""
     return ops.logits(rmsnorm(residual, norm_w, eps), emb)
@@ -162,6 +166,7 @@ class _ComposedStages:
     hadamard_linear_add = _hadamard_linear_add
     logits = _logits
     norm_logits = _norm_logits
+    embed = _embed
 
 
 class IntOps(_ComposedStages):
@@ -303,7 +308,7 @@ class QuantMambaLM:
         its kernel-backed ops, qmamba/runtime/cuda_model.py)."""
         check_inputs(input_ids, states, self.cfg.n_layer)
         ops = ops or (SimOps() if simulate else IntOps())
-        residual = ref.embedding_lookup(input_ids, self.embedding.weight_q, self.embedding.weight_scale)
+        residual = ops.embed(input_ids, self.embedding)
         new_states = []
         for i, lyr in enumerate(self.layers):
             residual, st = self._block(ops, i, lyr, residual, None if states is None else states[i])

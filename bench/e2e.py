@@ -32,7 +32,6 @@ from qmamba.model.checkpoint import load_model
 from qmamba.model.mamba import MambaLM
 from qmamba.quant.calibrate import CalibOptions, calibrate
 from qmamba.quant.recipes import get_recipe
-from qmamba.runtime import cuda_model
 from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel, _DecodeGraph
 
 SIZES = {"130m": (768, 24), "1.4b": (2048, 48), "2.8b": (2560, 64)}
@@ -267,9 +266,8 @@ FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
            "hadamard-separate": {"fuse_hadamard": False},
            "final-norm-separate": {"fuse_final_norm": False},
            "torch-embedding": {"embedding_kernel": False},
-           "table-streamed": {"persist_logits_table": False},
            "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False,
-                            "fuse_final_norm": False, "embedding_kernel": False, "persist_logits_table": False}}
+                            "fuse_final_norm": False, "embedding_kernel": False}}
 
 
 @torch.no_grad()
@@ -281,8 +279,6 @@ def compare_fusions(size: str, batches: tuple[int, ...] = (1, 16, 64), rounds: i
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for name, kw in FUSIONS.items():
-            kernels.l2_persist_reserve(0)  # each variant starts without lines kept in L2 by the one before
-            cuda_model._L2_SETASIDE.clear()
             gpu.in_place_ops = ops_like(plain, **kw)
             time_steps(gpu, name, batches, times)
             gpu.in_place_ops = plain

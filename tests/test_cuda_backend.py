@@ -86,8 +86,7 @@ def test_decode_graph_captures_with_every_fusion_off(qmodel):
 
     gpu = CudaQuantModel(qmodel)
     gpu.in_place_ops = CudaOps(gpu.device, in_place_states=True, fuse_conv=False, fuse_hadamard=False,
-                               fuse_x_proj_behind=False, fuse_final_norm=False, embedding_kernel=False,
-                               persist_logits_table=False)
+                               fuse_x_proj_behind=False, fuse_final_norm=False, embedding_kernel=False)
     g = _DecodeGraph(gpu, 1)
     tok = torch.tensor([7])
     states = gpu.init_states(1)

@@ -265,12 +265,10 @@ def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
-                out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
-                l2_persist: bool = False) -> torch.Tensor:
+                out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Spec 4.7 logits (qm_tied_logits): h float32 [..., k], e_q int8 [V, k], e_scale float32 [V] -> [..., V]
     (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h.
-    norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first.
-    l2_persist: the launch asks L2 to keep the table (needs l2_persist_reserve first)."""
+    norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first."""
     lib = load_library()
     kdim, n = h.shape[-1], e_q.shape[0]
     h = h.float().contiguous()
@@ -281,26 +279,8 @@ def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
                          f"{tuple(out.shape)}")
     norm_w, eps = norm if norm is not None else (None, 0.0)
     _check(lib.qm_tied_logits(_ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(h.numel() // kdim),
-                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps),
-                              ctypes.c_int(int(l2_persist)), _stream()))
+                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps), _stream()))
     return out
-
-
-def l2_persist_max() -> int:
-    """The current device's largest persisting L2 set-aside in bytes (0: the device has none)."""
-    lib = load_library()
-    n = ctypes.c_size_t(0)
-    _check(lib.qm_l2_persist_max(ctypes.byref(n)))
-    return n.value
-
-
-def l2_persist_reserve(nbytes: int) -> int:
-    """Sets the device's persisting L2 set-aside to min(nbytes, the maximum) for this process; returns it. 0
-    releases it and resets the lines kept so far."""
-    lib = load_library()
-    got = ctypes.c_size_t(0)
-    _check(lib.qm_l2_persist_reserve(ctypes.c_size_t(nbytes), ctypes.byref(got)))
-    return got.value
 
 
 def embedding_lookup(ids: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> torch.Tensor:

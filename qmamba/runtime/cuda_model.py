@@ -32,7 +32,6 @@ from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
 from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 
 LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: decode batches up to 64 use it
-_L2_SETASIDE: dict[int, int] = {}  # device -> the persisting L2 set-aside this process reserved for a logits table
 
 
 @dataclasses.dataclass
@@ -56,13 +55,12 @@ class CudaOps(IntOps):
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
                  fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True,
-                 embedding_kernel: bool = True, persist_logits_table: bool = True) -> None:
+                 embedding_kernel: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
         self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
         self.fuse_final_norm, self.embedding_kernel = fuse_final_norm, embedding_kernel
-        self.persist_logits_table = persist_logits_table
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._scales: dict[float, torch.Tensor] = {}
@@ -247,22 +245,7 @@ class CudaOps(IntOps):
         rows, kdim = residual.numel() // residual.shape[-1], residual.shape[-1]
         if not (self.fuse_final_norm and rows <= LOGITS_KERNEL_ROWS and kdim % 16 == 0 and kdim <= 4096):
             return super().norm_logits(residual, norm_w, eps, emb)
-        return k.tied_logits(residual, emb.weight_q, emb.weight_scale, norm=(norm_w.float().contiguous(), eps),
-                             l2_persist=self._persist_table(emb))
-
-    def _persist_table(self, emb: QLinear) -> bool:
-        """Whether the decode logits ask L2 to keep the int8 table: when the device's largest persisting set-aside
-        holds at least 3/4 of it (130m on an H100: 31.2 of 36.8 MiB), which is then reserved for this process. The
-        layers' weights are read once per step and miss L2 anyway; a larger table is left alone."""
-        if not self.persist_logits_table:
-            return False
-        nbytes = emb.weight_q.numel()
-        dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        granted = _L2_SETASIDE.get(dev)
-        if granted is None:
-            most = k.l2_persist_max()
-            granted = _L2_SETASIDE[dev] = k.l2_persist_reserve(nbytes) if 0 < nbytes <= most / 0.75 else 0
-        return granted > 0 and nbytes <= granted / 0.75
+        return k.tied_logits(residual, emb.weight_q, emb.weight_scale, norm=(norm_w.float().contiguous(), eps))
 
     def embed(self, ids: torch.Tensor, emb: QLinear) -> torch.Tensor:
         """One kernel (qm_embedding_lookup) instead of torch's gathers, cast and product."""
@@ -273,7 +256,7 @@ class CudaOps(IntOps):
     def logits(self, hf: torch.Tensor, emb: QLinear) -> torch.Tensor:
         rows, kdim = hf.numel() // hf.shape[-1], hf.shape[-1]
         if rows <= LOGITS_KERNEL_ROWS and kdim % 16 == 0 and kdim <= 4096:
-            return k.tied_logits(hf, emb.weight_q, emb.weight_scale, l2_persist=self._persist_table(emb))
+            return k.tied_logits(hf, emb.weight_q, emb.weight_scale)
         # many rows (prefill): a float GEMM per slice of the vocabulary keeps the float copy of the table small
         out = torch.empty(*hf.shape[:-1], emb.weight_q.shape[0], dtype=torch.float32, device=hf.device)
         for v0 in range(0, emb.weight_q.shape[0], 8192):

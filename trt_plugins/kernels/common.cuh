@@ -27,33 +27,20 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// The same with an L2 access-policy window attached to the launch (NULL: none); captured into a graph with it.
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_window(const cudaAccessPolicyWindow* window, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                          size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attr[2];
+cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  unsigned n = 1;
-  if (window) {
-    attr[1].id = cudaLaunchAttributeAccessPolicyWindow;
-    attr[1].val.accessPolicyWindow = *window;
-    n = 2;
-  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<KernelArgs>(args)...);
-}
-
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Args&&... args) {
-  return launch_window(nullptr, kernel, grid, block, smem, stream, static_cast<Args&&>(args)...);
 }
 
 // Thread-local last error message, set by fail().

@@ -34,8 +34,7 @@ QM_API const char* qm_status_string(int status);
 QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 6 (3: qm_tied_logits; 4: early_state;
                                   5: the decode conv and the HadamardQuant fused into the GEMV, the conv state shift into the
                                   update; 6: the conv and x_proj's sums behind the GEMV, x_proj's epilogue in the update,
-                                  clear, qm_tied_logits' norm and l2_persist, qm_embedding_lookup,
-                                  qm_l2_persist_max / _reserve) */
+                                  clear, qm_tied_logits' norm, qm_embedding_lookup) */
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,
@@ -184,19 +183,9 @@ QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
  * h float32 [rows, k], e_q int8 [n, k] (16-byte aligned, k % 16 == 0, k <= 4096), out float32 [rows, n]. The table
  * is read once per group of 4 rows: meant for decode (few rows). norm_w non-NULL: h is the residual stream and each
  * block applies the final RMSNorm (spec 4.1 without the quantizer: fl(fl(h * r) * norm_w[k]), r from the float64
- * sum of squares, norm_eps) itself first. l2_persist = 1: the launch carries an L2 access-policy window over the
- * table (persisting; hit ratio = the device's persisting set-aside / the table bytes), so that the table stays in
- * L2 from one decode step to the next; needs a set-aside (qm_l2_persist_reserve), else QM_ERR_INVALID_ARGUMENT. */
+ * sum of squares, norm_eps) itself first. */
 QM_API int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k, int n,
-                          const float* norm_w, float norm_eps, int l2_persist, cudaStream_t stream);
-
-/* The current device's largest persisting L2 set-aside (cudaDevAttrMaxPersistingL2CacheSize), in bytes. */
-QM_API int qm_l2_persist_max(size_t* bytes);
-
-/* Sets the current device's persisting L2 set-aside (cudaLimitPersistingL2CacheSize) to min(bytes, the device's
- * maximum); *granted receives what the device then reports. A process-wide setting of the CUDA context. bytes = 0
- * releases it and turns lines kept so far back into normal ones (cudaCtxResetPersistingL2Cache). */
-QM_API int qm_l2_persist_reserve(size_t bytes, size_t* granted);
+                          const float* norm_w, float norm_eps, cudaStream_t stream);
 
 /* Embedding lookup (spec 4.7): out[r, :] = fl(float(e_q[ids[r], :]) * e_scale[ids[r]]), ids int64 [rows], e_q int8
  * [n, k], out float32 [rows, k]. An id outside [0, n) gives a row of NaN (nothing is read out of bounds). Launched

@@ -147,67 +147,15 @@ extern "C" int qm_embedding_lookup(const int64_t* ids, const int8_t* e_q, const 
   return QM_OK;
 }
 
-extern "C" int qm_l2_persist_max(size_t* bytes) {
-  QM_CHECK_ARG(bytes, "qm_l2_persist_max: bytes must be non-null");
-  int dev = 0, max_bytes = 0;
-  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_l2_persist_max: cudaGetDevice");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxPersistingL2CacheSize, dev),
-                    "qm_l2_persist_max: cudaDeviceGetAttribute");
-  *bytes = static_cast<size_t>(max_bytes);
-  return QM_OK;
-}
-
-extern "C" int qm_l2_persist_reserve(size_t bytes, size_t* granted) {
-  int dev = 0, max_bytes = 0;
-  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_l2_persist_reserve: cudaGetDevice");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxPersistingL2CacheSize, dev),
-                    "qm_l2_persist_reserve: cudaDeviceGetAttribute");
-  const size_t want = bytes < static_cast<size_t>(max_bytes) ? bytes : static_cast<size_t>(max_bytes);
-  if (want == 0) QM_CHECK_LAUNCHED(cudaCtxResetPersistingL2Cache(), "qm_l2_persist_reserve: reset");
-  QM_CHECK_LAUNCHED(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, want), "qm_l2_persist_reserve: set limit");
-  size_t got = 0;
-  QM_CHECK_LAUNCHED(cudaDeviceGetLimit(&got, cudaLimitPersistingL2CacheSize), "qm_l2_persist_reserve: get limit");
-  if (granted) *granted = got;
-  return QM_OK;
-}
-
-namespace {
-// The window over the table for l2_persist: the set-aside's share of the table persists, the rest streams.
-int table_window(const int8_t* e_q, int64_t bytes, cudaAccessPolicyWindow* w) {
-  int dev = 0, max_window = 0;
-  size_t setaside = 0;
-  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_tied_logits: cudaGetDevice");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&max_window, cudaDevAttrMaxAccessPolicyWindowSize, dev),
-                    "qm_tied_logits: cudaDeviceGetAttribute");
-  QM_CHECK_LAUNCHED(cudaDeviceGetLimit(&setaside, cudaLimitPersistingL2CacheSize), "qm_tied_logits: get limit");
-  QM_CHECK_ARG(setaside > 0 && max_window > 0, "qm_tied_logits: l2_persist needs a persisting L2 set-aside "
-               "(qm_l2_persist_reserve)");
-  const size_t span = static_cast<size_t>(bytes) < static_cast<size_t>(max_window) ? static_cast<size_t>(bytes)
-                                                                                    : static_cast<size_t>(max_window);
-  w->base_ptr = const_cast<int8_t*>(e_q);
-  w->num_bytes = span;
-  w->hitRatio = setaside >= span ? 1.f : static_cast<float>(static_cast<double>(setaside) / static_cast<double>(span));
-  w->hitProp = cudaAccessPropertyPersisting;
-  w->missProp = cudaAccessPropertyStreaming;
-  return QM_OK;
-}
-}  // namespace
-
 extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_scale, float* out, int rows, int k,
-                              int n, const float* norm_w, float norm_eps, int l2_persist, cudaStream_t stream) {
+                              int n, const float* norm_w, float norm_eps, cudaStream_t stream) {
   QM_CHECK_ARG(h && e_q && e_scale && out, "qm_tied_logits: h, e_q, e_scale and out must be non-null");
   QM_CHECK_ARG(rows > 0 && k > 0 && n > 0, "qm_tied_logits: rows=%d k=%d n=%d must be positive", rows, k, n);
   QM_CHECK_ARG(k % 16 == 0 && k <= kMaxK && reinterpret_cast<uintptr_t>(e_q) % 16 == 0,
                "qm_tied_logits: needs k %% 16 == 0, k <= %d and a 16-byte aligned table (k=%d)", kMaxK, k);
   QM_CHECK_ARG(!norm_w || (isfinite(norm_eps) && norm_eps > 0.f), "qm_tied_logits: norm_eps must be positive and "
                "finite with norm_w");
-  QM_CHECK_ARG(l2_persist == 0 || l2_persist == 1, "qm_tied_logits: l2_persist=%d must be 0 or 1", l2_persist);
-  cudaAccessPolicyWindow window{};
-  if (l2_persist) {
-    const int st = table_window(e_q, static_cast<int64_t>(n) * k, &window);
-    if (st != QM_OK) return st;
-  }
-  const cudaAccessPolicyWindow* win = l2_persist ? &window : nullptr;
+
   const int64_t needed = (n + kWarps * kVocabPerWarp - 1) / (kWarps * kVocabPerWarp);
   const int64_t cap = int64_t{QM_LOGITS_BLOCKS_PER_SM} * qm::sm_count();
   const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
@@ -217,8 +165,8 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
     float* outr = out + static_cast<int64_t>(r0) * n;
     if (rr == 1) {
       const size_t smem = static_cast<size_t>(k) * sizeof(float);
-      QM_CHECK_LAUNCHED(qm::launch_window(win, tied_logits_kernel<1>, dim3(blocks), dim3(kWarps * 32), smem, stream,
-                                          hr, e_q, e_scale, outr, rr, k, n, norm_w, norm_eps),
+      QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<1>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr, e_q,
+                                   e_scale, outr, rr, k, n, norm_w, norm_eps),
                         "qm_tied_logits launch");
     } else {
       const size_t smem = static_cast<size_t>(kRows) * k * sizeof(float);
@@ -227,8 +175,8 @@ extern "C" int qm_tied_logits(const float* h, const int8_t* e_q, const float* e_
                                                static_cast<int>(smem)),
                           "qm_tied_logits shared-memory opt-in");
       }
-      QM_CHECK_LAUNCHED(qm::launch_window(win, tied_logits_kernel<kRows>, dim3(blocks), dim3(kWarps * 32), smem,
-                                          stream, hr, e_q, e_scale, outr, rr, k, n, norm_w, norm_eps),
+      QM_CHECK_LAUNCHED(qm::launch(tied_logits_kernel<kRows>, dim3(blocks), dim3(kWarps * 32), smem, stream, hr,
+                                   e_q, e_scale, outr, rr, k, n, norm_w, norm_eps),
                         "qm_tied_logits launch");
     }
   }

@@ -549,30 +549,6 @@ def test_int8_linear_with_fused_conv_equals_separate(k, rows, d, ncols, dual, ea
 
 @needs_gpu
 @pytest.mark.gpu
-def test_tied_logits_with_the_table_kept_in_l2(k):
-    """The access-policy window changes caching only: the logits equal the plain launch's. Without a set-aside the
-    launch is refused with the reason."""
-    g = _g(77)
-    h = torch.randn(2, 768, generator=g, device="cuda")
-    e_q = torch.randint(-128, 128, (5000, 768), dtype=torch.int8, generator=g, device="cuda")
-    e_s = torch.rand(5000, generator=g, device="cuda") * 0.01 + 1e-4
-    plain = k.tied_logits(h, e_q, e_s)
-    try:
-        if k.l2_persist_max() == 0:
-            pytest.skip("this GPU has no persisting L2 set-aside")
-        assert k.l2_persist_reserve(e_q.numel()) > 0
-        kept = _poison(torch.empty_like(plain))
-        k.tied_logits(h, e_q, e_s, out=kept, l2_persist=True)
-        assert torch.equal(kept, plain)
-        k.l2_persist_reserve(0)
-        with pytest.raises(k.KernelError, match="l2_persist needs a persisting L2 set-aside"):
-            k.tied_logits(h, e_q, e_s, l2_persist=True)
-    finally:
-        k.l2_persist_reserve(0)
-
-
-@needs_gpu
-@pytest.mark.gpu
 def test_embedding_lookup_matches_reference(k):
     g = _g(78)
     e_q = torch.randint(-128, 128, (1000, 384), dtype=torch.int8, generator=g, device="cuda")

@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       double acc = 0.0;
-      for (int i = threadIdx.x; i < k; i += kWarps * 32) acc += static_cast<double>(__fmul_rn(hs[r * k + i], hs[r * k + i]));
+      for (int i = threadIdx.x; i < k; i += kWarps * 32)
+        acc += static_cast<double>(__fmul_rn(hs[r * k + i], hs[r * k + i]));
       for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
       if (lane == 0) red[r][warp] = acc;
     }
@@ -68,7 +69,8 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += red[r][w];
       const float rr = qm::rms_reciprocal(sum, k, norm_eps);
-      for (int i = threadIdx.x; i < k; i += kWarps * 32) hs[r * k + i] = __fmul_rn(__fmul_rn(hs[r * k + i], rr), norm_w[i]);
+      for (int i = threadIdx.x; i < k; i += kWarps * 32)
+        hs[r * k + i] = __fmul_rn(__fmul_rn(hs[r * k + i], rr), norm_w[i]);
     }
     __syncthreads();
   }
@@ -132,8 +134,9 @@ __global__ void embedding_kernel(const int64_t* __restrict__ ids, const int8_t* 
   const int64_t id = ids[r];
   const bool ok = id >= 0 && id < n;
   const float s = ok ? e_scale[id] : 0.f;
+  const float nan = __int_as_float(0x7fc00000);
   for (int i = threadIdx.x; i < k; i += blockDim.x)
-    out[static_cast<int64_t>(r) * k + i] = ok ? __fmul_rn(static_cast<float>(e_q[id * k + i]), s) : __int_as_float(0x7fc00000);
+    out[static_cast<int64_t>(r) * k + i] = ok ? __fmul_rn(static_cast<float>(e_q[id * k + i]), s) : nan;
 }
 }  // namespace
 

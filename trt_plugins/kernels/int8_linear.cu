@@ -619,7 +619,8 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
                     : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
-  auto kernel = xp             ? (pairs ? gemv_kernel<1, 1, false, 2, 0, 0, true> : gemv_kernel<1, 1, false, 1, 0, 0, true>)
+  auto kernel = xp             ? (pairs ? gemv_kernel<1, 1, false, 2, 0, 0, true>
+                                        : gemv_kernel<1, 1, false, 1, 0, 0, true>)
                : had            ? (had_m == 12 ? gemv_kernel<1, 1, false, 1, 0, 12> : gemv_kernel<1, 1, false, 1, 0, 1>)
                : conv           ? (a->rows > 1             ? (few ? gemv_kernel<4, 4, false, 1, 512>
                                                                  : gemv_kernel<4, 1, false, 1, 512>)

@@ -31,10 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-QM_API int qm_abi_version(void); /* bumps on any incompatible change; currently 6 (3: qm_tied_logits; 4: early_state;
-                                  5: the decode conv and the HadamardQuant fused into the GEMV, the conv state shift into the
-                                  update; 6: the conv and x_proj's sums behind the GEMV, x_proj's epilogue in the update,
-                                  clear, qm_tied_logits' norm, qm_embedding_lookup) */
+/* qm_abi_version bumps on any incompatible change; currently 6. 3: qm_tied_logits; 4: early_state; 5: the decode
+ * conv and the HadamardQuant fused into the GEMV, the conv state shift into the update; 6: the conv and x_proj's
+ * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup. */
+QM_API int qm_abi_version(void);
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
 QM_API int qm_rmsnorm_quant(const float* x, const float* weight, int8_t* y, int64_t tokens, int d_model,

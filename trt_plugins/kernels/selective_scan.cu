@@ -598,9 +598,12 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
     const int R = a.dt_rank;
     for (int j = static_cast<int>(threadIdx.x), i = 0; j < a.xp_n; j += static_cast<int>(blockDim.x), ++i) {
       // spec 4.2's epilogue, as qm_int8_linear's: fl(fl(acc_in) m_in) (+ fl(fl(acc_out) m_out)), then Q per segment
-      float y = __fmul_rn(static_cast<float>(a.xp_acc[j]), i == 0 ? xm_in[0] : i == 1 ? xm_in[1] : a.xp_m_in[j]);
-      if (a.xp_m_out)
-        y = __fadd_rn(y, __fmul_rn(static_cast<float>(a.xp_acc[a.xp_n + j]), i == 0 ? xm_out[0] : i == 1 ? xm_out[1] : a.xp_m_out[j]));
+      const float m_in = i == 0 ? xm_in[0] : i == 1 ? xm_in[1] : a.xp_m_in[j];
+      float y = __fmul_rn(static_cast<float>(a.xp_acc[j]), m_in);
+      if (a.xp_m_out) {
+        const float m_out = i == 0 ? xm_out[0] : i == 1 ? xm_out[1] : a.xp_m_out[j];
+        y = __fadd_rn(y, __fmul_rn(static_cast<float>(a.xp_acc[a.xp_n + j]), m_out));
+      }
       const int8_t c = qm::quantize(y, j < R ? a.dt_lowrank_scale : j < R + N ? a.B_scale : a.C_scale);
       sx[j] = c;
       if (blockIdx.x == 0) {  // the codes are outputs here (the pointers are the caller's buffers)

@@ -160,6 +160,20 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
     for t in range(ids.shape[1]):
         _, cpu_states = qmodel(ids[:, t : t + 1], cpu_states)
         assert torch.equal(runs["fused"][t][1][0].cpu(), cpu_states[0].conv), f"step {t}: layer 0 conv state"
+    # a step that stops after an in_proj (before its update reads the sums) must not leave them to the next step
+    ops = gpu.in_place_ops = CudaOps(gpu.device, in_place_states=True)
+    states = gpu.init_states(1)
+    lyr = gpu.model.layers[0]
+    xz = [(qmodel.cfg.d_inner, lyr.scales["in_proj.x"]), (qmodel.cfg.d_inner, lyr.scales["in_proj.z"])]
+    xp = [(qmodel.cfg.dt_rank, lyr.scales["x_proj.dt_lowrank"]), (qmodel.cfg.d_state, lyr.scales["x_proj.B"]),
+          (qmodel.cfg.d_state, lyr.scales["x_proj.C"])]
+    residual = torch.randn(1, 1, qmodel.cfg.d_model, device=gpu.device)
+    ops.in_proj_conv_x_proj(residual, lyr, qmodel.cfg.rms_norm_eps, xz, states[0].conv.clone(), xp)
+    assert ops._unread is not None and ops._unread.any()
+    states = gpu.init_states(1)
+    for t in range(ids.shape[1]):
+        logits, _ = gpu(ids[:, t : t + 1], states, in_place=True)
+        assert torch.equal(logits, runs["fused"][t][0]), f"step {t} after a stopped step: logits differ"
 
 
 def test_greedy_generation_matches_the_cpu_backend(qmodel):

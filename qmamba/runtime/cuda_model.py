@@ -63,6 +63,7 @@ class CudaOps(IntOps):
         self.fuse_final_norm, self.embedding_kernel = fuse_final_norm, embedding_kernel
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
+        self._unread: torch.Tensor | None = None  # sums an in_proj filled that no state update has read yet
         self._scales: dict[float, torch.Tensor] = {}
         self._mult: dict[tuple[int, float], torch.Tensor] = {}
         self._A: dict[int, torch.Tensor] = {}
@@ -163,6 +164,7 @@ class CudaOps(IntOps):
             z_scale=z.scale, early_state=True, conv_shift=None if xp else deferred,
             x_proj=None if xp is None else (xp.acc, xp.m_in, xp.m_out, xp.scales[0]))
         if xp is not None:
+            self._unread = None
             self._clear_next = xp.acc  # read: the next GEMV (out_proj) zeroes the sums after its wait
         return y
 
@@ -170,6 +172,7 @@ class CudaOps(IntOps):
         """Do with torch ops what a fused op left to a kernel that will not run: the conv state's shift, or x_proj's
         epilogue (spec 4.2, float32 products and sum, IEEE division) into its codes, the sums zeroed again."""
         if isinstance(deferred, XProjSums):
+            self._unread = None
             acc = deferred.acc.view(-1, deferred.m_in.shape[0])
             y = acc[0].float() * deferred.m_in
             if deferred.m_out is not None:
@@ -199,11 +202,18 @@ class CudaOps(IntOps):
                 and kdim % 16 == 0 and kdim <= 8192 and d % 16 == 0 and lyr.conv_weight_q.shape[1] == 4
                 and xp_n <= 1024 and len(xz_segments) == 2):
             return super().in_proj_conv_x_proj(residual, lyr, eps, xz_segments, state, xp_segments)
+        # a step that stopped half way (an exception between the kernels of an eager step) left sums that no kernel
+        # will zero: zero them here, before any in_proj adds to them again
+        for stale in (self._unread, self._clear_next):
+            if stale is not None:
+                stale.zero_()
+        self._unread = self._clear_next = None
         dual = s_out is not None
         acc = self._xp_acc.get((id(lyr), dual))
         if acc is None:
             acc = self._xp_acc[id(lyr), dual] = torch.zeros((2, xp_n) if dual else (xp_n,), dtype=torch.int32,
                                                             device=self.device)
+        self._unread = acc
         u = torch.empty(1, 1, d, dtype=torch.int8, device=self.device)
         mask = torch.empty(1, 1, d, dtype=torch.uint8, device=self.device) if dual else None
         behind = k.ConvXProjBehind(lyr.conv_weight_q, lyr.conv_weight_scale, lyr.conv_bias, state, u, mask, s_u, s_out,

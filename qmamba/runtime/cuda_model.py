@@ -8,8 +8,9 @@ inside the in_proj GEMV and dt_proj inside the state-update kernel (`norm_linear
 sequence also the conv and x_proj's int32 sums run behind the in_proj GEMV, x_proj's epilogue in the state update
 (`in_proj_conv_x_proj`; the out_proj GEMV zeroes the sums again), and HadamardQuant inside the out_proj GEMV
 (`hadamard_linear_add`): three kernels per layer. The decode-path kernels use
-programmatic dependent launch; decode's logits read the int8 tied embedding directly
-(qm_tied_logits). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
+programmatic dependent launch; a step opens with the embedding kernel (qm_embedding_lookup, without it: the early
+state reads rely on that) and ends with the logits reading the int8 tied embedding directly, the final RMSNorm inside
+(qm_tied_logits, `norm_logits`). Other quantizers divide by a CUDA tensor (a CPU scalar divisor
 makes PyTorch multiply by its reciprocal, which is not the spec's division). Every
 integer stage equals the CPU integer path up to the scan; the scan's float output is within 1e-5 (fast
 float32 math), so the int8 codes after it may differ at rounding ties (tests/test_cuda_backend.py).
@@ -51,7 +52,8 @@ class CudaOps(IntOps):
     in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers).
     The conv and state-update kernels read their states early (early_state): every model step starts with the
     embedding gather, a kernel launched without programmatic dependent launch, and a layer's states are written
-    only by that layer's own conv / scan of an earlier step, so none is written by a kernel still ahead."""
+    only by that layer's own conv (or the GEMV that runs it) / scan of an earlier step, so none is written by a kernel
+    still ahead."""
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
                  fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True,

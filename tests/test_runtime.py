@@ -111,3 +111,14 @@ def test_greedy_generation_identical_torch_and_onnxruntime(tiny_model_dir, tmp_p
     b = Generator(OrtBackend(tmp_path / "onnx"), ByteTokenizer()).generate(prompts, params)
     assert [c.text for c in a] == [c.text for c in b]
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_cuda_ops_refuse_to_settle_x_proj_sums_without_the_fused_update():
+    """x_proj's sums left by in_proj_conv_x_proj have exactly one reader, the fused state update: any other path
+    gets a clear error instead of sums that nobody turns into codes (no GPU needed: the check is host-side)."""
+    from qmamba.runtime.cuda_model import CudaOps, XProjSums
+
+    ops = CudaOps(torch.device("cpu"))
+    sums = XProjSums(torch.zeros(80, dtype=torch.int32), torch.ones(80), None)
+    with pytest.raises(ValueError, match="read only by the fused state update"):
+        ops._settle(sums)

@@ -300,6 +300,15 @@ def embedding_lookup(ids: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor
 GEMV_MAX_ROWS = 4  # qm_int8_linear computes its own accumulators for <= 4 rows (k % 16 == 0)
 
 
+def _set_conv_fields(args: LinearArgs, c: FusedConv | ConvXProjBehind, in_scale: float) -> None:
+    """The conv_* fields of qm_linear_args that a conv in front (FusedConv) and behind (ConvXProjBehind) share."""
+    args.conv_w, args.conv_w_scale, args.conv_bias = _ptr(c.weight), _ptr(c.weight_scale), _ptr(c.bias)
+    args.conv_state, args.conv_u, args.conv_mask = _ptr(c.state), _ptr(c.u), _ptr(c.mask)
+    args.conv_in_scale, args.conv_out_scale = in_scale, c.out_scale
+    args.conv_outlier_scale = c.outlier_scale or 0.0
+    args.conv_dual_scale, args.conv_early_state = int(c.outlier_scale is not None), int(c.early_state)
+
+
 def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 segments: list[tuple[int, float | None]], x_mask: torch.Tensor | None = None,
                 m_out: torch.Tensor | None = None, acc_in: torch.Tensor | None = None,
@@ -335,11 +344,8 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                       (ctypes.c_void_p * 3)(*[o.data_ptr() for o in outs], *[None] * (3 - len(outs))),
                       _ptr(residual), _ptr(nx), _ptr(nw), neps, nscale)
     if conv is not None:
-        args.conv_x, args.conv_w, args.conv_w_scale = _ptr(conv.x), _ptr(conv.weight), _ptr(conv.weight_scale)
-        args.conv_bias, args.conv_state, args.conv_u = _ptr(conv.bias), _ptr(conv.state), _ptr(conv.u)
-        args.conv_mask, args.conv_in_scale, args.conv_out_scale = _ptr(conv.mask), conv.in_scale, conv.out_scale
-        args.conv_outlier_scale = conv.outlier_scale or 0.0
-        args.conv_dual_scale, args.conv_early_state = int(conv.outlier_scale is not None), int(conv.early_state)
+        args.conv_x = _ptr(conv.x)
+        _set_conv_fields(args, conv, conv.in_scale)
     if hadamard is not None:
         args.had_x, args.had_scale = _ptr(hadamard[0]), hadamard[1]
     if behind is not None:
@@ -348,11 +354,7 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         if b.acc.dtype != torch.int32 or b.acc.numel() != want:
             raise KernelError(f"int8_linear: behind.acc must be int32 with {want} sums (x_proj's outputs, twice with "
                               f"outliers), got {b.acc.dtype} {tuple(b.acc.shape)}")
-        args.conv_w, args.conv_w_scale, args.conv_bias = _ptr(b.weight), _ptr(b.weight_scale), _ptr(b.bias)
-        args.conv_state, args.conv_u, args.conv_mask = _ptr(b.state), _ptr(b.u), _ptr(b.mask)
-        args.conv_in_scale, args.conv_out_scale = scales[0], b.out_scale
-        args.conv_outlier_scale = b.outlier_scale or 0.0
-        args.conv_dual_scale, args.conv_early_state = int(b.outlier_scale is not None), int(b.early_state)
+        _set_conv_fields(args, b, scales[0])
         args.xp_w, args.xp_acc, args.xp_n = _ptr(b.xp_w), _ptr(b.acc), b.xp_w.shape[0]
     if clear is not None:
         if clear.dtype != torch.int32:

@@ -38,13 +38,12 @@ LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: 
 @dataclasses.dataclass
 class XProjSums:
     """x_proj's int32 sums left by an in_proj GEMV with the conv and x_proj behind it: the state update applies
-    x_proj's epilogue (m_in, m_out: the multipliers; the segment scales) and writes the codes into `codes`."""
+    x_proj's epilogue (m_in, m_out: the multipliers; the segment scales are those of the dt_lowrank, B and C Acts)
+    and writes the codes into those Acts' tensors."""
 
     acc: torch.Tensor  # int32 [xp_n] or [2, xp_n] (outliers: dual scale)
     m_in: torch.Tensor
     m_out: torch.Tensor | None
-    scales: list[float]  # dt_lowrank, B, C
-    codes: list[torch.Tensor]  # int8 [1, 1, width] each, written by the update
 
 
 class CudaOps(IntOps):
@@ -164,28 +163,20 @@ class CudaOps(IntOps):
             dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
             u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt, B_scale=bm.scale, C_scale=cm.scale,
             z_scale=z.scale, early_state=True, conv_shift=None if xp else deferred,
-            x_proj=None if xp is None else (xp.acc, xp.m_in, xp.m_out, xp.scales[0]))
+            x_proj=None if xp is None else (xp.acc, xp.m_in, xp.m_out, dt_lr.scale))
         if xp is not None:
             self._unread = None
             self._clear_next = xp.acc  # read: the next GEMV (out_proj) zeroes the sums after its wait
         return y
 
     def _settle(self, deferred: tuple | XProjSums | None) -> None:
-        """Do with torch ops what a fused op left to a kernel that will not run: the conv state's shift, or x_proj's
-        epilogue (spec 4.2, float32 products and sum, IEEE division) into its codes, the sums zeroed again."""
+        """Do with torch ops what a fused op left to a kernel that will not run: the conv state's shift. x_proj's
+        sums have no such path: in_proj_conv_x_proj fuses only where the fused state update follows (one token, a
+        state, int8 inputs, no tracer on dt_proj)."""
         if isinstance(deferred, XProjSums):
-            self._unread = None
-            acc = deferred.acc.view(-1, deferred.m_in.shape[0])
-            y = acc[0].float() * deferred.m_in
-            if deferred.m_out is not None:
-                y = y + acc[1].float() * deferred.m_out
-            c = 0
-            for codes, s in zip(deferred.codes, deferred.scales, strict=True):
-                w = codes.shape[-1]
-                codes.view(-1).copy_(self.quantize(y[c : c + w], s).value)
-                c += w
-            deferred.acc.zero_()
-        elif deferred is not None:
+            raise ValueError("x_proj's sums (in_proj_conv_x_proj) are read only by the fused state update "
+                             "(dt_proj_scan with one token, a state and int8 inputs)")
+        if deferred is not None:
             cx, cs = deferred
             cs.copy_(torch.cat([cs[..., 1:], cx.reshape(cs.shape[0], cs.shape[1], 1)], dim=-1))
 
@@ -223,10 +214,10 @@ class CudaOps(IntOps):
         lin = lyr.in_proj
         x, z = k.int8_linear(None, lin.weight_q, self._multiplier(s_norm, lin), xz_segments,
                              norm=(r, lyr.norm_weight, eps, s_norm), behind=behind)
-        codes = [torch.empty(1, 1, w, dtype=torch.int8, device=self.device) for w, _ in xp_segments]
-        xp = XProjSums(acc, self._multiplier(s_u, lyr.x_proj), None if s_out is None else
-                       self._multiplier(s_out, lyr.x_proj), [sc for _, sc in xp_segments], codes)
-        acts = [Act(c, sc) for c, (_, sc) in zip(codes, xp_segments, strict=True)]
+        xp = XProjSums(acc, self._multiplier(s_u, lyr.x_proj),
+                       None if s_out is None else self._multiplier(s_out, lyr.x_proj))
+        # the update writes the codes into these
+        acts = [Act(torch.empty(1, 1, w, dtype=torch.int8, device=self.device), sc) for w, sc in xp_segments]
         return (Act(x, xz_segments[0][1]), Act(z, xz_segments[1][1]), Act(u, s_u, mask, s_out), state, acts, xp)
 
     def conv_x_proj(self, x: Act, lyr: QLayer, state, s_u: float, s_out: float | None,

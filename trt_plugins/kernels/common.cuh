@@ -114,6 +114,15 @@ __device__ __forceinline__ float softplus_r(float v) {
   return static_cast<float>(lp);
 }
 
+// Spec 4.1's sum of squares, one warp's part: the float64 sum of the float32 squares row[i] for i = the thread's
+// index, + stride, ... (stride = the block's threads), over the warp's lanes (every lane gets the warp's sum).
+__device__ __forceinline__ double warp_sumsq(const float* row, int k, int stride) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < k; i += stride) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
 // Spec 4.1: 1 / rms from the float64 sum of float32 squares: fl(sum) / d (IEEE), + eps, sqrt_r, reciprocal.
 __device__ __forceinline__ float rms_reciprocal(double sumsq, int d, float eps) {
   const float ms = __fdiv_rn(static_cast<float>(sumsq), static_cast<float>(d));

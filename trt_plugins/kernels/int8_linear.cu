@@ -59,9 +59,7 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = 0; r < R && r < a.rows; ++r) {
     const float* row = a.norm_x + static_cast<int64_t>(r) * a.k;
-    double acc = 0.0;
-    for (int i = threadIdx.x; i < a.k; i += 256) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    const double acc = qm::warp_sumsq(row, a.k, 256);
     if (lane == 0) red[warp] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -206,31 +204,35 @@ __device__ __forceinline__ void shifted_state(const int (&st)[3], int xw, int (&
 // group when read before the wait)
 template <int C>
 __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int base, int width, const int8_t* xs,
-                                const int (&st_early)[3]) {
+                                const int (&st_early)[1][3]) {
   constexpr int kGroups = C / 4;
   __shared__ int us[kGroups], ms[kGroups];
   const int t = static_cast<int>(threadIdx.x);
   if (t < kGroups) {
     const int g = base / 4 + t;
-    int st[3];
-    int* srow = reinterpret_cast<int*>(a.conv_state) + 3 * g;
+    int st[1][3];
+    if (a.conv_early_state) {
 #pragma unroll
-    for (int i = 0; i < 3; ++i) st[i] = a.conv_early_state ? st_early[i] : srow[i];
+      for (int i = 0; i < 3; ++i) st[0][i] = st_early[0][i];
+    } else {
+      conv_load_state<1>(a, g, st);
+    }
     int4 w;
     float4 m, bias;
     conv_load_weights(a, g, w, m, bias);
     const int xw = reinterpret_cast<const int*>(xs)[t];
     int codes, masks = 0;
     if (a.conv_dual_scale)
-      conv4_decode<true>(st, xw, w, m, bias, q, codes, masks);
+      conv4_decode<true>(st[0], xw, w, m, bias, q, codes, masks);
     else
-      conv4_decode<false>(st, xw, w, m, bias, q, codes, masks);
+      conv4_decode<false>(st[0], xw, w, m, bias, q, codes, masks);
     us[t] = codes;
     ms[t] = masks;
     reinterpret_cast<int*>(a.conv_u)[g] = codes;
     if (a.conv_dual_scale) reinterpret_cast<int*>(a.conv_mask)[g] = masks;
     int nst[3];
-    shifted_state(st, xw, nst);
+    shifted_state(st[0], xw, nst);
+    int* srow = reinterpret_cast<int*>(a.conv_state) + 3 * g;
 #pragma unroll
     for (int i = 0; i < 3; ++i) srow[i] = nst[i];
   }
@@ -391,14 +393,11 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   if constexpr (kConv) conv_prologue_early<R, kThreads>(a, conv_early);
   const int tail_base = static_cast<int>(blockIdx.x) * kCols;
   const bool tail = XP && tail_base < sg.end[0];  // block-uniform: segment 0's width is a multiple of kCols
-  int tail_st[3] = {0, 0, 0};
+  int tail_st[1][3] = {{0, 0, 0}};
   if constexpr (XP) {
     if (tail) {
       tail_prefetch(a, tail_base, sg.end[0]);
-      if (a.conv_early_state && threadIdx.x < kCols / 4)
-#pragma unroll
-        for (int i = 0; i < 3; ++i)
-          tail_st[i] = reinterpret_cast<const int*>(a.conv_state)[3 * (tail_base / 4 + threadIdx.x) + i];
+      if (a.conv_early_state && threadIdx.x < kCols / 4) conv_load_state<1>(a, tail_base / 4 + threadIdx.x, tail_st);
     }
   }
   qm::wait_for_inputs();

@@ -56,10 +56,7 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
   if (norm_w) {  // the final RMSNorm, every block for itself (a row is a few KB; it replaces a dozen small kernels)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      double acc = 0.0;
-      for (int i = threadIdx.x; i < k; i += kWarps * 32)
-        acc += static_cast<double>(__fmul_rn(hs[r * k + i], hs[r * k + i]));
-      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      const double acc = qm::warp_sumsq(hs + r * k, k, kWarps * 32);
       if (lane == 0) red[r][warp] = acc;
     }
     __syncthreads();

@@ -34,9 +34,9 @@ __global__ void fill_a(float* a, int n, int total) {  // S4D-like A = -(n + 1) /
 
 // Times one configuration; checks its y and final state against the first configuration's (max |diff|).
 std::vector<float> g_y0, g_h0;
-template <int T, int LPC, int W>
+template <int T, int LPC, int W, int K = 1>
 void run(qm_scan_args a, const char* label) {
-  using C = ScanCfg<16, true, T, LPC, W>;
+  using C = ScanCfg<16, true, T, LPC, W, K>;
   auto kern = scan_chunked_kernel<16, true, C>;
   int blocks = 0;
   cudaFuncAttributes attr{};
@@ -75,8 +75,8 @@ void run(qm_scan_args a, const char* label) {
   for (int64_t i = 0; i < ny; ++i) dy = std::max(dy, double(std::fabs(y[i] - g_y0[i])) + (std::isnan(y[i]) ? 1e9 : 0));
   for (int64_t i = 0; i < nh; ++i) dh = std::max(dh, double(std::fabs(h[i] - g_h0[i])) + (std::isnan(h[i]) ? 1e9 : 0));
   std::sort(ms.begin(), ms.end());
-  printf("%-28s T=%2d LPC=%2d W=%d regs=%3d local=%zu smem=%6zu blocks/SM=%d median %.4f ms  max|dy|=%.2e max|dh|=%.2e\n",
-         label, T, LPC, W, attr.numRegs, attr.localSizeBytes, C::SMEM, blocks, ms[ms.size() / 2], dy, dh);
+  printf("%-28s T=%2d LPC=%2d W=%2d K=%d regs=%3d local=%zu smem=%6zu blocks/SM=%d median %.4f ms  max|dy|=%.2e "
+         "max|dh|=%.2e\n", label, T, LPC, W, K, attr.numRegs, attr.localSizeBytes, C::SMEM, blocks, ms[ms.size() / 2], dy, dh);
 }
 }  // namespace
 
@@ -104,6 +104,14 @@ int main(int argc, char** argv) {
   a.z_scale = 0.03f;
   printf("B%d D%d L%d N%d\n", B, D, L, N);
   run<16, 32, 8>(a, "v4 layout T16 (reference)");
+  // K warps per channel along time (session 10)
+  run<8, 32, 24, 2>(a, "12 ch x 2 warps T8");
+  run<4, 32, 24, 2>(a, "12 ch x 2 warps T4");
+  run<8, 32, 16, 2>(a, "8 ch x 2 warps T8");
+  run<8, 32, 8, 2>(a, "4 ch x 2 warps T8");
+  run<4, 32, 16, 4>(a, "4 ch x 4 warps T4");
+  run<4, 32, 24, 3>(a, "8 ch x 3 warps T4");
+  run<16, 32, 8, 2>(a, "4 ch x 2 warps T16");
   run<8, 32, 8>(a, "v4 layout T8");
   run<16, 32, 4>(a, "4 warps T16");
   run<8, 32, 4>(a, "4 warps T8");

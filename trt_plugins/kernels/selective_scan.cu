@@ -60,26 +60,34 @@ __device__ __forceinline__ void load_vec(Tv* dst, const unsigned char* src) {
 // total map applied to the previous carry. One exp per (b, t, d, n), no global round trip, no __syncthreads inside
 // the recurrence. Fast float32 math: y feeds no quantizer directly (spec 4.4, "Exactness"), outputs are compared
 // with a tolerance. LPC, W and T trade parallelism against instructions per element: trt_plugins/bench/NOTES.md.
-template <int N, bool kInt8, int T_, int LPC_, int W_>
+// K > 1 (LPC = 32): K warps per channel own consecutive pieces of a chunk of K * 32 * T steps; for each state the
+// warps' total maps meet in shared memory at a named barrier per channel, and warp k composes those of warps < k
+// onto the chunk's carry (more warps per channel where too few channels fill the GPU).
+template <int N, bool kInt8, int T_, int LPC_, int W_, int K_ = 1>
 struct ScanCfg {
   static_assert(LPC_ == 8 || LPC_ == 16 || LPC_ == 32, "lanes per channel");
   static_assert(T_ % 4 == 0, "steps per lane come in float4 rows");
-  static constexpr int T = T_, LPC = LPC_, W = W_;
+  static_assert(K_ == 1 || (LPC_ == 32 && W_ % K_ == 0), "several warps per channel: whole warps per channel");
+  static constexpr int T = T_, LPC = LPC_, W = W_, K = K_;
   static constexpr int THREADS = 32 * W;
-  static constexpr int CPW = 32 / LPC;           // channels per warp
-  static constexpr int CPB = W * CPW;            // channels per block
-  static constexpr int CH = LPC * T;             // steps per chunk
+  static constexpr int CPW = 32 / LPC;           // channels per warp (K = 1)
+  static constexpr int CPB = W * CPW / K;        // channels per block
+  static constexpr int SEG = K * LPC;            // segments (lanes) per channel
+  static constexpr int CH = SEG * T;             // steps per chunk
   static constexpr int LS = T == 4 ? 4 : T + 4;  // words per lane in a B/C/y row: an odd multiple of 4 words
-  static constexpr int ROW = LPC * LS;           //   makes the lanes' 16-byte accesses bank-conflict free
+  static constexpr int ROW = SEG * LS;           //   makes the lanes' 16-byte accesses bank-conflict free
   static constexpr int ESZ = kInt8 ? 1 : 4;      // bytes per staged u/dt/z element
   static constexpr int IN_BYTES = (kInt8 ? 4 : 3) * CH * ESZ;  // u, dt, z (+ mask) of one channel
   // one channel's region; reused for its y (a padded row) after the recurrence. +16 bytes: regions of
   // neighbouring channels start 4 banks apart.
   static constexpr int CH_BYTES = (IN_BYTES > 4 * ROW ? IN_BYTES : 4 * ROW) + 16;
-  static constexpr size_t SMEM = 2ull * N * ROW * 4 + CPB * CH_BYTES + 2ull * CPB * N * 4;
-  static constexpr int MIN_BLOCKS = (T <= 8 ? 24 : 16) / W;  // resident warps per SM the registers are sized for
+  // B, C rows; the channels' regions; A * log2 e and the carries; with K > 1 the warps' maps (two sets: by state parity)
+  static constexpr size_t SMEM =
+      2ull * N * ROW * 4 + CPB * CH_BYTES + 2ull * CPB * N * 4 + (K > 1 ? 2ull * CPB * K * 2 * 4 : 0);
+  static constexpr int MIN_BLOCKS = (T <= 8 ? 24 : 16) / W > 0 ? (T <= 8 ? 24 : 16) / W : 1;  // resident warps per SM
   static constexpr int PB = CPB % 8 == 0 ? 8 : 4;  // channels per vector piece (staging, write-out)
   static_assert(CPB % 4 == 0, "channels per block come in fours");
+  static_assert(K == 1 || CPB <= 15, "one named barrier per channel (ids 1..15)");
 };
 
 // One level of the scan over a channel's maps: lane s composes its map with the one of lane s - off. The
@@ -93,6 +101,19 @@ __device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
       "@p mul.rn.f32 %0, %0, qa;\n\t}"
       : "+f"(pa), "+f"(pb)
       : "r"(off), "n"((32 - LPC) << 8));
+}
+
+// Dequantizes 16 int8 values of B and of C (flat index i = t * N + n in the chunk) into their [n][segment][LS] rows.
+template <int N, class C>
+__device__ __forceinline__ void put_bc16(const qm_scan_args& a, float* sB, float* sC, int i, int4 rb, int4 rc) {
+  const int8_t* pb = reinterpret_cast<const int8_t*>(&rb);
+  const int8_t* pc = reinterpret_cast<const int8_t*>(&rc);
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const int t = (i + k) / N, n = (i + k) % N, at = n * C::ROW + (t / C::T) * C::LS + t % C::T;
+    sB[at] = static_cast<float>(pb[k]) * a.B_scale;
+    sC[at] = static_cast<float>(pc[k]) * a.C_scale;
+  }
 }
 
 // Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes
@@ -127,13 +148,7 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
         for (int j = 0; j < R; ++j) {
           const int i = ((j0 + j) * C::THREADS + tid) * 16;
           if (kItems % C::THREADS != 0 && i >= CH * N) break;
-          const int8_t* pb = reinterpret_cast<const int8_t*>(&rb[j]);
-          const int8_t* pc = reinterpret_cast<const int8_t*>(&rc[j]);
-#pragma unroll
-          for (int k = 0; k < 16; ++k) {
-            put(sB, i + k, static_cast<float>(pb[k]) * a.B_scale);
-            put(sC, i + k, static_cast<float>(pc[k]) * a.C_scale);
-          }
+          put_bc16<N, C>(a, sB, sC, i, rb[j], rc[j]);
         }
       }
       return;
@@ -173,6 +188,15 @@ __device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
+// Scatters piece `it` (array k, step t, channels p * PB ..) of u/dt/z/mask bytes into the channels' regions.
+template <class C, typename Piece>
+__device__ __forceinline__ void put_piece(unsigned char* sIn, int it, Piece r) {
+  constexpr int CH = C::CH, PB = C::PB, PPR = C::CPB / PB;
+  const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
+#pragma unroll
+  for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r, w);
+}
+
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
 // pointers aligned to PB bytes): one PB-byte load per (array, t, piece of PB channels), all of a thread's loads
 // issued before the first store.
@@ -206,10 +230,8 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           const int it = (j0 + j) * C::THREADS + tid;
-          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
-          if (it >= kItems || t >= nt) continue;
-#pragma unroll
-          for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r[j], w);
+          if (it >= kItems || (it / PPR) % CH >= nt) continue;
+          put_piece<C>(sIn, it, r[j]);
         }
       }
       return;
@@ -288,7 +310,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
   unsigned char* sIn = reinterpret_cast<unsigned char*>(sC + N * C::ROW);
   float* sA2 = reinterpret_cast<float*>(sIn + C::CPB * C::CH_BYTES);  // [CPB][N] A * log2 e
   float* sCarry = sA2 + C::CPB * N;                                     // [CPB][N] state entering the chunk
-  const int lane = threadIdx.x % 32, s = lane % LPC, ch = threadIdx.x / LPC;  // segment, channel in the block
+  float* sAgg = sCarry + C::CPB * N;  // K > 1: [state parity][CPB][K] (a, b) maps of the channel's warps
+  constexpr int K = C::K;
+  const int lane = threadIdx.x % 32, kw = K > 1 ? static_cast<int>(threadIdx.x / 32) % K : 0;  // warp in the channel
+  const int s = kw * LPC + lane % LPC;                                          // segment in the channel
+  const int ch = K > 1 ? static_cast<int>(threadIdx.x / 32) / K : static_cast<int>(threadIdx.x) / LPC;
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
   const bool active = d < D;  // inactive channels (beyond D) run identity maps: their warp-mates need the shuffles
   for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
@@ -363,8 +389,14 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
       for (int off = 1; off < LPC; off <<= 1) scan_level<LPC>(pa, pb, off);  // inclusive scan of the maps
       const float ea = __shfl_up_sync(0xffffffffu, pa, 1, LPC), eb = __shfl_up_sync(0xffffffffu, pb, 1, LPC);
       const float la = __shfl_sync(0xffffffffu, pa, LPC - 1, LPC), lb = __shfl_sync(0xffffffffu, pb, LPC - 1, LPC);
-      float h = s == 0 ? carry : __fmaf_rn(ea, carry, eb);
-      carry = __fmaf_rn(la, carry, lb);  // the state after this chunk, the same in every lane of the channel
+      if constexpr (K > 1) {  // the maps of the channel's earlier warps, composed onto the chunk's carry
+        float* ag = sAgg + ((n & 1) * C::CPB + ch) * K * 2;  // by parity: set n is rewritten only after barrier n + 1
+        if (lane == 31) ag[2 * kw] = la, ag[2 * kw + 1] = lb;
+        asm volatile("barrier.sync %0, %1;" ::"r"(1 + ch), "r"(K * 32) : "memory");  // not .aligned: after the if
+        for (int j = 0; j < kw; ++j) carry = __fmaf_rn(ag[2 * j], carry, ag[2 * j + 1]);
+      }
+      float h = lane % LPC == 0 ? carry : __fmaf_rn(ea, carry, eb);
+      carry = __fmaf_rn(la, carry, lb);  // the state after this piece; after the last warp's, the chunk's
       const float* crow = sC + n * C::ROW + s * C::LS;
 #pragma unroll
       for (int i = 0; i < T; i += 4) {
@@ -376,8 +408,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
           y[i + j] = __fmaf_rn(h, cc[j], y[i + j]);
         }
       }
-      __syncwarp();  // every lane has read the carry
-      if (s == 0) sCarry[ch * N + n] = carry;
+      __syncwarp();  // every lane has read the carry (the channel's other warps read it before the barrier)
+      if (s == (K - 1) * LPC) sCarry[ch * N + n] = carry;
     }
     if (a.z) {
       float zf[T];
@@ -392,7 +424,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
 #pragma unroll
       for (int i = 0; i < T; ++i) y[i] *= silu_fast(tb + i < ntl ? zf[i] : 0.f);
     }
-    __syncwarp();  // the channel's inputs are read before its y overwrites the region
+    // the channel's inputs are read before its y overwrites the region (shared by the channel's K warps)
+    if constexpr (K > 1)
+      asm volatile("barrier.sync %0, %1;" ::"r"(1 + ch), "r"(K * 32) : "memory");
+    else
+      __syncwarp();
     float* sy = reinterpret_cast<float*>(mine) + s * C::LS;
 #pragma unroll
     for (int i = 0; i < T; i += 4)
@@ -762,12 +798,24 @@ int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   return QM_OK;
 }
 
+// Whether blocks of cpb channels, one per SM, make one wave that fills at least 3/4 of the SMs.
+bool fills_one_wave(int64_t channels, int cpb) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                cudaSuccess)
+    return false;  // v5 then, which needs no SM count
+  const int64_t blocks = (channels + cpb - 1) / cpb;
+  return blocks <= sms && 4 * blocks >= 3 * static_cast<int64_t>(sms);
+}
+
 template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // int8, N = 16 (the Mamba models): from kSeqMinChannels channels (B*D) one thread per channel (scan_seq_kernel);
-  // below, up to 2048 channels one warp per channel with 16 steps per lane keeps
-  // the most warps resident; above, two channels per warp with 8 steps per lane spends fewer instructions per
-  // element (4 scan levels, B/C staging shared by 16 channels). Measured on H200/H100: trt_plugins/bench/NOTES.md.
+  // up to 2048 channels one warp per channel with 16 steps per lane keeps the most warps resident, except where
+  // 12-channel blocks of two warps per channel (K = 2, 8 steps per lane) fill one wave of one block per SM (B1
+  // D1536 on 132 SMs: 12-15% faster); above 2048, two channels per warp with 8 steps per lane spends fewer
+  // instructions per element (4 scan levels, B/C staging shared by 16 channels). Measured on H200/H100:
+  // trt_plugins/bench/NOTES.md.
   const int64_t channels = static_cast<int64_t>(a->dim) * a->batch;
   switch (a->dstate) {
     case 8: return launch_chunked<8, kInt8, ScanCfg<8, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
@@ -781,6 +829,8 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
           return QM_OK;
         }
         if (channels > 2048) return launch_chunked<16, kInt8, ScanCfg<16, kInt8, 8, 16, 8>>(a, stream, fn);
+        if (fills_one_wave(channels, ScanCfg<16, kInt8, 8, 32, 24, 2>::CPB))
+          return launch_chunked<16, kInt8, ScanCfg<16, kInt8, 8, 32, 24, 2>>(a, stream, fn);
       }
       return launch_chunked<16, kInt8, ScanCfg<16, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 32: return launch_chunked<32, kInt8, ScanCfg<32, kInt8, 8, 32, 8>>(a, stream, fn);

@@ -1,8 +1,8 @@
 // Times compile-time configurations of the chunked prefill scan on one shape (a tuning tool, not part of the library):
 //   nvcc -O3 -std=c++17 -fmad=false -gencode arch=compute_90,code=sm_90 -Itrt_plugins/kernels \
 //     trt_plugins/bench/scan_variants.cu trt_plugins/kernels/errors.cu -o scan_variants && ./scan_variants B D L
-// Prints, per configuration: T, lanes per channel, warps per block, registers, resident blocks per SM, median ms
-// of 20 (CUDA events) and the largest difference of y / final state from the first configuration.
+// Prints, per configuration: T, lanes per channel, warps per block, warps per channel (K), registers, resident blocks
+// per SM, median ms of 20 (CUDA events) and the largest difference of y / final state from the first configuration.
 #include <algorithm>
 #include <cmath>
 #include <vector>

@@ -84,11 +84,18 @@ struct ScanCfg {
   // B, C rows; the channels' regions; A * log2 e and the carries; with K > 1 the warps' maps (two sets: by state parity)
   static constexpr size_t SMEM =
       2ull * N * ROW * 4 + CPB * CH_BYTES + 2ull * CPB * N * 4 + (K > 1 ? 2ull * CPB * K * 2 * 4 : 0);
-  static constexpr int MIN_BLOCKS = (T <= 8 ? 24 : 16) / W > 0 ? (T <= 8 ? 24 : 16) / W : 1;  // resident warps per SM
+  static constexpr int WARPS_PER_SM = T <= 8 ? 24 : 16;  // resident warps per SM the registers are sized for
+  static constexpr int MIN_BLOCKS = WARPS_PER_SM / W > 0 ? WARPS_PER_SM / W : 1;
   static constexpr int PB = CPB % 8 == 0 ? 8 : 4;  // channels per vector piece (staging, write-out)
   static_assert(CPB % 4 == 0, "channels per block come in fours");
   static_assert(K == 1 || CPB <= 15, "one named barrier per channel (ids 1..15)");
 };
+
+// The K warps of channel ch (K > 1) meet: named barrier 1 + ch. The non-aligned form: bar.sync (.aligned) needs the
+// warp converged, which it is not right after a store by one lane (one configuration returned garbage with it).
+__device__ __forceinline__ void channel_barrier(int ch, int threads) {
+  asm volatile("barrier.sync %0, %1;" ::"r"(1 + ch), "r"(threads) : "memory");
+}
 
 // One level of the scan over a channel's maps: lane s composes its map with the one of lane s - off. The
 // shuffle reports whether that lane is inside the channel's segment, and the compose runs predicated on it.
@@ -101,19 +108,6 @@ __device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
       "@p mul.rn.f32 %0, %0, qa;\n\t}"
       : "+f"(pa), "+f"(pb)
       : "r"(off), "n"((32 - LPC) << 8));
-}
-
-// Dequantizes 16 int8 values of B and of C (flat index i = t * N + n in the chunk) into their [n][segment][LS] rows.
-template <int N, class C>
-__device__ __forceinline__ void put_bc16(const qm_scan_args& a, float* sB, float* sC, int i, int4 rb, int4 rc) {
-  const int8_t* pb = reinterpret_cast<const int8_t*>(&rb);
-  const int8_t* pc = reinterpret_cast<const int8_t*>(&rc);
-#pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    const int t = (i + k) / N, n = (i + k) % N, at = n * C::ROW + (t / C::T) * C::LS + t % C::T;
-    sB[at] = static_cast<float>(pb[k]) * a.B_scale;
-    sC[at] = static_cast<float>(pc[k]) * a.C_scale;
-  }
 }
 
 // Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes
@@ -148,7 +142,13 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
         for (int j = 0; j < R; ++j) {
           const int i = ((j0 + j) * C::THREADS + tid) * 16;
           if (kItems % C::THREADS != 0 && i >= CH * N) break;
-          put_bc16<N, C>(a, sB, sC, i, rb[j], rc[j]);
+          const int8_t* pb = reinterpret_cast<const int8_t*>(&rb[j]);
+          const int8_t* pc = reinterpret_cast<const int8_t*>(&rc[j]);
+#pragma unroll
+          for (int k = 0; k < 16; ++k) {
+            put(sB, i + k, static_cast<float>(pb[k]) * a.B_scale);
+            put(sC, i + k, static_cast<float>(pc[k]) * a.C_scale);
+          }
         }
       }
       return;
@@ -188,15 +188,6 @@ __device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
-// Scatters piece `it` (array k, step t, channels p * PB ..) of u/dt/z/mask bytes into the channels' regions.
-template <class C, typename Piece>
-__device__ __forceinline__ void put_piece(unsigned char* sIn, int it, Piece r) {
-  constexpr int CH = C::CH, PB = C::PB, PPR = C::CPB / PB;
-  const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
-#pragma unroll
-  for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r, w);
-}
-
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
 // pointers aligned to PB bytes): one PB-byte load per (array, t, piece of PB channels), all of a thread's loads
 // issued before the first store.
@@ -230,8 +221,10 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           const int it = (j0 + j) * C::THREADS + tid;
-          if (it >= kItems || (it / PPR) % CH >= nt) continue;
-          put_piece<C>(sIn, it, r[j]);
+          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
+          if (it >= kItems || t >= nt) continue;
+#pragma unroll
+          for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r[j], w);
         }
       }
       return;
@@ -312,9 +305,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
   float* sCarry = sA2 + C::CPB * N;                                     // [CPB][N] state entering the chunk
   float* sAgg = sCarry + C::CPB * N;  // K > 1: [state parity][CPB][K] (a, b) maps of the channel's warps
   constexpr int K = C::K;
-  const int lane = threadIdx.x % 32, kw = K > 1 ? static_cast<int>(threadIdx.x / 32) % K : 0;  // warp in the channel
+  const int lane = threadIdx.x % 32, kw = K > 1 ? threadIdx.x / 32 % K : 0;  // warp in the channel
   const int s = kw * LPC + lane % LPC;                                          // segment in the channel
-  const int ch = K > 1 ? static_cast<int>(threadIdx.x / 32) / K : static_cast<int>(threadIdx.x) / LPC;
+  const int ch = K > 1 ? threadIdx.x / 32 / K : threadIdx.x / LPC;  // unsigned divisions: shifts
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
   const bool active = d < D;  // inactive channels (beyond D) run identity maps: their warp-mates need the shuffles
   for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
@@ -392,7 +385,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
       if constexpr (K > 1) {  // the maps of the channel's earlier warps, composed onto the chunk's carry
         float* ag = sAgg + ((n & 1) * C::CPB + ch) * K * 2;  // by parity: set n is rewritten only after barrier n + 1
         if (lane == 31) ag[2 * kw] = la, ag[2 * kw + 1] = lb;
-        asm volatile("barrier.sync %0, %1;" ::"r"(1 + ch), "r"(K * 32) : "memory");  // not .aligned: after the if
+        channel_barrier(ch, K * 32);
         for (int j = 0; j < kw; ++j) carry = __fmaf_rn(ag[2 * j], carry, ag[2 * j + 1]);
       }
       float h = lane % LPC == 0 ? carry : __fmaf_rn(ea, carry, eb);
@@ -426,7 +419,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
     }
     // the channel's inputs are read before its y overwrites the region (shared by the channel's K warps)
     if constexpr (K > 1)
-      asm volatile("barrier.sync %0, %1;" ::"r"(1 + ch), "r"(K * 32) : "memory");
+      channel_barrier(ch, K * 32);
     else
       __syncwarp();
     float* sy = reinterpret_cast<float*>(mine) + s * C::LS;

@@ -344,48 +344,19 @@ class QuantMambaLM:
                 tr.record(name + ".mask", qt.mask)
 
         xz_segments = [(d, s["in_proj.x"]), (d, s["in_proj.z"])] if rc.int8_ssm else []
+        xp_segments = [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])] if rc.int8_ssm else []
         conv_state = None if state is None else state.conv
-        deferred = None  # work that ops which fuse stages left to the scan (CudaOps: a conv-state shift, x_proj)
-        if rc.int8_ssm:
-            xp_segments = [(r, s["x_proj.dt_lowrank"]), (n, s["x_proj.B"]), (n, s["x_proj.C"])]
         if rc.int8_ssm and not any(wanted(t) for t in _FRONT_STAGES):
-            # nobody looks at the norm, x_proj or dt_proj alone: ops may fuse from the norm to x_proj
+            # nobody looks at the norm, x_proj or dt_proj alone: ops may fuse from the norm to x_proj. deferred: work
+            # that ops which fuse stages left to the scan (CudaOps: x_proj's epilogue)
             x, z, u, conv_state, (dt_lr, bm, cm), deferred = ops.in_proj_conv_x_proj(
                 residual, lyr, cfg.rms_norm_eps, xz_segments, conv_state, xp_segments)
             rec("in_proj.x", x)
             rec("in_proj.z", z)
             rec("conv1d", u)
         else:
-            if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
-                x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
-                                             xz_segments)
-            else:
-                h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
-                rec("norm", h)
-                if rc.int8_ssm:
-                    x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
-                else:
-                    xz = ops.linear(h, lyr.in_proj)
-                    x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
-            rec("in_proj.x", x)
-            rec("in_proj.z", z)
-            if rc.int8_ssm:
-                u, conv_state, (dt_lr, bm, cm), deferred = ops.conv_x_proj(
-                    x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"), xp_segments)
-                rec("conv1d", u)
-                rec("x_proj.dt_lowrank", dt_lr)
-            else:
-                u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
-                u = Act(u_f)
-                rec("conv1d", u)
-                u_lin = ops.quantize(u_f, s["x_proj.in"])
-                xdbl = ops.linear(u_lin, lyr.x_proj)
-                dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
-                dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
-                bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
-                rec("x_proj.dt_lowrank", dt_lr_f)
-            rec("x_proj.B", bm)
-            rec("x_proj.C", cm)
+            x, z, u, conv_state, (dt_lr, bm, cm), deferred = self._separate_front(
+                ops, lyr, residual, conv_state, xz_segments, xp_segments, wanted, rec)
 
         ssm_in = None if state is None else state.ssm
         if rc.int8_ssm and not wanted("dt_proj"):  # ops may fuse dt_proj into the scan
@@ -413,6 +384,46 @@ class QuantMambaLM:
         if conv_state is None:
             conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)
         return residual, LayerState(conv_state, ssm_state)
+
+    def _separate_front(self, ops, lyr: QLayer, residual: torch.Tensor, conv_state: torch.Tensor | None,
+                        xz_segments: list[tuple[int, float]], xp_segments: list[tuple[int, float]], wanted, rec):
+        """The norm, in_proj, conv and x_proj as separate stages (a tracer wants one of them, or the SSM inputs are
+        float): (x, z, u, conv state, (dt_lowrank, B, C), deferred), recording each stage a tracer wants. deferred:
+        work that ops which fuse stages left to the scan (CudaOps: a conv-state shift), else None."""
+        cfg, rc, s = self.cfg, self.recipe, lyr.scales
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        if rc.int8_ssm and not wanted("norm"):  # nobody looks at the norm alone: ops may fuse it into in_proj
+            x, z = ops.norm_linear_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"], lyr.in_proj,
+                                         xz_segments)
+        else:
+            h = ops.norm_quant(residual, lyr.norm_weight, cfg.rms_norm_eps, s["norm"])
+            rec("norm", h)
+            if rc.int8_ssm:
+                x, z = ops.linear_quant(h, lyr.in_proj, xz_segments)
+            else:
+                xz = ops.linear(h, lyr.in_proj)
+                x, z = Act(xz[..., :d].contiguous()), Act(xz[..., d:].contiguous())
+        rec("in_proj.x", x)
+        rec("in_proj.z", z)
+        deferred = None
+        if rc.int8_ssm:
+            u, conv_state, (dt_lr, bm, cm), deferred = ops.conv_x_proj(
+                x, lyr, conv_state, s["conv1d"], s.get("conv1d.outlier"), xp_segments)
+            rec("conv1d", u)
+            rec("x_proj.dt_lowrank", dt_lr)
+        else:
+            u_f, conv_state = ref.causal_conv1d_silu(x.value, lyr.conv_weight, lyr.conv_bias, conv_state)
+            u = Act(u_f)
+            rec("conv1d", u)
+            u_lin = ops.quantize(u_f, s["x_proj.in"])
+            xdbl = ops.linear(u_lin, lyr.x_proj)
+            dt_lr_f, b_f, c_f = xdbl[..., :r], xdbl[..., r : r + n], xdbl[..., r + n :]
+            dt_lr = ops.quantize(dt_lr_f, s["x_proj.dt_lowrank"])
+            bm, cm = Act(b_f.contiguous()), Act(c_f.contiguous())
+            rec("x_proj.dt_lowrank", dt_lr_f)
+        rec("x_proj.B", bm)
+        rec("x_proj.C", cm)
+        return x, z, u, conv_state, (dt_lr, bm, cm), deferred
 
     def to(self, device: str | torch.device) -> QuantMambaLM:
         """A copy with every tensor on `device` (scales stay Python floats)."""

@@ -10,6 +10,10 @@
 namespace {
 constexpr int kMaxN = 64;
 constexpr float kLog2e = 1.4426950408889634f;
+#ifndef QM_SCAN_N_UNROLL
+#define QM_SCAN_N_UNROLL 1
+#endif
+constexpr int kStateUnroll = QM_SCAN_N_UNROLL;  // states per iteration of the chunked scan's state loop
 
 using qm::aligned;
 
@@ -110,46 +114,40 @@ __device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
       : "r"(off), "n"((32 - LPC) << 8));
 }
 
-// Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes
-// compose identity maps. vec: the chunk is 16-byte aligned (int8: 16 B = 16 values), so every thread issues
-// its loads back to back before the first use.
+// Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes compose
+// identity maps. vec: the chunk is 16-byte aligned; a thread converts 4 consecutive steps of 8 or 16 states (one load
+// per step) and writes one float4 per state, the 4 steps being adjacent in a lane's row (T % 4 == 0).
 template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float* sC, int b, int t0, int nt,
                                          bool vec) {
   constexpr int T = C::T, CH = C::CH;
   const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-  auto put = [&](float* dst, int i, float v) {
-    const int t = i / N, n = i % N;
-    dst[n * C::ROW + (t / T) * C::LS + t % T] = v;
-  };
+  auto at = [&](float* dst, int t, int n) -> float* { return dst + n * C::ROW + (t / T) * C::LS + t % T; };
   if constexpr (kInt8) {
-    if (vec) {  // 16 int8 per load
-      // rounds of at most 2 loads per matrix in flight per thread (more only costs registers)
-      constexpr int kItems = CH * N / 16, kPer = (kItems + C::THREADS - 1) / C::THREADS, R = kPer < 2 ? kPer : 2;
+    if (vec) {
+      // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
+      constexpr int NB = N >= 16 && CH * N / 32 >= C::THREADS ? 16 : 8;
+      using Piece = std::conditional_t<NB == 16, int4, int2>;
+      constexpr int QUADS = CH / 4, ITEMS = 2 * QUADS * (N / NB);
       int tid = threadIdx.x;  // opaque: see stage_channels
       asm volatile("" : "+r"(tid));
 #pragma unroll
-      for (int j0 = 0; j0 < kPer; j0 += R) {
-        int4 rb[R], rc[R];
+      for (int r = 0; r < (ITEMS + C::THREADS - 1) / C::THREADS; ++r) {
+        const int it = r * C::THREADS + tid;
+        if (ITEMS % C::THREADS != 0 && it >= ITEMS) break;
+        const int q = it % QUADS, nb = it / QUADS % (N / NB) * NB;
+        const bool is_c = it >= QUADS * (N / NB);
+        const int8_t* src = static_cast<const int8_t*>(is_c ? a.C : a.B) + base + 4 * q * N + nb;
+        Piece v[4];
 #pragma unroll
-        for (int j = 0; j < R; ++j) {
-          const int i = ((j0 + j) * C::THREADS + tid) * 16;
-          const bool ok = i < nt * N && (kItems % C::THREADS == 0 || i < CH * N);
-          rb[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.B) + base + i) : int4{};
-          rc[j] = ok ? *reinterpret_cast<const int4*>(static_cast<const int8_t*>(a.C) + base + i) : int4{};
-        }
+        for (int j = 0; j < 4; ++j)
+          v[j] = 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
+        float* dst = at(is_c ? sC : sB, 4 * q, nb);
+        const float sc = is_c ? a.C_scale : a.B_scale;
+        auto code = [&](int j, int n) { return static_cast<float>(reinterpret_cast<const int8_t*>(&v[j])[n]) * sc; };
 #pragma unroll
-        for (int j = 0; j < R; ++j) {
-          const int i = ((j0 + j) * C::THREADS + tid) * 16;
-          if (kItems % C::THREADS != 0 && i >= CH * N) break;
-          const int8_t* pb = reinterpret_cast<const int8_t*>(&rb[j]);
-          const int8_t* pc = reinterpret_cast<const int8_t*>(&rc[j]);
-#pragma unroll
-          for (int k = 0; k < 16; ++k) {
-            put(sB, i + k, static_cast<float>(pb[k]) * a.B_scale);
-            put(sC, i + k, static_cast<float>(pc[k]) * a.C_scale);
-          }
-        }
+        for (int n = 0; n < NB; ++n)
+          *reinterpret_cast<float4*>(dst + n * C::ROW) = make_float4(code(0, n), code(1, n), code(2, n), code(3, n));
       }
       return;
     }
@@ -172,8 +170,8 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
     for (int j = 0; j < 4; ++j) {
       const int i = i0 + j * C::THREADS;
       if (i < CH * N) {
-        put(sB, i, vb[j]);
-        put(sC, i, vc[j]);
+        *at(sB, i / N, i % N) = vb[j];
+        *at(sC, i / N, i % N) = vc[j];
       }
     }
   }
@@ -197,36 +195,39 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
   constexpr int CH = C::CH;
   const int D = a.dim;
   if constexpr (kInt8) {
-    if (vec) {
-      constexpr int PB = C::PB, PPR = C::CPB / PB;  // pieces per (array, t) row
+    if (vec) {  // thread: piece p of PB channels, steps tq, tq + RPR, ...; every load issued before the first store
+      constexpr int PB = C::PB, PPR = C::CPB / PB, RPR = C::THREADS / PPR, ROUNDS = (CH + RPR - 1) / RPR;
+      static_assert(C::THREADS % PPR == 0, "each thread keeps one piece column");
       using Piece = std::conditional_t<PB == 8, uint2, uint32_t>;
-      constexpr int kItems = 4 * CH * PPR, kPer = (kItems + C::THREADS - 1) / C::THREADS, R = kPer < 8 ? kPer : 8;
-      // an opaque copy of the thread index: keeps the compiler from hoisting every item's address out of the
-      // chunk loop (16 live 64-bit addresses at 4 channels per block spilled)
+      // an opaque copy of the thread index: keeps the compiler from hoisting the addresses out of the chunk loop
+      // (live 64-bit addresses across the recurrence spill)
       int tid = threadIdx.x;
       asm volatile("" : "+r"(tid));
+      const int p = tid % PPR, tq = tid / PPR;
+      const bool piece = d0 + p * PB < D;
+      const int64_t row = (static_cast<int64_t>(b) * a.seqlen + t0 + tq) * D + d0 + p * PB;
+      const int64_t step = static_cast<int64_t>(RPR) * D;
+      Piece r[4][ROUNDS];
 #pragma unroll
-      for (int j0 = 0; j0 < kPer; j0 += R) {  // rounds of at most 8 loads in flight per thread
-        Piece r[R];
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* src = static_cast<const uint8_t*>(staged_input(a, k));
 #pragma unroll
-        for (int j = 0; j < R; ++j) {
-          const int it = (j0 + j) * C::THREADS + tid;
-          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
-          const void* s = staged_input(a, k);
-          const bool ok = it < kItems && t < nt && s && d0 + p * PB < D;
-          r[j] = ok ? *reinterpret_cast<const Piece*>(static_cast<const uint8_t*>(s) +
-                                                      (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + p * PB)
-                    : Piece{};
-        }
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-          const int it = (j0 + j) * C::THREADS + tid;
-          const int k = it / (CH * PPR), t = (it / PPR) % CH, p = it % PPR;
-          if (it >= kItems || t >= nt) continue;
-#pragma unroll
-          for (int w = 0; w < PB; ++w) sIn[(p * PB + w) * C::CH_BYTES + k * CH + t] = byte_of(r[j], w);
+        for (int j = 0; j < ROUNDS; ++j) {
+          const int t = tq + j * RPR;
+          const bool ok = src && piece && t < nt && (CH % RPR == 0 || t < CH);
+          r[k][j] = ok ? *reinterpret_cast<const Piece*>(src + row + j * step) : Piece{};
         }
       }
+      unsigned char* dst = sIn + p * PB * C::CH_BYTES + tq;
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int j = 0; j < ROUNDS; ++j) {
+          const int t = tq + j * RPR;
+          if (t >= nt || (CH % RPR != 0 && t >= CH)) continue;
+#pragma unroll
+          for (int w = 0; w < PB; ++w) dst[w * C::CH_BYTES + k * CH + j * RPR] = byte_of(r[k][j], w);
+        }
       return;
     }
   }
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
   unsigned char* sIn = reinterpret_cast<unsigned char*>(sC + N * C::ROW);
   float* sA2 = reinterpret_cast<float*>(sIn + C::CPB * C::CH_BYTES);  // [CPB][N] A * log2 e
   float* sCarry = sA2 + C::CPB * N;                                     // [CPB][N] state entering the chunk
-  float* sAgg = sCarry + C::CPB * N;  // K > 1: [state parity][CPB][K] (a, b) maps of the channel's warps
+  float* sAgg = sCarry + C::CPB * N;  // K > 1: [state parity][CPB][K] (a, b): the total maps of the warps' pieces
   constexpr int K = C::K;
   const int lane = threadIdx.x % 32, kw = K > 1 ? threadIdx.x / 32 % K : 0;  // warp in the channel
   const int s = kw * LPC + lane % LPC;                                          // segment in the channel
@@ -358,14 +359,20 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
         sumdelta += delta[i];
       }
     }
-#pragma unroll 1
+    const float* a2row = sA2 + ch * N;
+    float* carry_row = sCarry + ch * N;
+    const float* brow = sB + s * C::LS;
+    const float* crow = sC + s * C::LS;
+    // K > 1: this warp's map slot for the channel, [state parity][CPB][K] float2 pairs
+    float2* maps = reinterpret_cast<float2*>(sAgg) + ch * K;
+    const bool seg_last = lane % LPC == LPC - 1;  // holds its segment's (and with the scan, its piece's) total map
+#pragma unroll kStateUnroll
     for (int n = 0; n < N; ++n) {
       float dA[T], dBu[T];
-      const float A2 = sA2[ch * N + n];
-      const float* brow = sB + n * C::ROW + s * C::LS;
+      const float A2 = a2row[n];
 #pragma unroll
       for (int i = 0; i < T; i += 4) {
-        const float4 bv = *reinterpret_cast<const float4*>(brow + i);
+        const float4 bv = *reinterpret_cast<const float4*>(brow + n * C::ROW + i);
         const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -377,23 +384,26 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
       float pa = ex2_approx(sumdelta * A2), pb = dBu[0];
 #pragma unroll
       for (int i = 1; i < T; ++i) pb = __fmaf_rn(dA[i], pb, dBu[i]);
-      float carry = sCarry[ch * N + n];
+      float carry = carry_row[n];
 #pragma unroll
       for (int off = 1; off < LPC; off <<= 1) scan_level<LPC>(pa, pb, off);  // inclusive scan of the maps
-      const float ea = __shfl_up_sync(0xffffffffu, pa, 1, LPC), eb = __shfl_up_sync(0xffffffffu, pb, 1, LPC);
-      const float la = __shfl_sync(0xffffffffu, pa, LPC - 1, LPC), lb = __shfl_sync(0xffffffffu, pb, LPC - 1, LPC);
       if constexpr (K > 1) {  // the maps of the channel's earlier warps, composed onto the chunk's carry
-        float* ag = sAgg + ((n & 1) * C::CPB + ch) * K * 2;  // by parity: set n is rewritten only after barrier n + 1
-        if (lane == 31) ag[2 * kw] = la, ag[2 * kw + 1] = lb;
+        float2* set = maps + (n & 1) * C::CPB * K;  // by parity: set n is rewritten only after barrier n + 1
+        if (lane == 31) set[kw] = make_float2(pa, pb);
         channel_barrier(ch, K * 32);
-        for (int j = 0; j < kw; ++j) carry = __fmaf_rn(ag[2 * j], carry, ag[2 * j + 1]);
+#pragma unroll
+        for (int j = 0; j < K - 1; ++j) {  // unconditional loads: no branch around them
+          const float2 m = set[j];
+          carry = j < kw ? __fmaf_rn(m.x, carry, m.y) : carry;
+        }
       }
-      float h = lane % LPC == 0 ? carry : __fmaf_rn(ea, carry, eb);
-      carry = __fmaf_rn(la, carry, lb);  // the state after this piece; after the last warp's, the chunk's
-      const float* crow = sC + n * C::ROW + s * C::LS;
+      // the state after this lane's steps; the previous lane's is the state entering them
+      const float hend = __fmaf_rn(pa, carry, pb);
+      const float hprev = __shfl_up_sync(0xffffffffu, hend, 1, LPC);
+      float h = lane % LPC == 0 ? carry : hprev;
 #pragma unroll
       for (int i = 0; i < T; i += 4) {
-        const float4 cv = *reinterpret_cast<const float4*>(crow + i);
+        const float4 cv = *reinterpret_cast<const float4*>(crow + n * C::ROW + i);
         const float cc[4] = {cv.x, cv.y, cv.z, cv.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -401,8 +411,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
           y[i + j] = __fmaf_rn(h, cc[j], y[i + j]);
         }
       }
-      __syncwarp();  // every lane has read the carry (the channel's other warps read it before the barrier)
-      if (s == (K - 1) * LPC) sCarry[ch * N + n] = carry;
+      if constexpr (K == 1) __syncwarp();  // every lane has read the carry (K > 1: the barrier ordered the reads)
+      if (seg_last && kw == K - 1) carry_row[n] = hend;  // the chunk's last piece: the state after the chunk
     }
     if (a.z) {
       float zf[T];

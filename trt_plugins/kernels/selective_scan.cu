@@ -113,65 +113,53 @@ __device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
       : "r"(off), "n"((32 - LPC) << 8));
 }
 
-// The vector path of stage_bc in two halves (the loads, then the conversion and stores), so that a caller can issue
-// every global load of a chunk's staging before the first store. A thread converts 4 consecutive steps of 8 or 16
-// states (one load per step) and writes one float4 per state, the 4 steps being adjacent in a lane's row.
-template <int N, class C>
-struct BcPieces {
-  // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
-  static constexpr int NB = N >= 16 && C::CH * N / 32 >= C::THREADS ? 16 : 8;
-  static constexpr int QUADS = C::CH / 4, ITEMS = 2 * QUADS * (N / NB), ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
-  static_assert(C::T % 4 == 0, "4 steps stay inside one lane's row");
-  using Piece = std::conditional_t<NB == 16, int4, int2>;
-  Piece v[ROUNDS][4];
-  int tid;
-
-  // B and C of the chunk's first step (global memory, or AsyncStage's raw copy in shared memory)
-  __device__ __forceinline__ void load(const int8_t* chunk_b, const int8_t* chunk_c, int nt) {
-    tid = threadIdx.x;  // opaque: see ChannelPieces
-    asm volatile("" : "+r"(tid));
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-      const int it = r * C::THREADS + tid, q = it % QUADS, nb = it / QUADS % (N / NB) * NB;
-      const bool is_c = it >= QUADS * (N / NB), live = ITEMS % C::THREADS == 0 || it < ITEMS;
-      const int8_t* src = (is_c ? chunk_c : chunk_b) + 4 * q * N + nb;
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        v[r][j] = live && 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
-    }
-  }
-
-  __device__ __forceinline__ void store(const qm_scan_args& a, float* sB, float* sC) const {
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-      const int it = r * C::THREADS + tid, q = it % QUADS, nb = it / QUADS % (N / NB) * NB;
-      if (ITEMS % C::THREADS != 0 && it >= ITEMS) break;
-      const bool is_c = it >= QUADS * (N / NB);
-      const int t = 4 * q;
-      float* dst = (is_c ? sC : sB) + nb * C::ROW + (t / C::T) * C::LS + t % C::T;
-      const float sc = is_c ? a.C_scale : a.B_scale;
-      auto code = [&](int j, int n) { return static_cast<float>(reinterpret_cast<const int8_t*>(&v[r][j])[n]) * sc; };
-#pragma unroll
-      for (int n = 0; n < NB; ++n)
-        *reinterpret_cast<float4*>(dst + n * C::ROW) = make_float4(code(0, n), code(1, n), code(2, n), code(3, n));
-    }
-  }
-};
-
 // Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes compose
-// identity maps. vec (int8): the chunk is 16-byte aligned (BcPieces).
+// identity maps. vec (int8): the chunk is 16-byte aligned; a thread converts 4 consecutive steps of 8 or 16 states
+// (one load per step, all loads before the stores) and writes one float4 per state, the 4 steps being adjacent in a
+// lane's row.
 template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float* sC, int b, int t0, int nt,
                                          bool vec) {
   constexpr int T = C::T, CH = C::CH;
+  static_assert(T % 4 == 0, "4 steps stay inside one lane's row");
   const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
   auto at = [&](float* dst, int t, int n) -> float* { return dst + n * C::ROW + (t / T) * C::LS + t % T; };
   if constexpr (kInt8) {
     if (vec) {
-      const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-      BcPieces<N, C> v;
-      v.load(static_cast<const int8_t*>(a.B) + base, static_cast<const int8_t*>(a.C) + base, nt);
-      v.store(a, sB, sC);
+      // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
+      constexpr int NB = N >= 16 && CH * N / 32 >= C::THREADS ? 16 : 8, QUADS = CH / 4;
+      constexpr int ITEMS = 2 * QUADS * (N / NB), ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
+      using Piece = std::conditional_t<NB == 16, int4, int2>;
+      int tid = threadIdx.x;  // opaque: see stage_channels
+      asm volatile("" : "+r"(tid));
+      auto item = [&](int r, int& q, int& nb, bool& is_c) {
+        const int it = r * C::THREADS + tid;
+        q = it % QUADS, nb = it / QUADS % (N / NB) * NB, is_c = it >= QUADS * (N / NB);
+        return ITEMS % C::THREADS == 0 || it < ITEMS;
+      };
+      Piece v[ROUNDS][4];
+#pragma unroll
+      for (int r = 0; r < ROUNDS; ++r) {
+        int q, nb;
+        bool is_c;
+        const bool live = item(r, q, nb, is_c);
+        const int8_t* src = static_cast<const int8_t*>(is_c ? a.C : a.B) + base + 4 * q * N + nb;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          v[r][j] = live && 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
+      }
+#pragma unroll
+      for (int r = 0; r < ROUNDS; ++r) {
+        int q, nb;
+        bool is_c;
+        if (!item(r, q, nb, is_c)) break;
+        float* dst = at(is_c ? sC : sB, 4 * q, nb);
+        const float sc = is_c ? a.C_scale : a.B_scale;
+        auto code = [&](int j, int n) { return static_cast<float>(reinterpret_cast<const int8_t*>(&v[r][j])[n]) * sc; };
+#pragma unroll
+        for (int n = 0; n < NB; ++n)
+          *reinterpret_cast<float4*>(dst + n * C::ROW) = make_float4(code(0, n), code(1, n), code(2, n), code(3, n));
+      }
       return;
     }
   }
@@ -209,54 +197,9 @@ __device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
-// The vector path of stage_channels (int8, D % PB == 0, pointers aligned to PB bytes) in two halves, like BcPieces.
-// A thread owns piece p (PB channels) of the steps tq, tq + RPR, ...: one PB-byte load per (array, step), the row
-// address computed once per chunk.
-template <class C>
-struct ChannelPieces {
-  static constexpr int PB = C::PB, PPR = C::CPB / PB, RPR = C::THREADS / PPR, ROUNDS = (C::CH + RPR - 1) / RPR;
-  static_assert(C::THREADS % PPR == 0, "each thread keeps one piece column");
-  using Piece = std::conditional_t<PB == 8, uint2, uint32_t>;
-  Piece r[4][ROUNDS];
-  int tid;
-
-  __device__ __forceinline__ void load(const qm_scan_args& a, int b, int t0, int nt, int d0) {
-    // an opaque copy of the thread index: keeps the compiler from hoisting the addresses out of the chunk loop
-    // (live 64-bit addresses across the recurrence spill)
-    tid = threadIdx.x;
-    asm volatile("" : "+r"(tid));
-    const int D = a.dim, p = tid % PPR, tq = tid / PPR;
-    const bool piece = d0 + p * PB < D;
-    const int64_t row = (static_cast<int64_t>(b) * a.seqlen + t0 + tq) * D + d0 + p * PB;
-    const int64_t step = static_cast<int64_t>(RPR) * D;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint8_t* src = static_cast<const uint8_t*>(staged_input(a, k));
-#pragma unroll
-      for (int j = 0; j < ROUNDS; ++j) {
-        const int t = tq + j * RPR;
-        const bool ok = src && piece && t < nt && (C::CH % RPR == 0 || t < C::CH);
-        r[k][j] = ok ? *reinterpret_cast<const Piece*>(src + row + j * step) : Piece{};
-      }
-    }
-  }
-
-  __device__ __forceinline__ void store(unsigned char* sIn, int nt) const {
-    const int p = tid % PPR, tq = tid / PPR;
-    unsigned char* dst = sIn + p * PB * C::CH_BYTES + tq;
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int j = 0; j < ROUNDS; ++j) {
-        const int t = tq + j * RPR;
-        if (t >= nt || (C::CH % RPR != 0 && t >= C::CH)) continue;
-#pragma unroll
-        for (int w = 0; w < PB; ++w) dst[w * C::CH_BYTES + k * C::CH + j * RPR] = byte_of(r[k][j], w);
-      }
-  }
-};
-
-// Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec: ChannelPieces.
+// Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
+// pointers aligned to PB bytes): a thread owns piece p (PB channels) of the steps tq, tq + RPR, ...: one PB-byte load
+// per (array, step), the row address computed once per chunk, all loads before the first store.
 template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
                                                int d0, bool vec) {
@@ -264,9 +207,38 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
   const int D = a.dim;
   if constexpr (kInt8) {
     if (vec) {
-      ChannelPieces<C> r;
-      r.load(a, b, t0, nt, d0);
-      r.store(sIn, nt);
+      constexpr int PB = C::PB, PPR = C::CPB / PB, RPR = C::THREADS / PPR, ROUNDS = (CH + RPR - 1) / RPR;
+      static_assert(C::THREADS % PPR == 0, "each thread keeps one piece column");
+      using Piece = std::conditional_t<PB == 8, uint2, uint32_t>;
+      // an opaque copy of the thread index: keeps the compiler from hoisting the addresses out of the chunk loop
+      // (live 64-bit addresses across the recurrence spill)
+      int tid = threadIdx.x;
+      asm volatile("" : "+r"(tid));
+      const int p = tid % PPR, tq = tid / PPR;
+      const bool piece = d0 + p * PB < D;
+      const int64_t row = (static_cast<int64_t>(b) * a.seqlen + t0 + tq) * D + d0 + p * PB;
+      const int64_t step = static_cast<int64_t>(RPR) * D;
+      Piece r[4][ROUNDS];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* src = static_cast<const uint8_t*>(staged_input(a, k));
+#pragma unroll
+        for (int j = 0; j < ROUNDS; ++j) {
+          const int t = tq + j * RPR;
+          const bool ok = src && piece && t < nt && (CH % RPR == 0 || t < CH);
+          r[k][j] = ok ? *reinterpret_cast<const Piece*>(src + row + j * step) : Piece{};
+        }
+      }
+      unsigned char* dst = sIn + p * PB * C::CH_BYTES + tq;
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int j = 0; j < ROUNDS; ++j) {
+          const int t = tq + j * RPR;
+          if (t >= nt || (CH % RPR != 0 && t >= CH)) continue;
+#pragma unroll
+          for (int w = 0; w < PB; ++w) dst[w * C::CH_BYTES + k * CH + j * RPR] = byte_of(r[k][j], w);
+        }
       return;
     }
   }

@@ -295,6 +295,9 @@ __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int
 #ifndef QM_GEMV_L2_PREFETCH  // one row: each block asks its weight slab into L2 before its wait (1) or not (0)
 #define QM_GEMV_L2_PREFETCH 1
 #endif
+#ifndef QM_GEMV_HALVES  // one row, under half a wave: two warps per column (1) or one (0)
+#define QM_GEMV_HALVES 1
+#endif
 #ifndef QM_GEMV_PAIRS_ABOVE  // one row: 2 columns per warp above this many blocks per SM
 #define QM_GEMV_PAIRS_ABOVE QM_GEMV_MIN_BLOCKS
 #endif
@@ -614,7 +617,14 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   const bool persistent = !conv && a->rows > 1 && needed > cap;
   // one row, many columns: 2 columns per warp when one per warp needs more than one wave of resident blocks
   const bool pairs = !conv && !had && a->rows <= 1 && !few && needed > int64_t{QM_GEMV_PAIRS_ABOVE} * qm::sm_count();
-  const unsigned blocks = static_cast<unsigned>(persistent ? cap : pairs ? (a->n + 2 * cols - 1) / (2 * cols) : needed);
+  // one row, a plain GEMV whose one-warp-per-column grid fills at most half a wave of resident blocks (2.8b out_proj:
+  // 320 blocks for 6 x 132 slots): two warps share each column's K, twice the blocks and the loads in flight
+  const bool halves = QM_GEMV_HALVES && !conv && !had && !xp && !norm && a->rows <= 1 && !few && !pairs &&
+                      2 * needed <= int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
+  const unsigned blocks = static_cast<unsigned>(persistent ? cap
+                                                : pairs    ? (a->n + 2 * cols - 1) / (2 * cols)
+                                                : halves   ? (a->n + cols / 2 - 1) / (cols / 2)
+                                                           : needed);
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
                     : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;
@@ -627,8 +637,10 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                                                                  : gemv_kernel<1, 1, false, 1, 1024>)
                                                           : (few ? gemv_kernel<1, 4, false, 1, 512>
                                                                  : gemv_kernel<1, 1, false, 1, 512>))
-               : a->rows <= 1 ? (few ? gemv_kernel<1, 4, false> : pairs ? gemv_kernel<1, 1, false, 2>
-                                                                        : gemv_kernel<1, 1, false>)
+               : a->rows <= 1 ? (few      ? gemv_kernel<1, 4, false>
+                                 : pairs  ? gemv_kernel<1, 1, false, 2>
+                                 : halves ? gemv_kernel<1, 2, false>
+                                          : gemv_kernel<1, 1, false>)
                : persistent   ? (few ? gemv_kernel<4, 4, true> : gemv_kernel<4, 1, true>)
                               : (few ? gemv_kernel<4, 4, false> : gemv_kernel<4, 1, false>);
   if (conv && smem > 32768)  // with the kernel's static shared memory, beyond the 48 KiB that needs no opt-in

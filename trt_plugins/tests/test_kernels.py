@@ -350,8 +350,9 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
 
 @needs_gpu
 @pytest.mark.gpu
-# one row at decode shapes with K in the thousands: x_proj (4 warps per column), out_proj (1), in_proj (2 columns per
-# warp), a wide K; 9001 columns: a last warp with one column
+# one row at decode shapes with K in the thousands: x_proj (4 warps per column), out_proj (2 warps per column where one
+# per column fills at most half a wave: 2560 and 2056 columns on a 132-SM GPU, the latter with a partial last block),
+# in_proj (2 columns per warp), a wide K; 9001 columns: a last warp with one column
 @pytest.mark.parametrize(("kdim", "ncols"), [(5120, 192), (5120, 2560), (2560, 10240), (8192, 2056), (16, 9001)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_int8_linear_one_row_at_decode_shapes(k, kdim, ncols, dual):

@@ -309,7 +309,7 @@ def test_invalid_arguments_are_reported(k):
 @pytest.mark.parametrize("rows", [1, 3, 40])
 # few columns (< 2048): 4 warps per column; many: 1. 1504 and 9000 need more blocks than the persistent grid of
 # 4 per SM holds, so for rows 2-4 each warp walks several columns; one row takes 2 columns per warp there (9001:
-# a last warp with one column).
+# a last warp with one column), and 2 warps per column at 2056 (under half a wave of one-warp blocks on 132 SMs).
 @pytest.mark.parametrize("ncols", [56, 1504, 2056, 9000, 9001])
 @pytest.mark.parametrize("dual", [False, True])
 def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):

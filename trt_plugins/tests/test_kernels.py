@@ -232,11 +232,11 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # kernel: (4, 37, 5600) ends in a partial block of 96 channels, (5, 2049, 4096) ends in a partial chunk. On a
 # 132-SM GPU (H100, H200) 1188-1584 channels take two warps per channel in 12-channel blocks: (1, 600, 1501) has no
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
-# mamba-130m's d_inner with a one-step last chunk.
+# mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
                                            (1, 8192, 128), (3, 300, 1000), (3, 37, 1001), (5, 7, 4096),
                                            (5, 2049, 4096), (4, 37, 5600), (1, 600, 1501), (3, 37, 500),
-                                           (1, 1537, 1536)])
+                                           (1, 1537, 1536), (3, 600, 512)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)

@@ -621,10 +621,8 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   // 320 blocks for 6 x 132 slots): two warps share each column's K, twice the blocks and the loads in flight
   const bool halves = QM_GEMV_HALVES && !conv && !had && !xp && !norm && a->rows <= 1 && !few && !pairs &&
                       2 * needed <= int64_t{QM_GEMV_MIN_BLOCKS} * qm::sm_count();
-  const unsigned blocks = static_cast<unsigned>(persistent ? cap
-                                                : pairs    ? (a->n + 2 * cols - 1) / (2 * cols)
-                                                : halves   ? (a->n + cols / 2 - 1) / (cols / 2)
-                                                           : needed);
+  const int block_cols = pairs ? 2 * cols : halves ? cols / 2 : cols;
+  const unsigned blocks = static_cast<unsigned>(persistent ? cap : (a->n + block_cols - 1) / block_cols);
   // the fused prologue's codes (and the conv's mask) in shared memory: <= 48 KiB, no opt-in needed
   const size_t smem = had ? 6 * static_cast<size_t>(a->k)  // codes, then the Hadamard's k floats and k bytes
                     : norm || conv ? static_cast<size_t>(a->rows <= 1 ? 1 : 4) * a->k * (conv ? 2 : 1) : 0;

@@ -79,6 +79,8 @@ struct ScanCfg {
   static constexpr int CH = SEG * T;             // steps per chunk
   static constexpr int LS = T == 4 ? 4 : T + 4;  // words per lane in a B/C/y row: an odd multiple of 4 words
   static constexpr int ROW = SEG * LS;           //   makes the lanes' 16-byte accesses bank-conflict free
+  // step t of a chunk in a padded row (B, C, y): lane t / T's T words
+  static __device__ __forceinline__ int step_at(int t) { return (t / T) * LS + t % T; }
   static constexpr int ESZ = kInt8 ? 1 : 4;      // bytes per staged u/dt/z element
   static constexpr int IN_BYTES = (kInt8 ? 4 : 3) * CH * ESZ;  // u, dt, z (+ mask) of one channel
   // one channel's region; reused for its y (a padded row) after the recurrence. +16 bytes: regions of
@@ -123,7 +125,7 @@ __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float
   constexpr int T = C::T, CH = C::CH;
   static_assert(T % 4 == 0, "4 steps stay inside one lane's row");
   const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-  auto at = [&](float* dst, int t, int n) -> float* { return dst + n * C::ROW + (t / T) * C::LS + t % T; };
+  auto at = [&](float* dst, int t, int n) -> float* { return dst + n * C::ROW + C::step_at(t); };
   if constexpr (kInt8) {
     if (vec) {
       // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
@@ -264,10 +266,10 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
 template <class C>
 __device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned char* sIn, int b, int t0, int nt,
                                        int d0, bool vec) {
-  constexpr int T = C::T, PB = C::PB, PPR = C::CPB / PB;
+  constexpr int PB = C::PB, PPR = C::CPB / PB;
   const int D = a.dim;
   auto at = [&](int w, int t) {
-    return reinterpret_cast<const float*>(sIn + w * C::CH_BYTES)[(t / T) * C::LS + t % T];
+    return reinterpret_cast<const float*>(sIn + w * C::CH_BYTES)[C::step_at(t)];
   };
   if (vec) {
     for (int it = threadIdx.x; it < nt * PPR; it += C::THREADS) {

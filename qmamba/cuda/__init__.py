@@ -41,11 +41,11 @@ class ScanArgs(ctypes.Structure):
         ("dt_rank", ctypes.c_int), ("early_state", ctypes.c_int),
         ("conv_state", ctypes.c_void_p), ("conv_x", ctypes.c_void_p), ("conv_kernel_size", ctypes.c_int),
         ("xp_acc", ctypes.c_void_p), ("xp_m_in", ctypes.c_void_p), ("xp_m_out", ctypes.c_void_p),
-        ("xp_n", ctypes.c_int), ("dt_lowrank_scale", ctypes.c_float),
+        ("xp_n", ctypes.c_int), ("dt_lowrank_scale", ctypes.c_float), ("channel_major", ctypes.c_int),
     ]
 
 
-ABI_VERSION = 6  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 7  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -188,9 +188,15 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
           scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
-          conv_shift: tuple | None = None, x_proj: tuple | None = None) -> torch.Tensor:
+          conv_shift: tuple | None = None, x_proj: tuple | None = None, channel_major: bool = False) -> torch.Tensor:
     lib = load_library()
     bsz, l, d = u.shape
+    if channel_major:  # u, dt, z, mask [B, D, L]; B, C, y keep [B, L, .]
+        bsz, d, l = u.shape
+        for name, t in (("dt", dt), ("z", z), ("u_mask", mask)):
+            if t is not None and tuple(t.shape) != (bsz, d, l):
+                raise KernelError(f"channel-major scan: {name} must be [B, D, L] = {(bsz, d, l)} like u, got "
+                                  f"{tuple(t.shape)}")
     n = A.shape[1]
     y = torch.empty(bsz, l, d, dtype=y_dtype, device=u.device)
     args = ScanArgs(
@@ -202,7 +208,7 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     if dt_proj is not None:  # (dt_lowrank int8 [B, R], dt_w int8 [D, R], multiplier float32 [D])
         lr, w, m = dt_proj
         args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), w.shape[1]
-    args.early_state = int(early_state)
+    args.early_state, args.channel_major = int(early_state), int(channel_major)
     if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
         cx, cs = conv_shift
         args.conv_x, args.conv_state, args.conv_kernel_size = _ptr(cx), _ptr(cs), cs.shape[-1] + 1
@@ -217,24 +223,29 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     return y
 
 
-def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None):
-    """Float-input scan, as ref.selective_scan: (y, final state). final_state may be initial_state (in place)."""
+def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None,
+                   channel_major: bool = False):
+    """Float-input scan, as ref.selective_scan: (y, final state). final_state may be initial_state (in place).
+    channel_major: u, dt, z are [B, D, L] (mamba_ssm's layout); B, C and y stay [B, L, .]."""
     state = final_state if final_state is not None else \
-        torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32, device=u.device)
-    y = _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, state, y_dtype, {})
+        torch.empty(u.shape[0], u.shape[1 if channel_major else 2], A.shape[1], dtype=torch.float32, device=u.device)
+    y = _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, state, y_dtype, {},
+              channel_major=channel_major)
     return y, state
 
 
 def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, u_scale, u_outlier_scale,
                               dt_scale, B_scale, C_scale, z_scale, initial_state=None, y_dtype=torch.float32,
-                              final_state=None):
-    """int8-input scan, as ref.dual_scale_selective_scan: (y, final state). final_state may be initial_state."""
+                              final_state=None, channel_major: bool = False):
+    """int8-input scan, as ref.dual_scale_selective_scan: (y, final state). final_state may be initial_state.
+    channel_major: u_q, u_mask, dt_q, z_q are [B, D, L] (mamba_ssm's layout); B_q, C_q and y stay [B, L, .]."""
     state = final_state if final_state is not None else \
-        torch.empty(u_q.shape[0], u_q.shape[2], A.shape[1], dtype=torch.float32, device=u_q.device)
+        torch.empty(u_q.shape[0], u_q.shape[1 if channel_major else 2], A.shape[1], dtype=torch.float32,
+                    device=u_q.device)
     scales = dict(u_scale=u_scale, u_outlier_scale=u_outlier_scale, dt_scale=dt_scale, B_scale=B_scale,
                   C_scale=C_scale, z_scale=z_scale)
     y = _scan("qm_selective_scan", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, initial_state, state,
-              y_dtype, scales)
+              y_dtype, scales, channel_major=channel_major)
     return y, state
 
 

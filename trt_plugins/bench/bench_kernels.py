@@ -105,6 +105,12 @@ def scan_sets(b, l, d, n, count):
     return sets
 
 
+def channel_major_sets(sets):
+    """The same problems with u, mask, dt, z channel-major ([B, D, L])."""
+    cm = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+    return [(cm(u), cm(mask), cm(dt), bm, cmat, cm(z), *rest) for u, mask, dt, bm, cmat, z, *rest in sets]
+
+
 SCALES = dict(u_scale=0.02, u_outlier_scale=0.2, dt_scale=0.03, B_scale=0.02, C_scale=0.02, z_scale=0.03)
 
 
@@ -181,6 +187,10 @@ def main() -> None:
              f"mamba_ssm: {'selective_scan_cuda.fwd, fp16, z + delta_bias + softplus' if mssm else why}", "",
              "| op | shape | ours ms | floor ms | % of floor | mamba_ssm fp16 ms | speed-up | PyTorch ref ms |",
              "|---|---|---|---|---|---|---|---|"]
+    scan_lines = ["", "Scan inputs u, dt, z, mask channel-major ([B, D, L], `channel_major=True`: mamba_ssm's own "
+                  "layout; B, C, y as above)", "",
+                  "| op | shape | ours channel-major ms | % of floor | mamba_ssm fp16 ms | speed-up |",
+                  "|---|---|---|---|---|---|"]
     n = 16
     ops = set(args.ops.split(","))
     for d in (1536, 4096, 5120) if "scan" in ops else ():
@@ -200,6 +210,15 @@ def main() -> None:
                 lines.append(f"| scan (int8 dual-scale in, fp16 y) | B{b} D{d} L{l} | {ms:.4f} | {floor:.4f} | "
                              f"{100 * floor / ms:.0f}% | {mms} | {speed} | {refms} |")
                 print(lines[-1], flush=True)
+                if l > 1:  # one step: both layouts are the same
+                    cms = timeit(lambda *a: k.dual_scale_selective_scan(*a, channel_major=True, **SCALES),
+                                 channel_major_sets(sets), args.reps)
+                    cspeed = f"{float(mms) / cms:.2f}x" if mms else ""
+                    scan_lines.append(f"| scan (int8 dual-scale in, fp16 y) | B{b} D{d} L{l} | {cms:.4f} | "
+                                      f"{100 * floor / cms:.0f}% | {mms} | {cspeed} |")
+                    print(scan_lines[-1], flush=True)
+    if "scan" in ops:
+        lines += scan_lines + [""]
     for d, b in ((1536, 1), (1536, 16), (1536, 64), (5120, 1), (5120, 16), (5120, 64)) if "update" in ops else ():
         # one state per input set, 3 sets: at B64 D5120 they (63 MB) exceed the 50 MB L2, as in serving
         sets = [(torch.randn(b, d, n, device="cuda"), *s) for s in scan_sets(b, 1, d, n, 3)]

@@ -1,6 +1,8 @@
 // HadamardQuant (spec 4.6): FWHT stages over p in the spec order, then left-to-right mixing across m with H_m from
 // the generated table, then * c and quantize. Every butterfly of a stage is independent, so any assignment of pairs
 // to threads gives the same bits as long as the stages run in order h = 1, 2, 4, ...
+#include <algorithm>
+
 #include "common.cuh"
 #include "hadamard_row.cuh"
 #include "hadamard_tables.h"
@@ -47,13 +49,25 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
 
 // m = 20 (d_inner 5120): 640 threads x 56 registers let one block per SM run (31% occupancy, 42% of the cycles
 // stalled at block barriers, ncu 2026-11-25); a 48-register cap lets two blocks share each SM.
+// ahead > 0 (more rows than resident blocks): thread 0 first asks L2 for row blockIdx.x + ahead, the row of a block
+// that runs QM_HADAMARD_L2_AHEAD waves of resident blocks later, so that HBM streams rows while the resident blocks
+// run their transforms' shuffles and barriers with nothing else in flight (32-50% of the HBM floor at B8 L2048
+// before, NOTES.md session 12). A hint: no registers held, no shared memory.
+#ifndef QM_HADAMARD_L2_AHEAD  // waves of resident blocks ahead (0: no prefetch)
+#define QM_HADAMARD_L2_AHEAD 1
+#endif
 template <typename T, int M, bool kSplit>
 __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
-                     float inv_scale, bool fast_quant) {
+                     float inv_scale, bool fast_quant, int64_t rows, int ahead) {
   extern __shared__ float4 row4[];  // d floats (m > 1 or p > 256), then d int8 codes
   qm::wait_for_inputs();
   qm::allow_dependents();
+#if QM_HADAMARD_L2_AHEAD && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0 && ahead > 0 && blockIdx.x + ahead < rows)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(x + (blockIdx.x + ahead) * static_cast<int64_t>(d)),
+                 "r"(static_cast<unsigned>(d * sizeof(T))) : "memory");
+#endif
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   hadamard8_row<T, M, kSplit>(x + base, y + base, row4, d, lp, c, scale, inv_scale, fast_quant);
 }
@@ -69,8 +83,15 @@ int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, flo
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
   }
+  int ahead = 0;  // QM_HADAMARD_L2_AHEAD waves of resident blocks, when there are more rows than one wave
+  if (QM_HADAMARD_L2_AHEAD > 0 && rows > qm::sm_count()) {
+    int per_sm = 0;
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: occupancy", e);
+    ahead = QM_HADAMARD_L2_AHEAD * std::max(per_sm, 1) * qm::sm_count();
+  }
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream, x, y, dim, lp, c,
-                               scale, inv, fast_quant),
+                               scale, inv, fast_quant, static_cast<int64_t>(rows), ahead),
                     "qm_hadamard_quant launch");
   return QM_OK;
 }

@@ -295,6 +295,11 @@ __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int
 #ifndef QM_GEMV_L2_PREFETCH  // one row: each block asks its weight slab into L2 before its wait (1) or not (0)
 #define QM_GEMV_L2_PREFETCH 1
 #endif
+// Not the two-columns-per-warp GEMV (2.8b / 1.4b in_proj): there its 640 / 512 blocks ask for 26 / 17 MB at once and
+// the step was faster without (2.8b B1 -20 us, 1.4b unchanged; NOTES.md session 12). 1: ask there too.
+#ifndef QM_GEMV_PAIRS_L2_PREFETCH
+#define QM_GEMV_PAIRS_L2_PREFETCH 0
+#endif
 #ifndef QM_GEMV_HALVES  // one row, under half a wave: two warps per column (1) or one (0)
 #define QM_GEMV_HALVES 1
 #endif
@@ -372,7 +377,7 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
 #if QM_GEMV_L2_PREFETCH && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // one row, rows longer than those pieces: the block's whole slab (its columns' rows are contiguous) is asked into
   // L2 now, so HBM streams it during the wait and the fused prologue instead of after them
-  if (R == 1 && !P && threadIdx.x == 0 && chunks > kPre * 32 * S) {
+  if (R == 1 && !P && (CPW == 1 || QM_GEMV_PAIRS_L2_PREFETCH) && threadIdx.x == 0 && chunks > kPre * 32 * S) {
     const int n0 = static_cast<int>(blockIdx.x) * kCols;
     const int cols = min(kCols, a.n - n0);
     if (cols > 0)

@@ -31,9 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-/* qm_abi_version bumps on any incompatible change; currently 6. 3: qm_tied_logits; 4: early_state; 5: the decode
+/* qm_abi_version bumps on any incompatible change; currently 7. 3: qm_tied_logits; 4: early_state; 5: the decode
  * conv and the HadamardQuant fused into the GEMV, the conv state shift into the update; 6: the conv and x_proj's
- * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup. */
+ * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup; 7: the
+ * scan's channel_major inputs. */
 QM_API int qm_abi_version(void);
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
@@ -106,6 +107,10 @@ typedef struct {
   const float* xp_m_out;
   int xp_n;
   float dt_lowrank_scale;
+  /* 0 or 1. 1: u, dt, z and u_mask are [B, D, L] (channel-major, mamba_ssm's layout) instead of [B, L, D]; B, C
+   * and y keep theirs. qm_selective_scan then runs its chunked kernel at every shape (16-byte staging copies when
+   * seqlen % 16 == 0 and those pointers are 16-byte aligned). At seqlen 1 both layouts are the same. */
+  int channel_major;
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);

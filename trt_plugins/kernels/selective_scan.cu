@@ -202,11 +202,19 @@ __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
 // pointers aligned to PB bytes): a thread owns piece p (PB channels) of the steps tq, tq + RPR, ...: one PB-byte load
 // per (array, step), the row address computed once per chunk, all loads before the first store.
-template <int N, bool kInt8, class C>
+template <bool kInt8, class C>
+__device__ __forceinline__ void stage_channels_cm(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
+                                                  int d0, bool vec);
+
+template <int N, bool kInt8, class C, bool kCM>
 __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
                                                int d0, bool vec) {
   constexpr int CH = C::CH;
   const int D = a.dim;
+  if constexpr (kCM) {
+    stage_channels_cm<kInt8, C>(a, sIn, b, t0, nt, d0, vec);
+    return;
+  }
   if constexpr (kInt8) {
     if (vec) {
       constexpr int PB = C::PB, PPR = C::CPB / PB, RPR = C::THREADS / PPR, ROUNDS = (CH + RPR - 1) / RPR;
@@ -249,6 +257,61 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
     const int t = i / C::CPB, w = i % C::CPB;
     if (d0 + w >= D) continue;
     const int64_t e = (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + w;
+    unsigned char* r = sIn + w * C::CH_BYTES;
+#pragma unroll
+    for (int k = 0; k < narr; ++k) {
+      const void* s = staged_input(a, k);
+      if constexpr (kInt8)
+        r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
+      else
+        reinterpret_cast<float*>(r)[k * CH + t] = s ? static_cast<const float*>(s)[e] : 0.f;
+    }
+  }
+}
+
+// The same from channel-major inputs ([B, D, L]: a channel's chunk row of each array is contiguous). vec (int8,
+// L % 16 == 0, pointers 16-byte aligned): 16-byte copies, a thread's loads all before its stores; else element by
+// element along t.
+template <bool kInt8, class C>
+__device__ __forceinline__ void stage_channels_cm(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
+                                                  int d0, bool vec) {
+  constexpr int CH = C::CH;
+  const int D = a.dim, L = a.seqlen;
+  if constexpr (kInt8) {
+    if (vec) {
+      constexpr int PPR = CH / 16, ITEMS = C::CPB * 4 * PPR, ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
+      constexpr int G = ROUNDS < 2 ? ROUNDS : 2;  // pieces in flight per thread (more spilled at the register cap)
+      static_assert(CH % 16 == 0, "16-byte pieces of a chunk row");
+      int tid = threadIdx.x;  // opaque, as in stage_channels: no addresses hoisted out of the chunk loop
+      asm volatile("" : "+r"(tid));
+#pragma unroll
+      for (int j0 = 0; j0 < ROUNDS; j0 += G) {
+        int4 r[G];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {  // item i: piece p of array k of channel w
+          const int i = tid + (j0 + j) * C::THREADS;
+          const int p = i % PPR, k = i / PPR % 4, w = i / PPR / 4;
+          const uint8_t* src = static_cast<const uint8_t*>(staged_input(a, k));
+          const bool ok = j0 + j < ROUNDS && i < ITEMS && src && d0 + w < D && p * 16 < nt;
+          r[j] = ok ? *reinterpret_cast<const int4*>(src + (static_cast<int64_t>(b) * D + d0 + w) * L + t0 + p * 16)
+                    : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const int i = tid + (j0 + j) * C::THREADS;
+          const int p = i % PPR, k = i / PPR % 4, w = i / PPR / 4;
+          if (j0 + j < ROUNDS && i < ITEMS && p * 16 < nt)
+            *reinterpret_cast<int4*>(sIn + w * C::CH_BYTES + k * CH + p * 16) = r[j];
+        }
+      }
+      return;
+    }
+  }
+  constexpr int narr = kInt8 ? 4 : 3;
+  for (int i = threadIdx.x; i < nt * C::CPB; i += C::THREADS) {
+    const int w = i / nt, t = i % nt;
+    if (d0 + w >= D) continue;
+    const int64_t e = (static_cast<int64_t>(b) * D + d0 + w) * L + t0 + t;
     unsigned char* r = sIn + w * C::CH_BYTES;
 #pragma unroll
     for (int k = 0; k < narr; ++k) {
@@ -308,12 +371,29 @@ __device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned ch
 }
 
 // Asks L2 for the next chunk's inputs while this chunk computes (the staging's loads then wait for L2, not HBM): each
-// block of batch row b takes its share of the chunk's u, dt, z, mask rows (contiguous across the row's blocks) and of
-// its B and C, by sm_90's bulk prefetch (a hint: no registers, no shared memory; 16-byte granules, rounded inward).
-template <int N, class C>
-__device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b, int t_begin, int t_end) {
+// block of batch row b takes its share of the chunk's u, dt, z, mask rows (contiguous across the row's blocks; channel-
+// major inputs: its own channels' rows, one thread each) and of its B and C, by sm_90's bulk prefetch (a hint: no
+// registers, no shared memory; 16-byte granules, rounded inward).
+template <int N, class C, bool kCM>
+__device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b, int d0, int t_begin, int t_end) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int k = threadIdx.x;
+  int k = threadIdx.x;
+  if constexpr (kCM) {  // threads [0, 4 CPB): one row (channel k / 4, array k % 4) each; the next two: B and C
+    if (k < 4 * C::CPB) {
+      const void* p = staged_input(a, k % 4);
+      const int d = d0 + k / 4;
+      if (!p || d >= a.dim) return;
+      const uintptr_t base = reinterpret_cast<uintptr_t>(p) +
+                             ((static_cast<int64_t>(b) * a.dim + d) * a.seqlen + t_begin) * C::ESZ;
+      const uintptr_t lo = (base + 15) & ~uintptr_t{15}, hi = (base + (t_end - t_begin) * C::ESZ) & ~uintptr_t{15};
+      if (hi > lo)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(static_cast<unsigned>(hi - lo))
+                     : "memory");
+      return;
+    }
+    k += 4 - 4 * C::CPB;
+    if (k < 4) return;
+  }
   if (k >= 6) return;
   const void* p = k < 4 ? staged_input(a, k) : k == 4 ? a.B : a.C;
   if (!p) return;
@@ -327,7 +407,9 @@ __device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b
 #endif
 }
 
-template <int N, bool kInt8, class C>
+// kCM: channel-major u, dt, z, mask (qm_scan_args.channel_major), its own instantiation so that the token-major
+// kernels' registers stay as they were (one kernel for both spilled in four configurations).
+template <int N, bool kInt8, class C, bool kCM>
 __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel(qm_scan_args a, bool vec_bc,
                                                                                 bool vec_ch, bool vec_y) {
   constexpr int T = C::T, CH = C::CH, LPC = C::LPC;
@@ -358,10 +440,10 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
     const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
     stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
-    stage_channels<N, kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
+    stage_channels<N, kInt8, C, kCM>(a, sIn, b, t0, nt, d0, vec_ch);
     __syncthreads();
 #if QM_SCAN_L2_PREFETCH
-    if (t0 + CH < L) prefetch_next_chunk<N, C>(a, b, t0 + CH, min(t0 + 2 * CH, L));
+    if (t0 + CH < L) prefetch_next_chunk<N, C, kCM>(a, b, d0, t0 + CH, min(t0 + 2 * CH, L));
 #endif
     float delta[T], dlu[T], y[T];
     float sumdelta = 0.f;
@@ -791,6 +873,8 @@ int validate(const qm_scan_args* a, const char* fn) {
                "or float16", fn, a->y_dtype);
   QM_CHECK_ARG(a->dual_scale == 0 || a->dual_scale == 1, "%s: dual_scale must be 0 or 1", fn);
   QM_CHECK_ARG(a->early_state == 0 || a->early_state == 1, "%s: early_state=%d must be 0 or 1", fn, a->early_state);
+  QM_CHECK_ARG(a->channel_major == 0 || a->channel_major == 1, "%s: channel_major=%d must be 0 or 1", fn,
+               a->channel_major);
   if (a->input_dtype == QM_DTYPE_INT8) {
     QM_CHECK_ARG(QM_VALID_SCALE(a->u_scale) && QM_VALID_SCALE(a->dt_scale) && QM_VALID_SCALE(a->B_scale) &&
                  QM_VALID_SCALE(a->C_scale) && (!a->z || QM_VALID_SCALE(a->z_scale)),
@@ -818,23 +902,29 @@ int validate(const qm_scan_args* a, const char* fn) {
   return QM_OK;
 }
 
-template <int N, bool kInt8, class C>
-int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
+template <int N, bool kInt8, class C, bool kCM>
+int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
-  cudaError_t e = cudaFuncSetAttribute(scan_chunked_kernel<N, kInt8, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(C::SMEM));
+  auto kernel = scan_chunked_kernel<N, kInt8, C, kCM>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::SMEM));
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(scan_chunked_kernel<N, kInt8, C>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             cudaSharedmemCarveoutMaxShared);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return qm::fail_cuda("cudaFuncSetAttribute(scan shared memory)", e);
   dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
   const bool vec_bc = aligned(a->B) && aligned(a->C) && (static_cast<int64_t>(a->seqlen) * N) % 16 == 0;
-  const bool vec_ch = a->dim % C::PB == 0 && aligned(a->u, C::PB) && aligned(a->dt, C::PB) &&
-                      (!a->z || aligned(a->z, C::PB)) && (!a->dual_scale || aligned(a->u_mask, C::PB));
+  const int vb = kCM ? 16 : C::PB;  // the staging's vector piece in bytes
+  const bool vec_ch = (kCM ? a->seqlen % 16 == 0 : a->dim % C::PB == 0) && aligned(a->u, vb) && aligned(a->dt, vb) &&
+                      (!a->z || aligned(a->z, vb)) && (!a->dual_scale || aligned(a->u_mask, vb));
   const bool vec_y = a->dim % C::PB == 0 && aligned(a->y);
-  scan_chunked_kernel<N, kInt8, C><<<grid, C::THREADS, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
+}
+
+template <int N, bool kInt8, class C>
+int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
+  return a->channel_major ? launch_chunked_layout<N, kInt8, C, true>(a, stream, fn)
+                          : launch_chunked_layout<N, kInt8, C, false>(a, stream, fn);
 }
 
 // Whether blocks of cpb channels, one per SM, make one wave that fills at least 3/4 of the SMs.
@@ -860,7 +950,7 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
     case 8: return launch_chunked<8, kInt8, ScanCfg<8, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 16:
       if constexpr (kInt8) {
-        if (seq_applies<16>(a)) {
+        if (seq_applies<16>(a) && !a->channel_major) {  // the sequential kernel reads [B, L, D] only
           const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
                           static_cast<unsigned>(a->batch));
           scan_seq_kernel<16><<<grid, kSeqThreads, 0, stream>>>(*a);

@@ -248,6 +248,41 @@ def test_scan_matches_reference(k, b, l, d, dual):
     assert rel(y16.float(), wy) <= 2e-3  # fp16 output rounding
 
 
+def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.transpose(1, 2).contiguous()
+
+
+@needs_gpu
+@pytest.mark.gpu
+# channel-major u, dt, z, mask ([B, D, L]): 16-byte staging copies where L % 16 == 0 ((1, 2048, 1536): the K = 2
+# kernel; (3, 608, 512): a partial second chunk; (1, 2048, 768); (3, 304, 1000): two channels per warp; (5, 2048, 4096):
+# B * D where token-major runs the one-thread-per-channel kernel), element by element elsewhere ((1, 1537, 1536),
+# (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64.
+@pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (3, 608, 512, 16), (1, 2048, 768, 16),
+                                                (3, 304, 1000, 16), (5, 2048, 4096, 16), (1, 1537, 1536, 16),
+                                                (3, 600, 512, 16), (3, 300, 1000, 16), (3, 7, 768, 16),
+                                                (1, 1, 768, 16), (2, 64, 128, 8), (2, 80, 96, 32), (2, 48, 64, 64)])
+@pytest.mark.parametrize("dual", [False, True])
+def test_channel_major_scan_equals_token_major(k, b, l, d, n, dual):
+    ins, h0, scales = _scan_inputs(b, l, d, n, b * 1000 + l + d, dual)
+    u, mask, dt, bm, cm, z, A, D, dtb = ins
+    cm_ins = (_channel_major(u), _channel_major(mask), _channel_major(dt), bm, cm, _channel_major(z), A, D, dtb)
+    y, h = k.dual_scale_selective_scan(*cm_ins, initial_state=h0, channel_major=True, **scales)
+    wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    assert y.shape == (b, l, d) and torch.isfinite(y).all()
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+    if b * d < 20480:  # token-major runs the same chunked kernel: the same bits
+        ty, th = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+        assert torch.equal(y, ty) and torch.equal(h, th)
+    f = [x.float() * 0.05 for x in (u, dt)]
+    fy, fh = k.selective_scan(*(_channel_major(x) for x in f), A, bm.float(), cm.float(), D, _channel_major(z.float()),
+                              dtb, initial_state=h0, channel_major=True)
+    wfy, wfh = ref.selective_scan(*f, A, bm.float(), cm.float(), D, z.float(), dtb, initial_state=h0)
+    assert rel(fy, wfy) <= 1e-5 and rel(fh, wfh) <= 1e-5
+    with pytest.raises(k.KernelError, match="dt must be \\[B, D, L\\]"):
+        k.dual_scale_selective_scan(cm_ins[0], cm_ins[1], dt, *cm_ins[3:], channel_major=True, **scales)
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(("n", "d", "l"), [(16, 512, 33), (64, 100, 300), (8, 24, 1)])

@@ -257,8 +257,10 @@ def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:
 # channel-major u, dt, z, mask ([B, D, L]): 16-byte staging copies where L % 16 == 0 ((1, 2048, 1536): the K = 2
 # kernel; (3, 608, 512): a partial second chunk; (1, 2048, 768); (3, 304, 1000): two channels per warp; (5, 2048, 4096):
 # B * D where token-major runs the one-thread-per-channel kernel), element by element elsewhere ((1, 1537, 1536),
-# (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64.
-@pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (3, 608, 512, 16), (1, 2048, 768, 16),
+# (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64. (1, 64,
+# 1536) and (3, 32, 1000): short, so that compute-sanitizer's racecheck can run the vector paths.
+@pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (1, 64, 1536, 16), (3, 32, 1000, 16),
+                                                (3, 608, 512, 16), (1, 2048, 768, 16),
                                                 (3, 304, 1000, 16), (5, 2048, 4096, 16), (1, 1537, 1536, 16),
                                                 (3, 600, 512, 16), (3, 300, 1000, 16), (3, 7, 768, 16),
                                                 (1, 1, 768, 16), (2, 64, 128, 8), (2, 80, 96, 32), (2, 48, 64, 64)])

@@ -295,10 +295,12 @@ __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int
 #ifndef QM_GEMV_L2_PREFETCH  // one row: each block asks its weight slab into L2 before its wait (1) or not (0)
 #define QM_GEMV_L2_PREFETCH 1
 #endif
-// Not the two-columns-per-warp GEMV (2.8b / 1.4b in_proj): there its 640 / 512 blocks ask for 26 / 17 MB at once and
-// the step was faster without (2.8b B1 -20 us, 1.4b unchanged; NOTES.md session 12). 1: ask there too.
+// The two-columns-per-warp GEMV (2.8b / 1.4b in_proj): 2 = each column's row past the pieces loaded ahead is asked
+// into L2 after the wait (so HBM streams during the fused norm, and not against the previous kernel's loads);
+// 1 = the block's slab before the wait, as the other GEMVs; 0 = none. Decode B1 2.8b / 1.4b, ms (NOTES.md session
+// 12): 0: 2.074 / 2.034, 1.168 / 1.167; 1: 2.075 / 2.042, 1.163 / 1.162; 2: 2.018 / 2.018, 1.161 / 1.163.
 #ifndef QM_GEMV_PAIRS_L2_PREFETCH
-#define QM_GEMV_PAIRS_L2_PREFETCH 0
+#define QM_GEMV_PAIRS_L2_PREFETCH 2
 #endif
 #ifndef QM_GEMV_HALVES  // one row, under half a wave: two warps per column (1) or one (0)
 #define QM_GEMV_HALVES 1
@@ -377,7 +379,7 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
 #if QM_GEMV_L2_PREFETCH && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // one row, rows longer than those pieces: the block's whole slab (its columns' rows are contiguous) is asked into
   // L2 now, so HBM streams it during the wait and the fused prologue instead of after them
-  if (R == 1 && !P && (CPW == 1 || QM_GEMV_PAIRS_L2_PREFETCH) && threadIdx.x == 0 && chunks > kPre * 32 * S) {
+  if (R == 1 && !P && (CPW == 1 || QM_GEMV_PAIRS_L2_PREFETCH == 1) && threadIdx.x == 0 && chunks > kPre * 32 * S) {
     const int n0 = static_cast<int>(blockIdx.x) * kCols;
     const int cols = min(kCols, a.n - n0);
     if (cols > 0)
@@ -410,6 +412,18 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   }
   qm::wait_for_inputs();
   qm::allow_dependents();
+#if QM_GEMV_PAIRS_L2_PREFETCH == 2 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // the two-columns-per-warp GEMV: each column's row past the pieces already in registers is asked into L2 now,
+  // after the wait (before it, the requests compete with the previous kernel's loads), so that HBM streams it
+  // during the fused prologue
+  if (CPW > 1 && R == 1 && !P && static_cast<int>(threadIdx.x) < kCols && chunks > kPre * 32 * S) {
+    const int n = static_cast<int>(blockIdx.x) * kCols + static_cast<int>(threadIdx.x);
+    const int skip = kPre * 32 * S * 16;  // bytes of the row loaded ahead
+    if (n < a.n)
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.w + static_cast<int64_t>(n) * a.k + skip),
+                   "r"(static_cast<unsigned>(a.k - skip)) : "memory");
+  }
+#endif
   if (a.clear)
     for (int i = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x); i < a.clear_n;
          i += static_cast<int>(gridDim.x) * kThreads)

@@ -199,22 +199,27 @@ __device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
+// Element e of each staged input (u, dt, z, and the mask for int8) into step t of a channel's region r.
+template <bool kInt8, int CH>
+__device__ __forceinline__ void stage_element(const qm_scan_args& a, unsigned char* r, int t, int64_t e) {
+#pragma unroll
+  for (int k = 0; k < (kInt8 ? 4 : 3); ++k) {
+    const void* s = staged_input(a, k);
+    if constexpr (kInt8)
+      r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
+    else
+      reinterpret_cast<float*>(r)[k * CH + t] = s ? static_cast<const float*>(s)[e] : 0.f;
+  }
+}
+
 // Stages u, dt, z (and the mask) of the block's CPB channels as [channel][array][t]. vec (int8, D % PB == 0,
 // pointers aligned to PB bytes): a thread owns piece p (PB channels) of the steps tq, tq + RPR, ...: one PB-byte load
 // per (array, step), the row address computed once per chunk, all loads before the first store.
-template <bool kInt8, class C>
-__device__ __forceinline__ void stage_channels_cm(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
-                                                  int d0, bool vec);
-
-template <int N, bool kInt8, class C, bool kCM>
+template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned char* sIn, int b, int t0, int nt,
                                                int d0, bool vec) {
   constexpr int CH = C::CH;
   const int D = a.dim;
-  if constexpr (kCM) {
-    stage_channels_cm<kInt8, C>(a, sIn, b, t0, nt, d0, vec);
-    return;
-  }
   if constexpr (kInt8) {
     if (vec) {
       constexpr int PB = C::PB, PPR = C::CPB / PB, RPR = C::THREADS / PPR, ROUNDS = (CH + RPR - 1) / RPR;
@@ -252,20 +257,11 @@ __device__ __forceinline__ void stage_channels(const qm_scan_args& a, unsigned c
       return;
     }
   }
-  constexpr int narr = kInt8 ? 4 : 3;
   for (int i = threadIdx.x; i < nt * C::CPB; i += C::THREADS) {
     const int t = i / C::CPB, w = i % C::CPB;
     if (d0 + w >= D) continue;
     const int64_t e = (static_cast<int64_t>(b) * a.seqlen + t0 + t) * D + d0 + w;
-    unsigned char* r = sIn + w * C::CH_BYTES;
-#pragma unroll
-    for (int k = 0; k < narr; ++k) {
-      const void* s = staged_input(a, k);
-      if constexpr (kInt8)
-        r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
-      else
-        reinterpret_cast<float*>(r)[k * CH + t] = s ? static_cast<const float*>(s)[e] : 0.f;
-    }
+    stage_element<kInt8, CH>(a, sIn + w * C::CH_BYTES, t, e);
   }
 }
 
@@ -307,20 +303,11 @@ __device__ __forceinline__ void stage_channels_cm(const qm_scan_args& a, unsigne
       return;
     }
   }
-  constexpr int narr = kInt8 ? 4 : 3;
   for (int i = threadIdx.x; i < nt * C::CPB; i += C::THREADS) {
     const int w = i / nt, t = i % nt;
     if (d0 + w >= D) continue;
     const int64_t e = (static_cast<int64_t>(b) * D + d0 + w) * L + t0 + t;
-    unsigned char* r = sIn + w * C::CH_BYTES;
-#pragma unroll
-    for (int k = 0; k < narr; ++k) {
-      const void* s = staged_input(a, k);
-      if constexpr (kInt8)
-        r[k * CH + t] = s ? static_cast<const uint8_t*>(s)[e] : 0;
-      else
-        reinterpret_cast<float*>(r)[k * CH + t] = s ? static_cast<const float*>(s)[e] : 0.f;
-    }
+    stage_element<kInt8, CH>(a, sIn + w * C::CH_BYTES, t, e);
   }
 }
 
@@ -440,7 +427,10 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
     const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
     stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
-    stage_channels<N, kInt8, C, kCM>(a, sIn, b, t0, nt, d0, vec_ch);
+    if constexpr (kCM)
+      stage_channels_cm<kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
+    else
+      stage_channels<N, kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
     __syncthreads();
 #if QM_SCAN_L2_PREFETCH
     if (t0 + CH < L) prefetch_next_chunk<N, C, kCM>(a, b, d0, t0 + CH, min(t0 + 2 * CH, L));

@@ -56,7 +56,8 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
 #ifndef QM_HADAMARD_L2_AHEAD  // waves of resident blocks ahead (0: no prefetch)
 #define QM_HADAMARD_L2_AHEAD 1
 #endif
-template <typename T, int M, bool kSplit>
+// EM (M = 1): the most values per thread of the p > 256 stages (p / 256), so that p = 4096 holds 16, not 32.
+template <typename T, int M, bool kSplit, int EM = 32>
 __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
                      float inv_scale, bool fast_quant, int64_t rows, int ahead) {
@@ -69,16 +70,16 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
                  "r"(static_cast<unsigned>(d * sizeof(T))) : "memory");
 #endif
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
-  hadamard8_row<T, M, kSplit>(x + base, y + base, row4, d, lp, c, scale, inv_scale, fast_quant);
+  hadamard8_row<T, M, kSplit, EM>(x + base, y + base, row4, d, lp, c, scale, inv_scale, fast_quant);
 }
 
-template <typename T, int M>
+template <typename T, int M, int EM = 32>
 int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, float c, float scale, float inv,
                        bool fast_quant, cudaStream_t stream) {
   const int threads = ((dim / 8 + 31) / 32) * 32;
   const size_t smem = (M > 1 || dim > 256 ? sizeof(float) + 1 : 0) * static_cast<size_t>(dim);  // row, codes
   // fewer rows than SMs (decode): nothing else shares an SM with a row, so the mixing spreads over every thread
-  auto kernel = M > 1 && rows < qm::sm_count() ? hadamard8_kernel<T, M, true> : hadamard8_kernel<T, M, false>;
+  auto kernel = M > 1 && rows < qm::sm_count() ? hadamard8_kernel<T, M, true, EM> : hadamard8_kernel<T, M, false, EM>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
@@ -100,7 +101,14 @@ template <typename T>
 int launch_hadamard8(const T* x, int8_t* y, int64_t rows, int dim, int m, int lp, float c, float scale, float inv,
                      bool fast_quant, cudaStream_t stream) {
   switch (m) {
-    case 1: return launch_hadamard8_m<T, 1>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+    case 1:  // p / 256 values per thread in the p > 256 stages
+      switch (lp <= 9 ? 9 : lp) {
+        case 9: return launch_hadamard8_m<T, 1, 2>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+        case 10: return launch_hadamard8_m<T, 1, 4>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+        case 11: return launch_hadamard8_m<T, 1, 8>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+        case 12: return launch_hadamard8_m<T, 1, 16>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+        default: return launch_hadamard8_m<T, 1, 32>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
+      }
     case 12: return launch_hadamard8_m<T, 12>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
     case 20: return launch_hadamard8_m<T, 20>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);
     default: return launch_hadamard8_m<T, 28>(x, y, rows, dim, lp, c, scale, inv, fast_quant, stream);

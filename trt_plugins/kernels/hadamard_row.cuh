@@ -109,7 +109,7 @@ __device__ __forceinline__ void mix_dispatch(int g, const float* t, int8_t* code
 // each; the block is whole warps with at least d / 8 threads, every thread calls this). The int8 codes go to out
 // (global or shared memory, 8-byte aligned); row4 is shared-memory scratch of d floats then d bytes, used when
 // M > 1 or p > 256. A caller that reads out from other threads syncs first (the register path ends without a barrier).
-template <typename T, int M, bool kSplit>
+template <typename T, int M, bool kSplit, int EM = 32>
 __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* out, float4* row4, int d, int lp,
                                               float c, float scale, float inv_scale, bool fast_quant) {
   float* row = reinterpret_cast<float*>(row4);
@@ -155,22 +155,22 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
       int8_t* codes = reinterpret_cast<int8_t*>(row + d);
       const int E = p >> 8;
       for (int i = tid; i < 256; i += blockDim.x) {
-        float w[32];
+        float w[EM];
 #pragma unroll
-        for (int j = 0; j < 32; ++j) w[j] = j < E ? row[j * 256 + i] : 0.f;
+        for (int j = 0; j < EM; ++j) w[j] = j < E ? row[j * 256 + i] : 0.f;
 #pragma unroll
-        for (int h = 1; h < 32; h <<= 1) {
+        for (int h = 1; h < EM; h <<= 1) {
           if (h >= E) break;
 #pragma unroll
-          for (int j = 0; j < 32; ++j)
-            if ((j & h) == 0 && j + h < 32) {
+          for (int j = 0; j < EM; ++j)
+            if ((j & h) == 0 && j + h < EM) {
               const float lo = w[j], hi = w[j + h];
               w[j] = __fadd_rn(lo, hi);
               w[j + h] = __fsub_rn(lo, hi);
             }
         }
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
+        for (int j = 0; j < EM; ++j)
           if (j < E) codes[j * 256 + i] = quantize_fast(__fmul_rn(w[j], c), scale, inv_scale, fast_quant);
       }
       __syncthreads();

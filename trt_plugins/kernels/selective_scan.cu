@@ -276,7 +276,7 @@ __device__ __forceinline__ void stage_channels_cm(const qm_scan_args& a, unsigne
   if constexpr (kInt8) {
     if (vec) {
       constexpr int PPR = CH / 16, ITEMS = C::CPB * 4 * PPR, ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
-      constexpr int G = ROUNDS < 2 ? ROUNDS : 2;  // pieces in flight per thread (more spilled at the register cap)
+      constexpr int G = ROUNDS < 2 ? ROUNDS : 2;  // pieces in flight per thread (G = ROUNDS: the same registers)
       static_assert(CH % 16 == 0, "16-byte pieces of a chunk row");
       int tid = threadIdx.x;  // opaque, as in stage_channels: no addresses hoisted out of the chunk loop
       asm volatile("" : "+r"(tid));
@@ -378,8 +378,7 @@ __device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b
                      : "memory");
       return;
     }
-    k += 4 - 4 * C::CPB;
-    if (k < 4) return;
+    k += 4 - 4 * C::CPB;  // 4 (B), 5 (C), then >= 6
   }
   if (k >= 6) return;
   const void* p = k < 4 ? staged_input(a, k) : k == 4 ? a.B : a.C;
@@ -661,10 +660,10 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
 }
 
 template <int N>
-bool seq_applies(const qm_scan_args* a) {
-  return static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 && aligned(a->u) &&
-         aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) && aligned(a->B) &&
-         aligned(a->C);
+bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, D] only
+  return !a->channel_major && static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 &&
+         aligned(a->u) && aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) &&
+         aligned(a->B) && aligned(a->C);
 }
 
 // Decode (L = 1): G = N/4 threads per (b, d), each owning 4 consecutive states, so state reads and writes
@@ -940,7 +939,7 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
     case 8: return launch_chunked<8, kInt8, ScanCfg<8, kInt8, kInt8 ? 16 : 8, 32, 8>>(a, stream, fn);
     case 16:
       if constexpr (kInt8) {
-        if (seq_applies<16>(a) && !a->channel_major) {  // the sequential kernel reads [B, L, D] only
+        if (seq_applies<16>(a)) {
           const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
                           static_cast<unsigned>(a->batch));
           scan_seq_kernel<16><<<grid, kSeqThreads, 0, stream>>>(*a);

@@ -52,11 +52,57 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
 
 // RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
 // against a separate kernel launch and its round trip through memory).
+// One row of k <= 256 * kNormPer (decode B1: 130m to 2.8b): each thread's values load at once into registers and
+// stay there for the codes, whose quotients take the reciprocal multiply where it decides the code (the spec's
+// division otherwise). The loop form reloaded the row and divided per element, a chain of round trips: in a
+// microbenchmark of 640 blocks (k 2560) 5.9 -> 4.6 us, 384 blocks (k 768) 4.1 -> 3.0 (NOTES.md, session 13).
+constexpr int kNormPer = 10;
+#ifndef NPR
+#define NPR 5
+#endif
 template <int R>
 __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
   __shared__ float rr[R];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = threadIdx.x;
+  if (R == 1 && a.k <= 256 * kNormPer) {
+    float v[kNormPer];
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) v[j] = t + 256 * j < a.k ? a.norm_x[t + 256 * j] : 0.f;
+    double acc = 0.0;  // qm::warp_sumsq's order (a missing element adds 0.0: the same bits)
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) acc += static_cast<double>(__fmul_rn(v[j], v[j]));
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) red[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0.0;
+      for (int w = 0; w < 8; ++w) sum += red[w];
+      rr[0] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
+    }
+    const float inv_scale = __frcp_rn(a.norm_scale);
+    const bool fast = a.norm_scale > 0x1p-100f && a.norm_scale < 0x1p100f;  // qm::has_accurate_reciprocal
+    __syncthreads();
+    const float r0 = rr[0];
+    // the row again (L1) with the norm weights (L1, asked for before the wait), in two rounds of loads: keeping the
+    // row in registers through the reduction made the one-row GEMVs spill (ptxas)
+#pragma unroll
+    for (int h = 0; h < kNormPer; h += NPR) {
+      float x[NPR], w[NPR];
+#pragma unroll
+      for (int j = 0; j < NPR; ++j) {
+        const int i = t + 256 * (h + j);
+        x[j] = i < a.k ? a.norm_x[i] : 0.f;
+        w[j] = i < a.k ? a.norm_w[i] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < NPR; ++j)
+        if (t + 256 * (h + j) < a.k)
+          xs[t + 256 * (h + j)] = quantize_fast(__fmul_rn(__fmul_rn(x[j], r0), w[j]), a.norm_scale, inv_scale, fast);
+    }
+    __syncthreads();
+    return;
+  }
   for (int r = 0; r < R && r < a.rows; ++r) {
     const float* row = a.norm_x + static_cast<int64_t>(r) * a.k;
     const double acc = qm::warp_sumsq(row, a.k, 256);

@@ -266,7 +266,6 @@ FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
            "hadamard-separate": {"fuse_hadamard": False},
            "final-norm-separate": {"fuse_final_norm": False},
            "torch-embedding": {"embedding_kernel": False},
-           "x_proj-sums-one-set": {"xp_sum_sets": 1},
            "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False,
                             "fuse_final_norm": False, "embedding_kernel": False}}
 

@@ -42,11 +42,10 @@ class ScanArgs(ctypes.Structure):
         ("conv_state", ctypes.c_void_p), ("conv_x", ctypes.c_void_p), ("conv_kernel_size", ctypes.c_int),
         ("xp_acc", ctypes.c_void_p), ("xp_m_in", ctypes.c_void_p), ("xp_m_out", ctypes.c_void_p),
         ("xp_n", ctypes.c_int), ("dt_lowrank_scale", ctypes.c_float), ("channel_major", ctypes.c_int),
-        ("xp_copies", ctypes.c_int),
     ]
 
 
-ABI_VERSION = 8  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 7  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -64,7 +63,7 @@ class LinearArgs(ctypes.Structure):
         ("conv_outlier_scale", ctypes.c_float), ("conv_dual_scale", ctypes.c_int), ("conv_early_state", ctypes.c_int),
         ("had_x", ctypes.c_void_p), ("had_scale", ctypes.c_float),
         ("xp_w", ctypes.c_void_p), ("xp_acc", ctypes.c_void_p), ("xp_n", ctypes.c_int),
-        ("xp_copies", ctypes.c_int), ("clear", ctypes.c_void_p), ("clear_n", ctypes.c_int),
+        ("clear", ctypes.c_void_p), ("clear_n", ctypes.c_int),
     ]
 
 
@@ -92,10 +91,10 @@ class FusedConv:
 class ConvXProjBehind:
     """The decode conv and x_proj's int32 sums computed behind a one-row GEMV (qm_int8_linear's xp_acc), in_proj at
     decode: the GEMV's segment 0 (int8 codes x, [1, 1, d]) is the conv's input, at that segment's scale. The conv
-    state [1, d, 3] is shifted in place; u (and mask, dual scale) receive the conv's output; acc (int32 [S, 1, xp_n],
-    or [S, 2, xp_n] with the outliers' sums, dual scale; S sets, xp_sum_sets) must hold zeros and receives x_proj's
-    sums over u (xp_w int8 [xp_n, d]). Their reader is selective_state_update(x_proj=...); a later
-    int8_linear(clear=acc) zeroes them again. early_state: as in quant_causal_conv1d."""
+    state [1, d, 3] is shifted in place; u (and mask, dual scale) receive the conv's output; acc (int32 [xp_n], or
+    [2, xp_n] with the outliers' sums, dual scale) must hold zeros and receives x_proj's sums over u
+    (xp_w int8 [xp_n, d]). Their reader is selective_state_update(x_proj=...); a later int8_linear(clear=acc) zeroes
+    them again. early_state: as in quant_causal_conv1d."""
 
     weight: torch.Tensor  # int8 [d, 4]
     weight_scale: torch.Tensor  # float32 [d]
@@ -187,21 +186,6 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
     return u, mask, new_state
 
 
-XP_MAX_SETS = 8  # qm_linear_args.xp_copies' limit
-
-
-def xp_sum_sets(acc: torch.Tensor, xp_n: int, outliers: bool, what: str) -> int:
-    """The number of sets S of x_proj's int32 sums that acc [S, P, xp_n] holds (P = 2 with outliers, else 1): in_proj's
-    block b adds into set b mod S (fewer atomics per cache line), and the state update adds the sets."""
-    planes = 2 if outliers else 1
-    if acc.dtype != torch.int32 or acc.dim() != 3 or tuple(acc.shape[1:]) != (planes, xp_n) or \
-            not 1 <= acc.shape[0] <= XP_MAX_SETS or not acc.is_contiguous():
-        raise KernelError(f"{what} must be contiguous int32 [S, {planes}, {xp_n}] (S sets of x_proj's sums, 1 <= S <= "
-                          f"{XP_MAX_SETS}; {planes} plane(s): {'inliers, outliers' if outliers else 'inliers'}), got "
-                          f"{acc.dtype} {tuple(acc.shape)}")
-    return acc.shape[0]
-
-
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
           scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
           conv_shift: tuple | None = None, x_proj: tuple | None = None, channel_major: bool = False) -> torch.Tensor:
@@ -228,11 +212,13 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
     if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
         cx, cs = conv_shift
         args.conv_x, args.conv_state, args.conv_kernel_size = _ptr(cx), _ptr(cs), cs.shape[-1] + 1
-    if x_proj is not None:  # (sums int32 [S, P, xp_n], m_in [xp_n], m_out [xp_n] or None, dt_lowrank scale)
+    if x_proj is not None:  # (sums int32 [xp_n] or [2, xp_n], m_in [xp_n], m_out [xp_n] or None, dt_lowrank scale)
         acc, xm_in, xm_out, s_lr = x_proj
+        if acc.dtype != torch.int32 or acc.numel() != (1 if xm_out is None else 2) * xm_in.shape[0]:
+            raise KernelError(f"selective_state_update: x_proj's sums must be int32 [{xm_in.shape[0]}] (or [2, "
+                              f"{xm_in.shape[0]}] with m_out), got {acc.dtype} {tuple(acc.shape)}")
         args.xp_acc, args.xp_m_in, args.xp_m_out = _ptr(acc), _ptr(xm_in), _ptr(xm_out)
         args.xp_n, args.dt_lowrank_scale = xm_in.shape[0], s_lr
-        args.xp_copies = xp_sum_sets(acc, xm_in.shape[0], xm_out is not None, "selective_state_update: x_proj's sums")
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
     return y
 
@@ -270,9 +256,9 @@ def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bia
     [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
     early_state: as in quant_causal_conv1d. conv_shift = (x int8 [B, 1, D], conv state int8 [B, D, 3]): the
     kernel also shifts that conv state in place by the token x (with dt_proj; after a FusedConv GEMV).
-    x_proj = (sums int32 [S, 1, xp_n] (or [S, 2, xp_n]: outliers too, dual scale; S sets, xp_sum_sets), m_in
-    float32 [xp_n], m_out or None, dt_lowrank_scale), with dt_proj, batch 1: x_proj's epilogue runs here (after a
-    ConvXProjBehind GEMV), and dt_proj's dt_lowrank, B_q and C_q are buffers the kernel writes the codes into."""
+    x_proj = (sums int32 [xp_n] (or [2, xp_n]: outliers too, dual scale), m_in float32 [xp_n], m_out or None,
+    dt_lowrank_scale), with dt_proj, batch 1: x_proj's epilogue runs here (after a ConvXProjBehind GEMV), and
+    dt_proj's dt_lowrank, B_q and C_q are buffers the kernel writes the codes into."""
     out = state if in_place else torch.empty_like(state)
     y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
               y_dtype, scales, dt_proj, early_state, conv_shift, x_proj)
@@ -375,7 +361,10 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         args.had_x, args.had_scale = _ptr(hadamard[0]), hadamard[1]
     if behind is not None:
         b = behind
-        args.xp_copies = xp_sum_sets(b.acc, b.xp_w.shape[0], b.outlier_scale is not None, "int8_linear: behind.acc")
+        want = (2 if b.outlier_scale is not None else 1) * b.xp_w.shape[0]
+        if b.acc.dtype != torch.int32 or b.acc.numel() != want:
+            raise KernelError(f"int8_linear: behind.acc must be int32 with {want} sums (x_proj's outputs, twice with "
+                              f"outliers), got {b.acc.dtype} {tuple(b.acc.shape)}")
         _set_conv_fields(args, b, scales[0])
         args.xp_w, args.xp_acc, args.xp_n = _ptr(b.xp_w), _ptr(b.acc), b.xp_w.shape[0]
     if clear is not None:

@@ -32,9 +32,6 @@ from qmamba.ops import ref
 from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
 from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 
-# in_proj's blocks add x_proj's sums into this many sets (block b: set b mod S), the state update adds the sets: with
-# one set ~300 blocks' atomics queued on the same cache lines (2.8b; trt_plugins/bench/NOTES.md, session 13)
-XP_SUM_SETS = 8
 LOGITS_KERNEL_ROWS = 64  # qm_tied_logits reads the int8 table once per 4 rows: decode batches up to 64 use it
 
 
@@ -44,7 +41,7 @@ class XProjSums:
     x_proj's epilogue (m_in, m_out: the multipliers; the segment scales are those of the dt_lowrank, B and C Acts)
     and writes the codes into those Acts' tensors."""
 
-    acc: torch.Tensor  # int32 [S, 1 or 2 (outliers: dual scale), xp_n]: S sets (XP_SUM_SETS)
+    acc: torch.Tensor  # int32 [xp_n] or [2, xp_n] (outliers: dual scale)
     m_in: torch.Tensor
     m_out: torch.Tensor | None
 
@@ -59,13 +56,12 @@ class CudaOps(IntOps):
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
                  fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True,
-                 embedding_kernel: bool = True, xp_sum_sets: int = XP_SUM_SETS) -> None:
+                 embedding_kernel: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
         self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
         self.fuse_final_norm, self.embedding_kernel = fuse_final_norm, embedding_kernel
-        self.xp_sum_sets = xp_sum_sets
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._unread: torch.Tensor | None = None  # sums an in_proj filled that no state update has read yet
@@ -208,8 +204,8 @@ class CudaOps(IntOps):
         dual = s_out is not None
         acc = self._xp_acc.get((id(lyr), dual))
         if acc is None:
-            acc = self._xp_acc[id(lyr), dual] = torch.zeros(self.xp_sum_sets, 2 if dual else 1, xp_n,
-                                                            dtype=torch.int32, device=self.device)
+            acc = self._xp_acc[id(lyr), dual] = torch.zeros((2, xp_n) if dual else (xp_n,), dtype=torch.int32,
+                                                            device=self.device)
         self._unread = acc
         u = torch.empty(1, 1, d, dtype=torch.int8, device=self.device)
         mask = torch.empty(1, 1, d, dtype=torch.uint8, device=self.device) if dual else None

@@ -57,7 +57,10 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
 // division otherwise). The loop form reloaded the row and divided per element, a chain of round trips: in a
 // microbenchmark of 640 blocks (k 2560) 5.9 -> 4.6 us, 384 blocks (k 768) 4.1 -> 3.0 (NOTES.md, session 13).
 constexpr int kNormPer = 10;
-template <int R, int NPR>
+#ifndef NPR
+#define NPR 5
+#endif
+template <int R>
 __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
   __shared__ float rr[R];
@@ -281,10 +284,6 @@ __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int
   }
   __syncthreads();
   const bool dual = a.conv_dual_scale != 0;
-  // this block's set of the sums (xp_copies): every block adding into one set queued ~300 atomics per cache line at
-  // 2.8b (NOTES.md, session 13)
-  int32_t* const acc = a.xp_acc + static_cast<int64_t>(blockIdx.x % (a.xp_copies > 1 ? a.xp_copies : 1)) *
-                                      (dual ? 2 : 1) * a.xp_n;
   for (int j = t; j < a.xp_n; j += blockDim.x) {
     const int* wrow = reinterpret_cast<const int*>(a.xp_w + static_cast<int64_t>(j) * width + base);
     int wv[kGroups];
@@ -304,8 +303,8 @@ __device__ void conv_xproj_tail(const qm_linear_args& a, const ConvQuant& q, int
       ao = __dp4a(static_cast<int>(static_cast<unsigned>(us[i]) & mm), wv[i], ao);
     }
     // packed sums: one cache line per sum measured slower (its reader then loads xp_n lines; NOTES.md, session 9)
-    if (ai) atomicAdd(acc + j, ai);  // adding 0 changes nothing: skipped
-    if (dual && ao) atomicAdd(acc + a.xp_n + j, ao);
+    if (ai) atomicAdd(a.xp_acc + j, ai);  // adding 0 changes nothing: skipped
+    if (dual && ao) atomicAdd(a.xp_acc + a.xp_n + j, ao);
   }
 }
 
@@ -491,7 +490,7 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
     __syncthreads();
     xsrc = xs;
   } else if (a.norm_x) {
-    norm_prologue<R, (CPW > 1 ? 5 : 2)>(a, reinterpret_cast<int8_t*>(xs_norm));
+    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
   for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count
@@ -612,13 +611,11 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
     QM_CHECK_ARG(sg.scale[0] > 0.f && width % 16 == 0 && a->conv_in_scale == sg.scale[0],
                  "qm_int8_linear: the conv behind (xp_acc) takes segment 0 as int8 codes of a width %% 16 == 0 "
                  "(got %d) at conv_in_scale == seg_scale[0]", width);
-    QM_CHECK_ARG(a->xp_w && a->xp_n > 0 && qm::aligned(a->xp_w) && qm::aligned(a->xp_acc, 4) && a->xp_copies >= 0 &&
-                     a->xp_copies <= 8,
-                 "qm_int8_linear: xp_acc needs xp_w (16-byte aligned), xp_n > 0 (got %d), a 4-byte aligned xp_acc and "
-                 "xp_copies 0..8 (got %d)", a->xp_n, a->xp_copies);
+    QM_CHECK_ARG(a->xp_w && a->xp_n > 0 && qm::aligned(a->xp_w) && qm::aligned(a->xp_acc, 4),
+                 "qm_int8_linear: xp_acc needs xp_w (16-byte aligned), xp_n > 0 (got %d) and a 4-byte aligned xp_acc",
+                 a->xp_n);
   } else {
-    QM_CHECK_ARG(!a->xp_w && a->xp_n == 0 && a->xp_copies == 0, "qm_int8_linear: xp_w / xp_n / xp_copies without "
-                 "xp_acc");
+    QM_CHECK_ARG(!a->xp_w && a->xp_n == 0, "qm_int8_linear: xp_w / xp_n without xp_acc");
   }
   ConvQuant cq{};
   if (conv || xp) {

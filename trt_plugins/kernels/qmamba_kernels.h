@@ -31,10 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-/* qm_abi_version bumps on any incompatible change; currently 8. 3: qm_tied_logits; 4: early_state; 5: the decode
+/* qm_abi_version bumps on any incompatible change; currently 7. 3: qm_tied_logits; 4: early_state; 5: the decode
  * conv and the HadamardQuant fused into the GEMV, the conv state shift into the update; 6: the conv and x_proj's
  * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup; 7: the
- * scan's channel_major inputs; 8: xp_copies (x_proj's sums in several sets). */
+ * scan's channel_major inputs. */
 QM_API int qm_abi_version(void);
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
@@ -111,9 +111,6 @@ typedef struct {
    * and y keep theirs. qm_selective_scan then runs its chunked kernel at every shape (16-byte staging copies when
    * seqlen % 16 == 0 and those pointers are 16-byte aligned). At seqlen 1 both layouts are the same. */
   int channel_major;
-  /* With xp_acc: the number of sets of sums xp_acc holds, 0 or 1 (one) to 8 (qm_linear_args.xp_copies); the kernel
-   * adds the sets (integers: exact in any order). */
-  int xp_copies;
 } qm_scan_args;
 
 QM_API int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes);
@@ -175,13 +172,10 @@ typedef struct {
    * [1, width, 3] in place by x, and adds its channels' share of x_proj (xp_w int8 [xp_n, width], 16-byte aligned):
    * xp_acc[j] += sum_c xp_w[j, c] * u[c] over inliers, and xp_acc[xp_n + j] over outliers with conv_dual_scale.
    * Integer sums, exact in any order. xp_acc must hold zeros before: clear (below) of a kernel that runs after
-   * the sums' reader resets them. The segment-0 codes are written to seg_out[0] as usual. xp_copies, 0 or 1 (one)
-   * to 8: xp_acc holds that many sets of those sums ([xp_copies][1 or 2][xp_n]) and block b adds into set
-   * b mod xp_copies, so fewer blocks' atomics meet on the same cache lines; the reader adds the sets. */
+   * the sums' reader resets them. The segment-0 codes are written to seg_out[0] as usual. */
   const int8_t* xp_w;
   int32_t* xp_acc;
   int xp_n;
-  int xp_copies;
   /* Optional, GEMV only: after its dependency wait the kernel sets clear[0 .. clear_n) to 0 (int32; e.g. the x_proj
    * sums above once the state update that reads them has finished). */
   int32_t* clear;

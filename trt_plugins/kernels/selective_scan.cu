@@ -673,7 +673,7 @@ bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, 
 // took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
 // kXp: x_proj's epilogue fused in as well (a.xp_acc: one sequence), in its own instantiation. The block turns x_proj's
 // int32 sums into the dt_lowrank / B / C codes in shared memory (block 0 also writes them out), then reads those.
-constexpr int kMaxXp = 1024, kMaxXpCopies = 8;
+constexpr int kMaxXp = 1024;
 template <int N, bool kInt8, bool kDtW, bool kXp = false>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   static_assert(!kXp || kDtW, "x_proj's epilogue comes with the fused dt_proj");
@@ -741,23 +741,14 @@ __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
   qm::allow_dependents();
   __shared__ __align__(16) int8_t sx[kXp ? kMaxXp : 16];  // x_proj's codes: dt_lowrank, then B, then C
   if constexpr (kXp) {
-    const int R = a.dt_rank, xp_copies = a.xp_copies > 1 ? a.xp_copies : 1;
-    const int xp_set = (a.xp_m_out ? 2 : 1) * a.xp_n;
+    const int R = a.dt_rank;
     for (int j = static_cast<int>(threadIdx.x), i = 0; j < a.xp_n; j += static_cast<int>(blockDim.x), ++i) {
       // spec 4.2's epilogue, as qm_int8_linear's: fl(fl(acc_in) m_in) (+ fl(fl(acc_out) m_out)), then Q per segment
-      // the sums' sets (xp_copies) added: integers, exact in any order; loads of every set issued together
-      int acc_in = 0, acc_out = 0;
-#pragma unroll
-      for (int s = 0; s < kMaxXpCopies; ++s)
-        if (s < xp_copies) {
-          acc_in += a.xp_acc[s * xp_set + j];
-          if (a.xp_m_out) acc_out += a.xp_acc[s * xp_set + a.xp_n + j];
-        }
       const float m_in = i == 0 ? xm_in[0] : i == 1 ? xm_in[1] : a.xp_m_in[j];
-      float y = __fmul_rn(static_cast<float>(acc_in), m_in);
+      float y = __fmul_rn(static_cast<float>(a.xp_acc[j]), m_in);
       if (a.xp_m_out) {
         const float m_out = i == 0 ? xm_out[0] : i == 1 ? xm_out[1] : a.xp_m_out[j];
-        y = __fadd_rn(y, __fmul_rn(static_cast<float>(acc_out), m_out));
+        y = __fadd_rn(y, __fmul_rn(static_cast<float>(a.xp_acc[a.xp_n + j]), m_out));
       }
       const int8_t c = qm::quantize(y, j < R ? a.dt_lowrank_scale : j < R + N ? a.B_scale : a.C_scale);
       sx[j] = c;
@@ -893,12 +884,10 @@ int validate(const qm_scan_args* a, const char* fn) {
   if (a->xp_acc)
     QM_CHECK_ARG(a->dt_w && a->batch == 1 && a->seqlen == 1 && a->xp_m_in && a->xp_n == a->dt_rank + 2 * a->dstate &&
                      a->xp_n <= kMaxXp && (a->xp_m_out != nullptr) == (a->dual_scale == 1) &&
-                     QM_VALID_SCALE(a->dt_lowrank_scale) && aligned(a->xp_acc, 4) && a->xp_copies >= 0 &&
-                     a->xp_copies <= kMaxXpCopies,
+                     QM_VALID_SCALE(a->dt_lowrank_scale) && aligned(a->xp_acc, 4),
                  "%s: x_proj's epilogue (xp_acc, 4-byte aligned) needs a fused dt_proj (dt_w), batch 1, one token, "
-                 "xp_m_in, xp_n == dt_rank + 2 dstate <= %d (got %d), xp_m_out exactly with dual_scale, a positive "
-                 "finite dt_lowrank_scale and xp_copies 0..%d (got %d)", fn, kMaxXp, a->xp_n, kMaxXpCopies,
-                 a->xp_copies);
+                 "xp_m_in, xp_n == dt_rank + 2 dstate <= %d (got %d), xp_m_out exactly with dual_scale and a positive "
+                 "finite dt_lowrank_scale", fn, kMaxXp, a->xp_n);
   return QM_OK;
 }
 

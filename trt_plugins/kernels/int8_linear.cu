@@ -56,11 +56,10 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
 // stay there for the codes, whose quotients take the reciprocal multiply where it decides the code (the spec's
 // division otherwise). The loop form reloaded the row and divided per element, a chain of round trips: in a
 // microbenchmark of 640 blocks (k 2560) 5.9 -> 4.6 us, 384 blocks (k 768) 4.1 -> 3.0 (NOTES.md, session 13).
+// NPR: the codes' rounds of loads (ptxas: 5 spills 16 bytes in the plain one-row GEMVs; 2 none; the two-columns-
+// per-warp GEMV measured faster with 5 in spite of its spills, NOTES.md session 13).
 constexpr int kNormPer = 10;
-#ifndef NPR
-#define NPR 5
-#endif
-template <int R>
+template <int R, int NPR>
 __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
   __shared__ float rr[R];
@@ -490,7 +489,7 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
     __syncthreads();
     xsrc = xs;
   } else if (a.norm_x) {
-    norm_prologue<R>(a, reinterpret_cast<int8_t*>(xs_norm));
+    norm_prologue<R, (CPW > 1 ? 5 : 2)>(a, reinterpret_cast<int8_t*>(xs_norm));
     xsrc = reinterpret_cast<const int8_t*>(xs_norm);
   }
   for (int base = static_cast<int>(blockIdx.x) * kCols; base < a.n; base += col_step) {  // block-uniform trip count

@@ -266,6 +266,7 @@ FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
            "hadamard-separate": {"fuse_hadamard": False},
            "final-norm-separate": {"fuse_final_norm": False},
            "torch-embedding": {"embedding_kernel": False},
+           "residual-after-wait": {"early_residual": False},
            "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False,
                             "fuse_final_norm": False, "embedding_kernel": False}}
 

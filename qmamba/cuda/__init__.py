@@ -45,7 +45,7 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 7  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 8  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -63,7 +63,7 @@ class LinearArgs(ctypes.Structure):
         ("conv_outlier_scale", ctypes.c_float), ("conv_dual_scale", ctypes.c_int), ("conv_early_state", ctypes.c_int),
         ("had_x", ctypes.c_void_p), ("had_scale", ctypes.c_float),
         ("xp_w", ctypes.c_void_p), ("xp_acc", ctypes.c_void_p), ("xp_n", ctypes.c_int),
-        ("clear", ctypes.c_void_p), ("clear_n", ctypes.c_int),
+        ("clear", ctypes.c_void_p), ("clear_n", ctypes.c_int), ("early_residual", ctypes.c_int),
     ]
 
 
@@ -327,14 +327,16 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
                 norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
                 conv: FusedConv | None = None,
                 hadamard: tuple[torch.Tensor, float] | None = None, behind: ConvXProjBehind | None = None,
-                clear: torch.Tensor | None = None) -> list[torch.Tensor]:
+                clear: torch.Tensor | None = None, early_residual: bool = False) -> list[torch.Tensor]:
     """W8A8 linear epilogue (qm_int8_linear): per segment (width, scale) an int8 tensor Q(y, scale), or float32 y
     for scale None (plus `residual` for a single float segment). Without acc_in the accumulators come from the
     GEMV (rows <= GEMV_MAX_ROWS); x_q [..., k], w_q [n, k]. norm = (r, norm_w, eps, scale): x_q is None and the
     GEMV computes x = RMSNormQuant(r) itself (r float32 [..., k]). conv: x_q and x_mask are None and the GEMV
     computes x (and its mask) as that conv's output itself. hadamard = (y float32 [1, k], scale): x_q is None and the
     GEMV computes x = HadamardQuant(y, scale) itself (one row). behind: the decode conv and x_proj's sums computed
-    behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait."""
+    behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait.
+    early_residual (GEMV, one row, residual): the residual is read before the dependency wait; the caller asserts
+    that neither of the two kernels before this one writes it (qm_linear_args.early_residual)."""
     lib = load_library()
     src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
@@ -371,5 +373,6 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
         if clear.dtype != torch.int32:
             raise KernelError(f"int8_linear: clear must be an int32 tensor, got {clear.dtype}")
         args.clear, args.clear_n = _ptr(clear), clear.numel()
+    args.early_residual = int(early_residual)
     _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
     return outs

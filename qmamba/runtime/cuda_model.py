@@ -56,12 +56,13 @@ class CudaOps(IntOps):
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
                  fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True,
-                 embedding_kernel: bool = True) -> None:
+                 embedding_kernel: bool = True, early_residual: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
         self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
         self.fuse_final_norm, self.embedding_kernel = fuse_final_norm, embedding_kernel
+        self.early_residual = early_residual
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._unread: torch.Tensor | None = None  # sums an in_proj filled that no state update has read yet
@@ -90,7 +91,7 @@ class CudaOps(IntOps):
         return m
 
     def _linear(self, a: Act, lin: QLinear, segments: list[tuple[int, float | None]],
-                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+                residual: torch.Tensor | None = None, early_residual: bool = False) -> list[torch.Tensor]:
         """One W8A8 linear: GEMV + epilogue for <= 16 rows (decode), else cuBLASLt int8 GEMM + epilogue kernel."""
         x = a.value.contiguous()
         rows = x.numel() // x.shape[-1]
@@ -108,7 +109,8 @@ class CudaOps(IntOps):
         clear = self._take_clear()
         outs = k.int8_linear(x, lin.weight_q, self._multiplier(a.scale, lin), segments,
                              None if a.mask is None else a.mask.contiguous(), m_out, acc_in, acc_out, residual,
-                             clear=None if acc_in is not None else clear)
+                             clear=None if acc_in is not None else clear,
+                             early_residual=early_residual and acc_in is None and rows == 1)
         if clear is not None and acc_in is not None:  # the GEMM path has no clear: a torch memset then
             clear.zero_()
         return outs
@@ -130,8 +132,16 @@ class CudaOps(IntOps):
 
     def linear_add(self, a: Act, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
         """residual += linear(a) inside the linear's epilogue (the block owns its residual tensor)."""
+        early = self._early_residual(residual)
         residual = residual.contiguous()
-        return self._linear(a, lin, [(lin.weight_q.shape[0], None)], residual=residual)[0]
+        return self._linear(a, lin, [(lin.weight_q.shape[0], None)], residual=residual, early_residual=early)[0]
+
+    def _early_residual(self, residual: torch.Tensor) -> bool:
+        """Whether out_proj's GEMV may read the residual before its dependency wait: in a decode step (states in
+        place) the residual stream is written only by out_proj (and the step's embedding), two or more kernels
+        before the next out_proj (in_proj and the state update run between), and a contiguous tensor needs no copy
+        kernel right before (qm_linear_args.early_residual)."""
+        return self.early_residual and self.in_place and residual.is_contiguous()
 
     def linear_quant(self, a: Act, lin: QLinear, segments: list[tuple[int, float]]) -> list[Act]:
         outs = self._linear(a, lin, segments)
@@ -282,9 +292,11 @@ class CudaOps(IntOps):
         if not (self.fuse_hadamard and y.numel() == d and d <= 2048 and p >= 8 and p & (p - 1) == 0
                 and y.dtype == torch.float32):
             return super().hadamard_linear_add(y, s_h, lin, residual)
+        early = self._early_residual(residual)
         residual = residual.contiguous()
         return k.int8_linear(None, lin.weight_q, self._multiplier(s_h, lin), [(lin.weight_q.shape[0], None)],
-                             residual=residual, hadamard=(y.contiguous(), s_h), clear=self._take_clear())[0]
+                             residual=residual, hadamard=(y.contiguous(), s_h), clear=self._take_clear(),
+                             early_residual=early)[0]
 
     def hadamard_quant(self, y: torch.Tensor, s: float) -> Act:
         return Act(k.hadamard_quant(y.contiguous(), s), s)

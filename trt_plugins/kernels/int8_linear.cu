@@ -444,6 +444,18 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   if (R == 1 && a.norm_x)
     for (int i = threadIdx.x * 32; i < a.k; i += kThreads * 32)
       asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
+  // the residual of the columns this lane finishes (a.early_residual: the caller asserts no kernel still running
+  // writes it), from L2 (no stale L1 line), so its round trip is not the kernel's last; kept in shared memory
+  // (in registers through the main loop it made the one-row GEMVs spill)
+  constexpr bool kMayEarly = R == 1 && !P && !kConv && !XP;
+  const bool early_res = kMayEarly && a.early_residual;
+  __shared__ float res_early[kMayEarly ? kWarps * CPW : 1];
+  if (early_res && slice == 0 && lane == 0)
+#pragma unroll
+    for (int c = 0; c < CPW; ++c) {
+      const int n = static_cast<int>(blockIdx.x) * kCols + warp / S * CPW + c;
+      res_early[warp * CPW + c] = n < a.n ? __ldcg(a.residual + n) : 0.f;  // read back by this lane only
+    }
   ConvEarly<R> conv_early;
   if constexpr (kConv) conv_prologue_early<R, kThreads>(a, conv_early);
   const int tail_base = static_cast<int>(blockIdx.x) * kCols;
@@ -550,7 +562,10 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
             if (q == r) ai = acc_in[c][q], ao = acc_out[c][q];
         }
         const float y = dequant(a, masked, n, ai, ao);
-        store(sg, a, r, n, y);
+        if (early_res)  // one float segment: out = residual + y, as store() computes it
+          static_cast<float*>(sg.out[0])[n] = __fadd_rn(res_early[warp * CPW + c], y);
+        else
+          store(sg, a, r, n, y);
         if (XP && tail) tail_x[n - tail_base] = qm::quantize(y, sg.scale[0]);  // the code store() wrote
       }
     }
@@ -589,6 +604,9 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   }
   QM_CHECK_ARG(sg.end[sg.n - 1] == a->n, "qm_int8_linear: the last segment must end at n=%d", a->n);
   QM_CHECK_ARG(!a->residual || (sg.n == 1 && sg.scale[0] == 0.f), "qm_int8_linear: residual needs one float segment");
+  QM_CHECK_ARG(a->early_residual == 0 || (a->early_residual == 1 && a->residual && a->rows == 1 && !a->acc_in),
+               "qm_int8_linear: early_residual=%d must be 0, or 1 with a residual, one row and the GEMV (no acc_in)",
+               a->early_residual);
   const int threads = 256;
   if (a->acc_in) {
     QM_CHECK_ARG(!a->x_mask || a->acc_out, "qm_int8_linear: a masked input needs acc_out");

@@ -31,10 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-/* qm_abi_version bumps on any incompatible change; currently 7. 3: qm_tied_logits; 4: early_state; 5: the decode
+/* qm_abi_version bumps on any incompatible change; currently 8. 3: qm_tied_logits; 4: early_state; 5: the decode
  * conv and the HadamardQuant fused into the GEMV, the conv state shift into the update; 6: the conv and x_proj's
  * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup; 7: the
- * scan's channel_major inputs. */
+ * scan's channel_major inputs; 8: qm_linear_args.early_residual. */
 QM_API int qm_abi_version(void);
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
@@ -180,6 +180,13 @@ typedef struct {
    * sums above once the state update that reads them has finished). */
   int32_t* clear;
   int clear_n;
+  /* 0 or 1. 1 (GEMV, one row, residual): the residual is read before the PDL wait, so its round trip overlaps the
+   * kernels ahead instead of following the dot products. The caller asserts that neither of the two kernels before
+   * this one in the stream writes the residual: under programmatic dependent launch this kernel starts only after
+   * the previous one has passed its own wait, so every kernel further back has finished (qmamba's kernels wait before
+   * they let dependents start; qmamba's decode step writes the residual two or more kernels before each out_proj).
+   * 0 is always safe. */
+  int early_residual;
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);

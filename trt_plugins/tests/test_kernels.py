@@ -380,9 +380,27 @@ def test_int8_linear_epilogue_bit_exact(k, rows, ncols, dual):
         assert torch.equal(o.cpu(), quantize(y[:, c : c + wd], sc))
         c += wd
     res = torch.randn(rows, sum(widths), generator=g, device="cuda")
-    want = res.cpu() + y
+    want, res_early = res.cpu() + y, res.clone()
     (same,) = k.int8_linear(x, w, m_in, [(sum(widths), None)], mask, m_out, residual=res, **acc)
     assert same.data_ptr() == res.data_ptr() and torch.equal(res.cpu(), want)
+    if rows == 1:  # the residual read before the dependency wait: the same bits
+        k.int8_linear(x, w, m_in, [(sum(widths), None)], mask, m_out, residual=res_early, early_residual=True)
+        assert torch.equal(res_early.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_early_residual_needs_one_row_a_residual_and_the_gemv(k):
+    x = torch.zeros(2, 64, dtype=torch.int8, device="cuda")
+    w = torch.zeros(32, 64, dtype=torch.int8, device="cuda")
+    m, res = torch.ones(32, device="cuda"), torch.zeros(2, 32, device="cuda")
+    with pytest.raises(k.KernelError, match=r"early_residual=1 must be 0, or 1 with a residual, one row and the GEMV"):
+        k.int8_linear(x[:1], w, m, [(32, None)], early_residual=True)
+    with pytest.raises(k.KernelError, match=r"early_residual=1 must be 0, or 1 with a residual, one row"):
+        k.int8_linear(x, w, m, [(32, None)], residual=res, early_residual=True)
+    with pytest.raises(k.KernelError, match=r"one row and the GEMV \(no acc_in\)"):
+        k.int8_linear(x[:1], w, m, [(32, None)], residual=res[:1], early_residual=True,
+                      acc_in=torch.zeros(1, 32, dtype=torch.int32, device="cuda"))
 
 
 @needs_gpu
@@ -767,6 +785,10 @@ def test_int8_linear_with_fused_hadamard_equals_separate(k, kdim, ncols):
                            residual=res_sep)
     assert out.data_ptr() == res.data_ptr() and torch.equal(out, sep)
     assert torch.equal(out.cpu(), res0 + want)
+    res_early = res0.cuda()  # the residual read before the dependency wait: the same bits
+    k.int8_linear(None, w, scale_product(s_h, ws.cpu()).cuda(), [(ncols, None)], residual=res_early,
+                  hadamard=(y, s_h), early_residual=True)
+    assert torch.equal(res_early, out)
 
 
 @needs_gpu

@@ -25,7 +25,7 @@ __device__ __forceinline__ void codes4(int w, float (&f)[4]) {
 }
 
 template <int R>
-__global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* __restrict__ h,
+__global__ void __launch_bounds__(kWarps * 32, R == 1 ? QM_LOGITS_BLOCKS_PER_SM : 2) tied_logits_kernel(const float* __restrict__ h,
                                                                   const int8_t* __restrict__ e_q,
                                                                   const float* __restrict__ e_scale,
                                                                   float* __restrict__ out, int rows, int k, int n,
@@ -46,6 +46,20 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
   };
   int4 first[kVocabPerWarp];
   load(g, lane, first);  // the table is constant: load before waiting for h
+  // so are the row scales (each group loads its own with its first pieces, not after its sums: that round trip
+  // stood between a warp's groups) and the final norm's weights (lines into L1: no registers held)
+  auto load_scales = [&](int grp, float (&es)[kVocabPerWarp]) {
+#pragma unroll
+    for (int dv = 0; dv < kVocabPerWarp; ++dv) {
+      const int v = grp * kVocabPerWarp + dv;
+      es[dv] = v < n ? e_scale[v] : 0.f;
+    }
+  };
+  float es_first[kVocabPerWarp];
+  load_scales(g, es_first);
+  if (norm_w)
+    for (int i = static_cast<int>(threadIdx.x) * 32; i < k; i += kWarps * 32 * 32)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_w + i));
   qm::wait_for_inputs();
   qm::allow_dependents();
   for (int i = threadIdx.x; i < R * k; i += kWarps * 32) {
@@ -72,6 +86,13 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
     __syncthreads();
   }
   for (bool head = true; g < groups; g += total_warps, head = false) {  // warp-uniform
+    float es[kVocabPerWarp];
+    if (head) {
+#pragma unroll
+      for (int dv = 0; dv < kVocabPerWarp; ++dv) es[dv] = es_first[dv];
+    } else {
+      load_scales(g, es);
+    }
     float acc[kVocabPerWarp][R];
 #pragma unroll
     for (int dv = 0; dv < kVocabPerWarp; ++dv)
@@ -118,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32) tied_logits_kernel(const float* _
 #pragma unroll
         for (int r = 1; r < R; ++r)
           if (lane == r) a = acc[dv][r];
-        out[static_cast<int64_t>(lane) * n + v] = __fmul_rn(a, e_scale[v]);
+        out[static_cast<int64_t>(lane) * n + v] = __fmul_rn(a, es[dv]);
       }
     }
   }

@@ -71,37 +71,50 @@ __device__ __forceinline__ void quantize4_fast(const float (&hy)[4], float scale
   }
 }
 
-// Mixing task (column i, outputs 4g .. 4g + 3) of the [M, p] view: t holds column i's M values; each output sums
-// H_M[a, b] * t[b] left to right (the spec order). The signs of H_M are compile-time constants here
+// W values (W = 4 or 6) with one branch, as quantize4_fast.
+template <int W>
+__device__ __forceinline__ void quantize_w_fast(const float (&hy)[W], float scale, float inv_scale, bool fast_quant,
+                                                int8_t (&q)[W]) {
+  bool certain = fast_quant;
+#pragma unroll
+  for (int j = 0; j < W; ++j) certain &= fast_quant_code(hy[j], inv_scale, q[j]);
+  if (!certain) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) q[j] = qm::quantize(hy[j], scale);
+  }
+}
+
+// Mixing task (column i, outputs W g .. W g + W - 1) of the [M, p] view: t holds column i's M values; each output
+// sums H_M[a, b] * t[b] left to right (the spec order). The signs of H_M are compile-time constants here
 // (hadamard_row_signs), so each term is one add or subtract: H_M[a, b] * t[b] = +-t[b] exactly.
-template <int M, int G>
+template <int M, int G, int W = 4>
 __device__ __forceinline__ void mix_group(const float* t, int8_t* codes, int i, int p, float c, float scale,
                                           float inv_scale, bool fast_quant) {
-  constexpr int kRow = 4 * G;
-  float hy[4];
+  constexpr int kRow = W * G;
+  float hy[W];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < W; ++j) {
     const unsigned signs = hadamard_row_signs(M, kRow + j);
     float acc = signs & 1u ? -t[0] : t[0];
 #pragma unroll
     for (int b = 1; b < M; ++b) acc = signs >> b & 1u ? __fsub_rn(acc, t[b]) : __fadd_rn(acc, t[b]);
     hy[j] = __fmul_rn(acc, c);
   }
-  int8_t q[4];
-  quantize4_fast(hy, scale, inv_scale, fast_quant, q);
+  int8_t q[W];
+  quantize_w_fast<W>(hy, scale, inv_scale, fast_quant, q);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) codes[(kRow + j) * p + i] = q[j];
+  for (int j = 0; j < W; ++j) codes[(kRow + j) * p + i] = q[j];
 }
 
 // the group g (runtime, warp-uniform while p >= 32) as a compile-time constant
-template <int M, int G = 0>
+template <int M, int W = 4, int G = 0>
 __device__ __forceinline__ void mix_dispatch(int g, const float* t, int8_t* codes, int i, int p, float c, float scale,
                                              float inv_scale, bool fast_quant) {
-  if constexpr (G < M / 4) {
+  if constexpr (G < M / W) {
     if (g == G)
-      mix_group<M, G>(t, codes, i, p, c, scale, inv_scale, fast_quant);
+      mix_group<M, G, W>(t, codes, i, p, c, scale, inv_scale, fast_quant);
     else
-      mix_dispatch<M, G + 1>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
+      mix_dispatch<M, W, G + 1>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
   }
 }
 
@@ -109,7 +122,10 @@ __device__ __forceinline__ void mix_dispatch(int g, const float* t, int8_t* code
 // each; the block is whole warps with at least d / 8 threads, every thread calls this). The int8 codes go to out
 // (global or shared memory, 8-byte aligned); row4 is shared-memory scratch of d floats then d bytes, used when
 // M > 1 or p > 256. A caller that reads out from other threads syncs first (the register path ends without a barrier).
-template <typename T, int M, bool kSplit, int EM = 32>
+// kFused (out in shared memory, the GEMV's prologue): the mixing writes the codes straight into out (no barrier and
+// copy at the end: the caller syncs), in tasks of 6 outputs when M % 6 == 0 (M = 12, p <= 128: one round of the
+// GEMV's 256 threads instead of 1.5 of 4-output tasks).
+template <typename T, int M, bool kSplit, int EM = 32, bool kFused = false>
 __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* out, float4* row4, int d, int lp,
                                               float c, float scale, float inv_scale, bool fast_quant) {
   float* row = reinterpret_cast<float*>(row4);
@@ -184,14 +200,15 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
       // every thread works. Else one column per thread (reads its M values once): with many rows the other
       // resident block fills the idle threads' issue slots, and the split's extra reads cost more (NOTES.md).
       static_assert(M % 4 == 0, "outputs come in groups of 4");
-      int8_t* codes = reinterpret_cast<int8_t*>(row + d);
+      int8_t* codes = kFused ? out : reinterpret_cast<int8_t*>(row + d);
       if constexpr (kSplit) {
-        for (int k = tid; k < p * (M / 4); k += blockDim.x) {
+        constexpr int W = kFused && M % 6 == 0 ? 6 : 4;  // outputs per task
+        for (int k = tid; k < p * (M / W); k += blockDim.x) {
           const int i = k & (p - 1), g = k >> lp;
           float t[M];
 #pragma unroll
           for (int b = 0; b < M; ++b) t[b] = row[b * p + i];
-          mix_dispatch<M>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
+          mix_dispatch<M, W>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
         }
       } else {
         for (int i = tid; i < p; i += blockDim.x) {
@@ -202,6 +219,7 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
           for (int g = 0; g < M / 4; ++g) mix_dispatch<M>(g, t, codes, i, p, c, scale, inv_scale, fast_quant);
         }
       }
+      if constexpr (kFused) return;  // the codes are in out already
       __syncthreads();
       if (live)
         *reinterpret_cast<uint2*>(out + e0) = *reinterpret_cast<const uint2*>(codes + e0);

@@ -496,8 +496,8 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
     msrc = reinterpret_cast<const uint8_t*>(ms);
   } else if constexpr (HM > 0) {  // the row's codes, then k floats and k bytes of the Hadamard's scratch
     int8_t* xs = reinterpret_cast<int8_t*>(xs_norm);
-    hadamard8_row<float, HM, true>(a.had_x, xs, reinterpret_cast<float4*>(xs_norm + a.k / 16), a.k, hq.lp, hq.c,
-                                   a.had_scale, hq.inv_scale, hq.fast);
+    hadamard8_row<float, HM, true, 32, true>(a.had_x, xs, reinterpret_cast<float4*>(xs_norm + a.k / 16), a.k, hq.lp,
+                                             hq.c, a.had_scale, hq.inv_scale, hq.fast);
     __syncthreads();
     xsrc = xs;
   } else if (a.norm_x) {

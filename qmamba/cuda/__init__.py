@@ -336,7 +336,7 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
     GEMV computes x = HadamardQuant(y, scale) itself (one row). behind: the decode conv and x_proj's sums computed
     behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait.
     early_residual (GEMV, one row, residual): the residual is read before the dependency wait; the caller asserts
-    that neither of the two kernels before this one writes it (qm_linear_args.early_residual)."""
+    that the kernel right before this one does not write it (qm_linear_args.early_residual)."""
     lib = load_library()
     src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]

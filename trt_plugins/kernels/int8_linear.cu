@@ -52,10 +52,11 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
 
 // RMSNormQuant of the block's rows into shared memory (every block recomputes it: a row is a few KB read from L2,
 // against a separate kernel launch and its round trip through memory).
-// One row of k <= 256 * kNormPer (decode B1: 130m to 2.8b): each thread's values load at once into registers and
-// stay there for the codes, whose quotients take the reciprocal multiply where it decides the code (the spec's
-// division otherwise). The loop form reloaded the row and divided per element, a chain of round trips: in a
-// microbenchmark of 640 blocks (k 2560) 5.9 -> 4.6 us, 384 blocks (k 768) 4.1 -> 3.0 (NOTES.md, session 13).
+// One row of k <= 256 * kNormPer (decode B1: 130m to 2.8b): each thread's values load at once (one L2 round trip
+// for the sum of squares), and the codes' quotients take the reciprocal multiply where it decides the code (the
+// spec's division otherwise), from the row and the norm weights loaded again from L1 in rounds of NPR. The loop
+// form took a round trip per few elements and divided each: in a microbenchmark of 640 blocks (k 2560) 5.9 -> 4.6
+// us, 384 blocks (k 768) 4.1 -> 3.0; 2.8b decode B1 -1.4 us per layer (NOTES.md, session 13).
 // NPR: the codes' rounds of loads (ptxas: 5 spills 16 bytes in the plain one-row GEMVs; 2 none; the two-columns-
 // per-warp GEMV measured faster with 5 in spite of its spills, NOTES.md session 13).
 constexpr int kNormPer = 10;
@@ -444,8 +445,8 @@ __global__ void __launch_bounds__(CT > 0 ? CT : 256, CT > 0   ? 1024 / (CT > 0 ?
   if (R == 1 && a.norm_x)
     for (int i = threadIdx.x * 32; i < a.k; i += kThreads * 32)
       asm volatile("prefetch.global.L1 [%0];" ::"l"(a.norm_w + i));
-  // the residual of the columns this lane finishes (a.early_residual: the caller asserts no kernel still running
-  // writes it), from L2 (no stale L1 line), so its round trip is not the kernel's last; kept in shared memory
+  // the residual of the columns this lane finishes (a.early_residual: the caller asserts that no kernel still running
+  // writes it), from L2 (no stale L1 line), so that its round trip is not the kernel's last; kept in shared memory
   // (in registers through the main loop it made the one-row GEMVs spill)
   constexpr bool kMayEarly = R == 1 && !P && !kConv && !XP;
   const bool early_res = kMayEarly && a.early_residual;

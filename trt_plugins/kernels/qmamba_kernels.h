@@ -181,11 +181,12 @@ typedef struct {
   int32_t* clear;
   int clear_n;
   /* 0 or 1. 1 (GEMV, one row, residual): the residual is read before the PDL wait, so its round trip overlaps the
-   * kernels ahead instead of following the dot products. The caller asserts that neither of the two kernels before
-   * this one in the stream writes the residual: under programmatic dependent launch this kernel starts only after
-   * the previous one has passed its own wait, so every kernel further back has finished (qmamba's kernels wait before
-   * they let dependents start; qmamba's decode step writes the residual two or more kernels before each out_proj).
-   * 0 is always safe. */
+   * kernels ahead instead of following the dot products. The caller asserts that the residual was last written by a
+   * kernel at least two places back in the stream (not by the kernel right before this one): under programmatic
+   * dependent launch this kernel starts only after the previous one has passed its own wait, by which time every
+   * kernel further back has finished and its writes are visible (qmamba's kernels wait before they let dependents
+   * start; qmamba's decode step runs in_proj and the state update between one out_proj and the next). 0 is always
+   * safe. */
   int early_residual;
 } qm_linear_args;
 

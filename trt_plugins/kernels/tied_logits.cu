@@ -24,12 +24,13 @@ __device__ __forceinline__ void codes4(int w, float (&f)[4]) {
   f[3] = __fsub_rn(__int_as_float(static_cast<int>(__byte_perm(u, 0x4b000000u, 0x7653))), 8388736.f);
 }
 
+// Launch bounds: one row keeps the grid's 4 blocks per SM resident (64 registers; 80 without the bound), four rows
+// 2 per SM (128 registers).
 template <int R>
-__global__ void __launch_bounds__(kWarps * 32, R == 1 ? QM_LOGITS_BLOCKS_PER_SM : 2) tied_logits_kernel(const float* __restrict__ h,
-                                                                  const int8_t* __restrict__ e_q,
-                                                                  const float* __restrict__ e_scale,
-                                                                  float* __restrict__ out, int rows, int k, int n,
-                                                                  const float* __restrict__ norm_w, float norm_eps) {
+__global__ void __launch_bounds__(kWarps * 32, R == 1 ? QM_LOGITS_BLOCKS_PER_SM : 2)
+    tied_logits_kernel(const float* __restrict__ h, const int8_t* __restrict__ e_q, const float* __restrict__ e_scale,
+                       float* __restrict__ out, int rows, int k, int n, const float* __restrict__ norm_w,
+                       float norm_eps) {
   extern __shared__ float hs[];  // [R][k]
   __shared__ double red[R][kWarps];  // the final norm's warp sums, per row
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

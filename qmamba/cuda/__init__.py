@@ -188,7 +188,9 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
 
 def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
           scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
-          conv_shift: tuple | None = None, x_proj: tuple | None = None, channel_major: bool = False) -> torch.Tensor:
+          conv_shift: tuple | None = None, x_proj: tuple | None = None,
+          channel_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, final state); final_state None: a new float32 [B, D, N] tensor."""
     lib = load_library()
     bsz, l, d = u.shape
     if channel_major:  # u, dt, z, mask [B, D, L]; B, C, y keep [B, L, .]
@@ -198,6 +200,8 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
                 raise KernelError(f"channel-major scan: {name} must be [B, D, L] = {(bsz, d, l)} like u, got "
                                   f"{tuple(t.shape)}")
     n = A.shape[1]
+    if final_state is None:
+        final_state = torch.empty(bsz, d, n, dtype=torch.float32, device=u.device)
     y = torch.empty(bsz, l, d, dtype=y_dtype, device=u.device)
     args = ScanArgs(
         input_dtype, _ptr(u), _ptr(mask), _ptr(dt), _ptr(B), _ptr(C), _ptr(z), _ptr(A), _ptr(D), _ptr(dt_bias),
@@ -220,18 +224,15 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
         args.xp_acc, args.xp_m_in, args.xp_m_out = _ptr(acc), _ptr(xm_in), _ptr(xm_out)
         args.xp_n, args.dt_lowrank_scale = xm_in.shape[0], s_lr
     _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
-    return y
+    return y, final_state
 
 
 def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None,
                    channel_major: bool = False):
     """Float-input scan, as ref.selective_scan: (y, final state). final_state may be initial_state (in place).
     channel_major: u, dt, z are [B, D, L] (mamba_ssm's layout); B, C and y stay [B, L, .]."""
-    state = final_state if final_state is not None else \
-        torch.empty(u.shape[0], u.shape[1 if channel_major else 2], A.shape[1], dtype=torch.float32, device=u.device)
-    y = _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, state, y_dtype, {},
-              channel_major=channel_major)
-    return y, state
+    return _scan("qm_selective_scan", FLOAT32, u, None, dt, B, C, z, A, D, dt_bias, initial_state, final_state,
+                 y_dtype, {}, channel_major=channel_major)
 
 
 def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, u_scale, u_outlier_scale,
@@ -239,14 +240,10 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
                               final_state=None, channel_major: bool = False):
     """int8-input scan, as ref.dual_scale_selective_scan: (y, final state). final_state may be initial_state.
     channel_major: u_q, u_mask, dt_q, z_q are [B, D, L] (mamba_ssm's layout); B_q, C_q and y stay [B, L, .]."""
-    state = final_state if final_state is not None else \
-        torch.empty(u_q.shape[0], u_q.shape[1 if channel_major else 2], A.shape[1], dtype=torch.float32,
-                    device=u_q.device)
     scales = dict(u_scale=u_scale, u_outlier_scale=u_outlier_scale, dt_scale=dt_scale, B_scale=B_scale,
                   C_scale=C_scale, z_scale=z_scale)
-    y = _scan("qm_selective_scan", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, initial_state, state,
-              y_dtype, scales, channel_major=channel_major)
-    return y, state
+    return _scan("qm_selective_scan", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, initial_state,
+                 final_state, y_dtype, scales, channel_major=channel_major)
 
 
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
@@ -259,10 +256,9 @@ def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bia
     x_proj = (sums int32 [xp_n] (or [2, xp_n]: outliers too, dual scale), m_in float32 [xp_n], m_out or None,
     dt_lowrank_scale), with dt_proj, batch 1: x_proj's epilogue runs here (after a ConvXProjBehind GEMV), and
     dt_proj's dt_lowrank, B_q and C_q are buffers the kernel writes the codes into."""
-    out = state if in_place else torch.empty_like(state)
-    y = _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
-              y_dtype, scales, dt_proj, early_state, conv_shift, x_proj)
-    return y, out
+    return _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state,
+                 state if in_place else torch.empty_like(state), y_dtype, scales, dt_proj, early_state, conv_shift,
+                 x_proj)
 
 
 def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:

@@ -96,7 +96,7 @@ __device__ __forceinline__ FastCode fast_code(float r) {
 inline bool aligned(const void* p, int bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Scales whose reciprocal is a normal float32 with a 0.5 ulp error: where the reciprocal-multiply bounds hold.
-inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
+__host__ __device__ inline bool has_accurate_reciprocal(float s) { return s > 0x1p-100f && s < 0x1p100f; }
 
 // Spec rule 4: silu evaluated in float64, rounded once.
 __device__ __forceinline__ float silu_r(float v) {
@@ -116,11 +116,16 @@ __device__ __forceinline__ float softplus_r(float v) {
 
 // Spec 4.1's sum of squares, one warp's part: the float64 sum of the float32 squares row[i] for i = the thread's
 // index, + stride, ... (stride = the block's threads), over the warp's lanes (every lane gets the warp's sum).
+// The float64 sum of a value over the warp's lanes, in a fixed butterfly order (every lane gets the sum).
+__device__ __forceinline__ double warp_sum(double acc) {
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
 __device__ __forceinline__ double warp_sumsq(const float* row, int k, int stride) {
   double acc = 0.0;
   for (int i = threadIdx.x; i < k; i += stride) acc += static_cast<double>(__fmul_rn(row[i], row[i]));
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  return acc;
+  return warp_sum(acc);
 }
 
 // Spec 4.1: 1 / rms from the float64 sum of float32 squares: fl(sum) / d (IEEE), + eps, sqrt_r, reciprocal.

@@ -60,11 +60,24 @@ __global__ void epilogue_kernel(qm_linear_args a, Seg sg) {
 // NPR: the codes' rounds of loads (ptxas: 5 spills 16 bytes in the plain one-row GEMVs; 2 none; the two-columns-
 // per-warp GEMV measured faster with 5 in spite of its spills, NOTES.md session 13).
 constexpr int kNormPer = 10;
+
+// Spec 4.1's 1 / rms of a row into *rr from each warp's float64 sum of squares (8 warps; thread 0 adds their sums in
+// warp order). The caller syncs before reading *rr.
+__device__ __forceinline__ void block_rms_reciprocal(double warp_acc, double* red, float* rr, int k, float eps) {
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = warp_acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double sum = 0.0;
+    for (int w = 0; w < 8; ++w) sum += red[w];
+    *rr = qm::rms_reciprocal(sum, k, eps);
+  }
+}
+
 template <int R, int NPR>
 __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   __shared__ double red[8];
   __shared__ float rr[R];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = threadIdx.x;
+  const int t = threadIdx.x;
   if (R == 1 && a.k <= 256 * kNormPer) {
     float v[kNormPer];
 #pragma unroll
@@ -72,16 +85,9 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
     double acc = 0.0;  // qm::warp_sumsq's order (a missing element adds 0.0: the same bits)
 #pragma unroll
     for (int j = 0; j < kNormPer; ++j) acc += static_cast<double>(__fmul_rn(v[j], v[j]));
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) red[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double sum = 0.0;
-      for (int w = 0; w < 8; ++w) sum += red[w];
-      rr[0] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
-    }
+    block_rms_reciprocal(qm::warp_sum(acc), red, rr, a.k, a.norm_eps);
     const float inv_scale = __frcp_rn(a.norm_scale);
-    const bool fast = a.norm_scale > 0x1p-100f && a.norm_scale < 0x1p100f;  // qm::has_accurate_reciprocal
+    const bool fast = qm::has_accurate_reciprocal(a.norm_scale);
     __syncthreads();
     const float r0 = rr[0];
     // the row again (L1) with the norm weights (L1, asked for before the wait), in two rounds of loads: keeping the
@@ -105,14 +111,7 @@ __device__ void norm_prologue(const qm_linear_args& a, int8_t* xs) {
   }
   for (int r = 0; r < R && r < a.rows; ++r) {
     const float* row = a.norm_x + static_cast<int64_t>(r) * a.k;
-    const double acc = qm::warp_sumsq(row, a.k, 256);
-    if (lane == 0) red[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double sum = 0.0;
-      for (int w = 0; w < 8; ++w) sum += red[w];
-      rr[r] = qm::rms_reciprocal(sum, a.k, a.norm_eps);
-    }
+    block_rms_reciprocal(qm::warp_sumsq(row, a.k, 256), red, rr + r, a.k, a.norm_eps);
     __syncthreads();
     for (int i = threadIdx.x; i < a.k; i += 256) xs[r * a.k + i] = qm::rms_code(row[i], rr[r], a.norm_w[i], a.norm_scale);
   }

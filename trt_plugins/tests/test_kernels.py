@@ -484,7 +484,7 @@ def test_tied_logits_match_reference(k, rows, kdim, vocab, norm):
     ("rows", "kdim", "ncols"),
     [(1, 768, 3072), (3, 2560, 56), (4, 64, 2056), (2, 8192, 40), (3, 2560, 10240), (4, 768, 3072),
      (1, 2560, 10240), (1, 8192, 2056), (1, 5120, 192), (1, 768, -3072), (1, 2048, 8192), (1, 2576, 64),
-     (1, 16, 40)],  # -: norm_w not 16-byte aligned; one row of k <= 2560 keeps the row in registers
+     (1, 16, 40)],  # -: norm_w not 16-byte aligned; one row of k <= 2560: the prologue that loads the row at once
 )
 def test_int8_linear_with_fused_rmsnorm_bit_exact(k, rows, kdim, ncols):
     from qmamba.ops.specmath import quantize, scale_product

@@ -114,14 +114,14 @@ __device__ __forceinline__ float softplus_r(float v) {
   return static_cast<float>(lp);
 }
 
-// Spec 4.1's sum of squares, one warp's part: the float64 sum of the float32 squares row[i] for i = the thread's
-// index, + stride, ... (stride = the block's threads), over the warp's lanes (every lane gets the warp's sum).
 // The float64 sum of a value over the warp's lanes, in a fixed butterfly order (every lane gets the sum).
 __device__ __forceinline__ double warp_sum(double acc) {
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   return acc;
 }
 
+// Spec 4.1's sum of squares, one warp's part: the float64 sum of the float32 squares row[i] for i = the thread's
+// index, + stride, ... (stride = the block's threads), over the warp's lanes (every lane gets the warp's sum).
 __device__ __forceinline__ double warp_sumsq(const float* row, int k, int stride) {
   double acc = 0.0;
   for (int i = threadIdx.x; i < k; i += stride) acc += static_cast<double>(__fmul_rn(row[i], row[i]));

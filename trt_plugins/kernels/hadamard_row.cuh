@@ -59,19 +59,8 @@ __device__ __forceinline__ int8_t quantize_fast(float hy, float scale, float inv
   return fast_quant && fast_quant_code(hy, inv_scale, q) ? q : qm::quantize(hy, scale);
 }
 
-// The same for 4 values with one branch: where any code is not certain (rare), all 4 take the IEEE division.
-__device__ __forceinline__ void quantize4_fast(const float (&hy)[4], float scale, float inv_scale, bool fast_quant,
-                                               int8_t (&q)[4]) {
-  bool certain = fast_quant;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) certain &= fast_quant_code(hy[j], inv_scale, q[j]);
-  if (!certain) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) q[j] = qm::quantize(hy[j], scale);
-  }
-}
-
-// W values (W = 4 or 6) with one branch, as quantize4_fast.
+// The same for W values (W = 4 or 6) with one branch: where any code is not certain (rare), all W take the IEEE
+// division.
 template <int W>
 __device__ __forceinline__ void quantize_w_fast(const float (&hy)[W], float scale, float inv_scale, bool fast_quant,
                                                 int8_t (&q)[W]) {

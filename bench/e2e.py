@@ -267,24 +267,30 @@ FUSIONS = {"fused": {}, "conv-in-x_proj": {"fuse_x_proj_behind": False},
            "final-norm-separate": {"fuse_final_norm": False},
            "torch-embedding": {"embedding_kernel": False},
            "residual-after-wait": {"early_residual": False},
+           "update-then-out_proj": {"fuse_update_out_proj": False},
            "all-separate": {"fuse_x_proj_behind": False, "fuse_conv": False, "fuse_hadamard": False,
                             "fuse_final_norm": False, "embedding_kernel": False}}
 
 
 @torch.no_grad()
-def compare_fusions(size: str, batches: tuple[int, ...] = (1, 16, 64), rounds: int = 2) -> str:
-    """Decode step time (graph replay, median of 100) with each CudaOps variant of FUSIONS, in one process on one
-    model, the variants alternating: a fusion's gain measured against its own separate kernels."""
+def compare_fusions(size: str, batches: tuple[int, ...] = (1, 16, 64), rounds: int = 2,
+                    names: list[str] | None = None) -> str:
+    """Decode step time (graph replay, median of 100) with each CudaOps variant of FUSIONS (or those named), in one
+    process on one model, the variants alternating: a fusion's gain measured against its own separate kernels."""
+    names = names or list(FUSIONS)
+    unknown = [n for n in names if n not in FUSIONS]
+    if unknown:
+        raise SystemExit(f"unknown fusion variants {unknown}; known: {', '.join(FUSIONS)}")
     gpu = CudaQuantModel(quantized(float_model(size)))
     plain = gpu.in_place_ops
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
-        for name, kw in FUSIONS.items():
-            gpu.in_place_ops = ops_like(plain, **kw)
+        for name in names:
+            gpu.in_place_ops = ops_like(plain, **FUSIONS[name])
             time_steps(gpu, name, batches, times)
             gpu.in_place_ops = plain
     return step_table(f"## decode step by fusion variant, {size} (ms per step, graph replay; rounds alternate the "
-                      "variants)", "variant", list(FUSIONS), times, batches)
+                      "variants)", "variant", names, times, batches)
 
 
 def main() -> None:
@@ -302,13 +308,17 @@ def main() -> None:
     ap.add_argument("--compare-fusions", action="store_true",
                     help="only print the decode step time with each fusion variant, for --sizes and --batches")
     ap.add_argument("--batches", default="1,16,64", help="decode batch sizes of --compare-libs / --compare-fusions")
+    ap.add_argument("--fusions", default=None, metavar="NAME[,NAME]", help="the variants of --compare-fusions "
+                    "(default: all of FUSIONS)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --compare-libs / --compare-fusions")
     args = ap.parse_args()
     if args.compare_libs or args.compare_fusions:
         text = ""
         batches = tuple(int(b) for b in args.batches.split(","))
         for size in args.sizes.split(","):  # the file grows after every size: a cut-short run keeps what it has
-            text += (compare_libs(size, args.compare_libs.split(","), batches) if args.compare_libs
-                     else compare_fusions(size, batches)) + "\n"
+            text += (compare_libs(size, args.compare_libs.split(","), batches, args.rounds) if args.compare_libs
+                     else compare_fusions(size, batches, args.rounds,
+                                          args.fusions.split(",") if args.fusions else None)) + "\n"
             emit(text, args.out)
         return
     for spec, diagnostic in ((args.stage_costs, stage_costs), (args.profile_decode, profile_decode)):

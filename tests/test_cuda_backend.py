@@ -106,17 +106,22 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
     from qmamba import cuda as kernels
     from qmamba.runtime.cuda_model import CudaOps, CudaQuantModel, XProjSums
 
-    int8_linear = kernels.int8_linear
+    int8_linear, update_out_proj = kernels.int8_linear, kernels.update_out_proj
 
     def counting_linear(*a, **kw):
         had_calls[-1] += kw.get("hadamard") is not None
         return int8_linear(*a, **kw)
 
+    def counting_update_out_proj(*a, **kw):
+        uop_calls[-1] += 1
+        return update_out_proj(*a, **kw)
+
     monkeypatch.setattr(kernels, "int8_linear", counting_linear)
+    monkeypatch.setattr(kernels, "update_out_proj", counting_update_out_proj)
 
     gpu = CudaQuantModel(qmodel)
     ids = rand_ids(1, 6, seed=11)
-    behind_calls, front_calls, had_calls = [], [], []
+    behind_calls, front_calls, had_calls, uop_calls = [], [], [], []
 
     class Spy(CudaOps):  # counts the calls that took the fused kernels (a silent fallback would pass the rest)
         def in_proj_conv_x_proj(self, *a, **kw):
@@ -130,11 +135,12 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
             return out
 
     variants = {"fused": {}, "conv-in-front": {"fuse_x_proj_behind": False}, "traced": {},
-                "separate": {"fuse_conv": False, "fuse_hadamard": False, "fuse_x_proj_behind": False}}
+                "separate": {"fuse_conv": False, "fuse_hadamard": False, "fuse_x_proj_behind": False},
+                "update-then-out_proj": {"fuse_update_out_proj": False}}
     runs = {}
     for name, kw in variants.items():
         gpu.in_place_ops = Spy(gpu.device, in_place_states=True, **kw)
-        for calls in (behind_calls, front_calls, had_calls):
+        for calls in (behind_calls, front_calls, had_calls, uop_calls):
             calls.append(0)
         states, out = gpu.init_states(1), []
         for t in range(ids.shape[1]):
@@ -148,10 +154,12 @@ def test_in_place_decode_with_fused_conv_and_hadamard(qmodel, monkeypatch):
         assert gpu.in_place_ops._clear_next is None, f"{name}: x_proj's sums were left for no kernel to clear"
         assert all(not acc.any() for acc in gpu.in_place_ops._xp_acc.values()), f"{name}: x_proj's sums not zeroed"
     calls = 6 * qmodel.cfg.n_layer
-    assert behind_calls == [calls, 0, 0, 0]
-    assert front_calls == [0, calls, calls, 0]  # traced: the conv still runs inside x_proj, its state shifted later
-    assert had_calls == [calls, calls, 0, 0]  # traced: every stage is wanted, so the Hadamard does not fuse
-    for name in ("conv-in-front", "traced", "separate"):
+    assert behind_calls == [calls, 0, 0, 0, calls]
+    assert front_calls == [0, calls, calls, 0, 0]  # traced: the conv still runs inside x_proj, its state shifted later
+    # the update and out_proj in one cluster kernel; traced: every stage is wanted, so neither fuses
+    assert uop_calls == [calls, calls, 0, 0, 0]
+    assert had_calls == [0, 0, 0, 0, calls]
+    for name in ("conv-in-front", "traced", "separate", "update-then-out_proj"):
         for (la, ca, sa), (lb, cb, sb) in zip(runs["fused"], runs[name], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ca, cb, strict=True)), f"{name}: conv states differ"
             assert all(torch.equal(a, b) for a, b in zip(sa, sb, strict=True)), f"{name}: ssm states differ"

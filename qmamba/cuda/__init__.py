@@ -45,7 +45,7 @@ class ScanArgs(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 8  # qm_abi_version() of the library this binding is written for
+ABI_VERSION = 9  # qm_abi_version() of the library this binding is written for
 
 
 class LinearArgs(ctypes.Structure):
@@ -186,12 +186,18 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
     return u, mask, new_state
 
 
-def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
-          scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
-          conv_shift: tuple | None = None, x_proj: tuple | None = None,
-          channel_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan(fn: str, *a, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, final state); final_state None: a new float32 [B, D, N] tensor."""
-    lib = load_library()
+    args, y, final_state = _scan_args(*a, **kw)
+    _check(getattr(load_library(), fn)(ctypes.byref(args), _stream()))
+    return y, final_state
+
+
+def _scan_args(input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
+               scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
+               conv_shift: tuple | None = None, x_proj: tuple | None = None,
+               channel_major: bool = False) -> tuple[ScanArgs, torch.Tensor, torch.Tensor]:
+    """qm_scan_args for these tensors, with the y and final-state tensors they point to."""
     bsz, l, d = u.shape
     if channel_major:  # u, dt, z, mask [B, D, L]; B, C, y keep [B, L, .]
         bsz, d, l = u.shape
@@ -223,8 +229,7 @@ def _scan(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initia
                               f"{xm_in.shape[0]}] with m_out), got {acc.dtype} {tuple(acc.shape)}")
         args.xp_acc, args.xp_m_in, args.xp_m_out = _ptr(acc), _ptr(xm_in), _ptr(xm_out)
         args.xp_n, args.dt_lowrank_scale = xm_in.shape[0], s_lr
-    _check(getattr(lib, fn)(ctypes.byref(args), _stream()))
-    return y, final_state
+    return args, y, final_state
 
 
 def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None,
@@ -333,7 +338,15 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
     behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait.
     early_residual (GEMV, one row, residual): the residual is read before the dependency wait; the caller asserts
     that the kernel right before this one does not write it (qm_linear_args.early_residual)."""
-    lib = load_library()
+    args, outs = _linear_args(x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual, norm, conv,
+                              hadamard, behind, clear, early_residual)
+    _check(load_library().qm_int8_linear(ctypes.byref(args), _stream()))
+    return outs
+
+
+def _linear_args(x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual, norm, conv, hadamard, behind,
+                 clear, early_residual) -> tuple[LinearArgs, list[torch.Tensor]]:
+    """qm_linear_args for int8_linear's arguments, with the output tensors they point to."""
     src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
     lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
     rows = src.numel() // kdim
@@ -370,5 +383,21 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
             raise KernelError(f"int8_linear: clear must be an int32 tensor, got {clear.dtype}")
         args.clear, args.clear_n = _ptr(clear), clear.numel()
     args.early_residual = int(early_residual)
-    _check(lib.qm_int8_linear(ctypes.byref(args), _stream()))
-    return outs
+    return args, outs
+
+
+def update_out_proj(state, u_q, u_mask, B_q, C_q, z_q, A, D, dt_bias, *, dt_proj: tuple, out_proj: tuple,
+                    residual: torch.Tensor, conv_shift: tuple | None = None, x_proj: tuple | None = None,
+                    clear: torch.Tensor | None = None, early_residual: bool = False, **scales) -> torch.Tensor:
+    """qm_update_out_proj: selective_state_update(..., in_place=True, dt_proj, early_state=True, conv_shift,
+    x_proj) followed by int8_linear(None, w_q, m_in, [(n, None)], residual=residual, hadamard=(y, had_scale),
+    clear, early_residual), one sequence, in one kernel (a cluster of 16 blocks; sm_90+). out_proj = (w_q int8
+    [n, d_inner], m_in float32 [n], had_scale). The state and the residual are updated in place; returns the
+    residual."""
+    w_q, m_in, had_scale = out_proj
+    sargs, y, _ = _scan_args(INT8, u_q, u_mask, None, B_q, C_q, z_q, A, D, dt_bias, state, state, torch.float32,
+                             scales, dt_proj, True, conv_shift, x_proj)
+    largs, outs = _linear_args(None, w_q, m_in, [(w_q.shape[0], None)], None, None, None, None, residual, None,
+                               None, (y, had_scale), None, clear, early_residual)
+    _check(load_library().qm_update_out_proj(ctypes.byref(sargs), ctypes.byref(largs), _stream()))
+    return outs[0]

@@ -110,6 +110,14 @@ def _dt_proj_scan(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm
     return ops.scan(u, dt, bm, cm, z, lyr, state, deferred)
 
 
+def _scan_out_proj(ops, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
+                   state: torch.Tensor | None, deferred, s_h: float, residual: torch.Tensor):
+    """(residual + out_proj(HadamardQuant(y)), final state) for y = dt_proj_scan(...): ops may fuse the scan and
+    out_proj when nobody records dt_proj, the scan's y, the Hadamard or out_proj."""
+    y, st = ops.dt_proj_scan(dt_lr, lyr, s_dt, u, bm, cm, z, state, deferred)
+    return ops.hadamard_linear_add(y, s_h, lyr.out_proj, residual), st
+
+
 def _conv_x_proj(ops, x: Act, lyr: QLayer, state: torch.Tensor | None, s_u: float, s_out: float | None,
                  segments: list[tuple[int, float]]):
     """(u, conv state, x_proj(u)'s segments, deferred) with u = conv(x). Ops may compute the conv inside x_proj;
@@ -151,6 +159,8 @@ def _norm_logits(ops, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, 
 # stages that the fused front (in_proj_conv_x_proj) does not produce before the scan: a tracer wanting one of them
 # gets the separate stages
 _FRONT_STAGES = ("norm", "x_proj.dt_lowrank", "x_proj.B", "x_proj.C", "dt_proj")
+# stages that the fused back (scan_out_proj) does not produce: a tracer wanting one of them gets the separate stages
+_BACK_STAGES = ("dt_proj", "ssm", "hadamard", "out_proj")
 
 
 class _ComposedStages:
@@ -161,6 +171,7 @@ class _ComposedStages:
     linear_add = _linear_add
     norm_linear_quant = _norm_linear_quant
     dt_proj_scan = _dt_proj_scan
+    scan_out_proj = _scan_out_proj
     conv_x_proj = _conv_x_proj
     in_proj_conv_x_proj = _in_proj_conv_x_proj
     hadamard_linear_add = _hadamard_linear_add
@@ -359,6 +370,25 @@ class QuantMambaLM:
                 ops, lyr, residual, conv_state, xz_segments, xp_segments, wanted, rec)
 
         ssm_in = None if state is None else state.ssm
+        if rc.int8_ssm and not any(wanted(t) for t in _BACK_STAGES):
+            # nobody looks between x_proj and the block's output: ops may fuse the scan (dt_proj in it) and out_proj
+            residual, ssm_state = ops.scan_out_proj(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in, deferred,
+                                                    s["hadamard"], residual)
+        else:
+            residual, ssm_state = self._separate_back(ops, lyr, residual, (dt_lr, u, bm, cm, z), ssm_in, deferred,
+                                                      wanted, rec)
+        rec("block", residual)
+        if conv_state is None:
+            conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)
+        return residual, LayerState(conv_state, ssm_state)
+
+    def _separate_back(self, ops, lyr: QLayer, residual: torch.Tensor, ins: tuple, ssm_in: torch.Tensor | None,
+                       deferred, wanted, rec):
+        """dt_proj, the scan, the Hadamard and out_proj as separate stages (a tracer wants one of them): (residual,
+        final state), recording each stage a tracer wants."""
+        rc, s = self.recipe, lyr.scales
+        d = self.cfg.d_inner
+        dt_lr, u, bm, cm, z = ins
         if rc.int8_ssm and not wanted("dt_proj"):  # ops may fuse dt_proj into the scan
             y, ssm_state = ops.dt_proj_scan(dt_lr, lyr, s["dt_proj"], u, bm, cm, z, ssm_in, deferred)
         else:
@@ -380,10 +410,7 @@ class QuantMambaLM:
                 residual = residual + out
             else:  # nobody looks at out_proj alone: ops may fuse the residual add into the linear
                 residual = ops.linear_add(hq, lyr.out_proj, residual)
-        rec("block", residual)
-        if conv_state is None:
-            conv_state = ops.conv_state_zeros(residual.shape[0], d, cfg.d_conv)
-        return residual, LayerState(conv_state, ssm_state)
+        return residual, ssm_state
 
     def _separate_front(self, ops, lyr: QLayer, residual: torch.Tensor, conv_state: torch.Tensor | None,
                         xz_segments: list[tuple[int, float]], xp_segments: list[tuple[int, float]], wanted, rec):

@@ -56,13 +56,16 @@ class CudaOps(IntOps):
 
     def __init__(self, device: torch.device, in_place_states: bool = False, fuse_conv: bool = True,
                  fuse_hadamard: bool = True, fuse_x_proj_behind: bool = True, fuse_final_norm: bool = True,
-                 embedding_kernel: bool = True, early_residual: bool = True) -> None:
+                 embedding_kernel: bool = True, early_residual: bool = True,
+                 fuse_update_out_proj: bool = True) -> None:
         self.device = device
         self.in_place = in_place_states
         # False only to measure the separate kernels (bench/e2e.py --compare-fusions)
         self.fuse_conv, self.fuse_hadamard, self.fuse_x_proj_behind = fuse_conv, fuse_hadamard, fuse_x_proj_behind
         self.fuse_final_norm, self.embedding_kernel = fuse_final_norm, embedding_kernel
         self.early_residual = early_residual
+        self.fuse_update_out_proj = fuse_update_out_proj
+        self._smem: int | None = None  # shared memory per block with the opt-in (scan_out_proj)
         self._xp_acc: dict[tuple[int, bool], torch.Tensor] = {}  # per layer: x_proj's sums, zero between steps
         self._clear_next: torch.Tensor | None = None  # sums whose reader ran: the next GEMV zeroes them
         self._unread: torch.Tensor | None = None  # sums an in_proj filled that no state update has read yet
@@ -178,6 +181,49 @@ class CudaOps(IntOps):
             self._unread = None
             self._clear_next = xp.acc  # read: the next GEMV (out_proj) zeroes the sums after its wait
         return y
+
+    def scan_out_proj(self, dt_lr: Act, lyr: QLayer, s_dt: float, u: Act, bm: Act, cm: Act, z: Act,
+                      state: torch.Tensor | None, deferred, s_h: float, residual: torch.Tensor):
+        """Decode of one sequence (one token, states in place) on sm_90+, d_inner = m * 2^j (m 1 or 12) a multiple
+        of 128 up to 2048, d_model up to 2048: the state update (dt_proj, x_proj's epilogue and the conv shift in
+        it) and out_proj (HadamardQuant in front, the residual behind) in one kernel of a 16-block cluster
+        (qm_update_out_proj), where one block's share of out_proj's weights fits its shared memory."""
+        d, n = u.value.shape[-1], lyr.out_proj.weight_q.shape[0]
+        m = 12 if d % 12 == 0 else 1
+        p = d // m
+        if not (self.fuse_update_out_proj and self.fuse_hadamard and self.in_place and state is not None
+                and u.scale is not None and u.value.shape[:2] == (1, 1) and residual.numel() == n
+                and d % 128 == 0 and d <= 2048 and n <= 2048 and p >= 8 and p & (p - 1) == 0
+                and lyr.A_log.shape[1] == 16 and -(-n // 16) * d + 10 * d <= self._smem_optin() - 4096):
+            return super().scan_out_proj(dt_lr, lyr, s_dt, u, bm, cm, z, state, deferred, s_h, residual)
+        xp = deferred if isinstance(deferred, XProjSums) else None
+        pending = self._take_clear()
+        if xp is not None:  # the kernel zeroes the sums it read (after its cluster barrier)
+            if pending is not None:
+                pending.zero_()
+            clear, self._unread = xp.acc, None
+        else:
+            clear = pending
+        early = self._early_residual(residual)
+        residual = residual.contiguous()
+        lin, out = lyr.dt_proj, lyr.out_proj
+        k.update_out_proj(
+            state, u.value, u.mask, bm.value.contiguous(), cm.value.contiguous(), z.value.contiguous(), self._a(lyr),
+            lyr.D, lyr.dt_bias, dt_proj=(dt_lr.value.contiguous(), lin.weight_q, self._multiplier(dt_lr.scale, lin)),
+            out_proj=(out.weight_q, self._multiplier(s_h, out), s_h), residual=residual,
+            conv_shift=None if xp else deferred,
+            x_proj=None if xp is None else (xp.acc, xp.m_in, xp.m_out, dt_lr.scale), clear=clear,
+            early_residual=early, u_scale=u.scale, u_outlier_scale=u.outlier_scale, dt_scale=s_dt,
+            B_scale=bm.scale, C_scale=cm.scale, z_scale=z.scale)
+        return residual, state
+
+    def _smem_optin(self) -> int:
+        """Shared memory per block with the opt-in (0 below sm_90: no thread-block clusters there): the SM's less
+        the 1 KB the driver reserves per block (torch does not report the opt-in limit itself)."""
+        if self._smem is None:
+            props = torch.cuda.get_device_properties(self.device)
+            self._smem = props.shared_memory_per_multiprocessor - 1024 if props.major >= 9 else 0
+        return self._smem
 
     def _settle(self, deferred: tuple | XProjSums | None) -> None:
         """Do with torch ops what a fused op left to a kernel that will not run: the conv state's shift. x_proj's

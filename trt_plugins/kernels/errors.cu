@@ -41,5 +41,5 @@ const char* qm_status_string(int status) {
     default: return "unknown status";
   }
 }
-int qm_abi_version(void) { return 8; }
+int qm_abi_version(void) { return 9; }
 }

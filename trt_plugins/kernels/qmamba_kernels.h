@@ -31,10 +31,10 @@ typedef enum { QM_DTYPE_FLOAT32 = 0, QM_DTYPE_FLOAT16 = 1, QM_DTYPE_INT8 = 2 } q
 
 QM_API const char* qm_last_error(void);
 QM_API const char* qm_status_string(int status);
-/* qm_abi_version bumps on any incompatible change; currently 8. 3: qm_tied_logits; 4: early_state; 5: the decode
+/* qm_abi_version bumps on any incompatible change; currently 9. 3: qm_tied_logits; 4: early_state; 5: the decode
  * conv and the HadamardQuant fused into the GEMV, the conv state shift into the update; 6: the conv and x_proj's
  * sums behind the GEMV, x_proj's epilogue in the update, clear, qm_tied_logits' norm, qm_embedding_lookup; 7: the
- * scan's channel_major inputs; 8: qm_linear_args.early_residual. */
+ * scan's channel_major inputs; 8: qm_linear_args.early_residual; 9: qm_update_out_proj. */
 QM_API int qm_abi_version(void);
 
 /* RMSNormQuant (spec 4.1): y[t,:] = Q(rmsnorm(x[t,:]) , scale). tokens = B*L. */
@@ -191,6 +191,16 @@ typedef struct {
 } qm_linear_args;
 
 QM_API int qm_int8_linear(const qm_linear_args* args, cudaStream_t stream);
+
+/* Decode of one sequence, small models: qm_selective_state_update(scan) followed by qm_int8_linear(out_proj) with
+ * HadamardQuant in front (out_proj->had_x == scan->y) and the residual behind, in one kernel: one cluster of 16
+ * thread blocks (sm_90+) that pass y through distributed shared memory instead of a kernel boundary. Same results,
+ * bit for bit, as the two calls (y is written too). scan: batch 1, seqlen 1, int8 inputs, dstate 16, a fused
+ * dt_proj (dt_w; x_proj's epilogue and the conv shift optional), float32 y, d_inner a multiple of 128 up to 2048.
+ * out_proj: one row, k = d_inner, n <= 2048 columns, one float32 segment of all n columns plus the residual (in
+ * place allowed), clear and early_residual as for qm_int8_linear. Each block keeps its share of out_proj's weights
+ * (n / 16 rows of k bytes) in shared memory: QM_ERR_UNSUPPORTED where that or the cluster does not fit. */
+QM_API int qm_update_out_proj(const qm_scan_args* scan, const qm_linear_args* out_proj, cudaStream_t stream);
 
 /* Logits through the tied int8 embedding (spec 4.7): out[r, v] = fl(fl(sum_k h[r, k] * e_q[v, k]) * e_scale[v]),
  * h float32 [rows, k], e_q int8 [n, k] (16-byte aligned, k % 16 == 0, k <= 4096), out float32 [rows, n]. The table

@@ -6,36 +6,15 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "state_update.cuh"
 
 namespace {
 constexpr int kMaxN = 64;
-constexpr float kLog2e = 1.4426950408889634f;
 #ifndef QM_SCAN_L2_PREFETCH
 #define QM_SCAN_L2_PREFETCH 1  // the chunked scan asks L2 for its next chunk (0: measure without)
 #endif
 
 using qm::aligned;
-
-using qm::ex2_approx;
-using qm::rcp_approx;
-
-// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
-// by its series to s^13 (truncation < 2e-8 relative): ~15 instructions instead of log1pf's ~40. Branch-free, and
-// MUFU ex2 / rcp without the range fix-ups of __expf / __fdividef (e only flushes to 0 below 2^-126, where log1p(e)
-// is e to float precision anyway; 2 + e is in [2, 3]).
-__device__ __forceinline__ float softplus_fast(float x) {
-  const float e = ex2_approx(fabsf(x) * -kLog2e);
-  const float s = e * rcp_approx(2.f + e), s2 = s * s;
-  float p = __fmaf_rn(s2, 1.f / 13.f, 1.f / 11.f);
-  p = __fmaf_rn(p, s2, 1.f / 9.f);
-  p = __fmaf_rn(p, s2, 1.f / 7.f);
-  p = __fmaf_rn(p, s2, 1.f / 5.f);
-  p = __fmaf_rn(p, s2, 1.f / 3.f);
-  p = __fmaf_rn(p, s2, 1.f);
-  return x > 20.f ? x : fmaxf(x, 0.f) + 2.f * s * p;
-}
-// z / (1 + exp(-z)); for z < -126 ln 2 the ex2 result is +inf, its reciprocal 0 and the product -0 (silu ~ -z e^z)
-__device__ __forceinline__ float silu_fast(float z) { return z * rcp_approx(1.f + ex2_approx(z * -kLog2e)); }
 
 // Copies BYTES bytes from shared memory (aligned to min(BYTES, 16)) in 16/8/4-byte pieces.
 template <int BYTES, typename Tv>
@@ -666,186 +645,16 @@ bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, 
          aligned(a->B) && aligned(a->C);
 }
 
-// Decode (L = 1): G = N/4 threads per (b, d), each owning 4 consecutive states, so state reads and writes
-// are coalesced 16-byte accesses; y is reduced over the G threads with shuffles. In place is safe: every
-// thread reads its own states before writing them.
-// kDtW: dt_proj fused in (a.dt_w non-null), in its own instantiation: with the 16-byte rank pieces in, every update
-// took 34 registers instead of 32, and the plain one measured 5-10% slower at B16/B64 (NOTES.md, session 6).
-// kXp: x_proj's epilogue fused in as well (a.xp_acc: one sequence), in its own instantiation. The block turns x_proj's
-// int32 sums into the dt_lowrank / B / C codes in shared memory (block 0 also writes them out), then reads those.
-constexpr int kMaxXp = 1024;
+// Decode (L = 1): one thread per 4 states of a (b, d); the body is state_update_row (state_update.cuh), shared with
+// the cluster kernel that runs the update and out_proj together (update_out_proj.cu).
 template <int N, bool kInt8, bool kDtW, bool kXp = false>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
-  static_assert(!kXp || kDtW, "x_proj's epilogue comes with the fused dt_proj");
-  constexpr int G = N / 4;
-  constexpr int kPer = 4;  // dt_proj: 16-byte rank pieces per lane per round (ranks up to 16 * kPer * G in one)
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t row = gid / G;
-  const int q = static_cast<int>(gid % G);
-  const int D = a.dim;
-  const bool active = row < static_cast<int64_t>(a.batch) * D;
-  const int64_t r = active ? row : 0;
-  const int d = static_cast<int>(r % D), b = static_cast<int>(r / D);
-  const int64_t s0 = r * N + 4 * q, a0 = static_cast<int64_t>(d) * N + 4 * q, b0 = static_cast<int64_t>(b) * N + 4 * q;
-  // The weights (A, dt_bias, D, dt_proj's row and multiplier) load before waiting for the previous kernel: at
-  // decode they come from HBM, and their latency overlaps that kernel's tail instead of following it.
-  float A[4];
-  if (vec) {
-    const float4 av = reinterpret_cast<const float4*>(a.A)[a0 / 4];
-    A[0] = av.x, A[1] = av.y, A[2] = av.z, A[3] = av.w;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) A[j] = a.A[a0 + j];
-  }
-  const float bias = a.dt_bias ? a.dt_bias[d] : 0.f, dskip = a.Dskip ? a.Dskip[d] : 0.f;
-  const int8_t* wr = kDtW ? a.dt_w + static_cast<int64_t>(d) * a.dt_rank : nullptr;
-  const float dt_m = kDtW ? a.dt_m[d] : 0.f;
-  const int pieces = kDtW && vec_dt ? a.dt_rank / 16 : 0;
-  int4 w_first[kPer];  // the first round's dt_proj pieces
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int j = q + k * G;
-    w_first[k] = j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
-  }
-  auto load_h = [&](float (&h)[4]) {
-    if (vec) {
-      // the state streams (evict-first loads and stores): read and written once per step, it would only push the
-      // weights or other layers' inputs out of L2 (B64 D5120: 23.3 -> 18.3 us on an H100, NOTES.md)
-      const float4 hv = a.initial_state ? __ldcs(reinterpret_cast<const float4*>(a.initial_state) + s0 / 4) : float4{};
-      h[0] = hv.x, h[1] = hv.y, h[2] = hv.z, h[3] = hv.w;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = a.initial_state ? a.initial_state[s0 + j] : 0.f;
-    }
-  };
-  float h[4];
-  if (a.early_state) load_h(h);  // the caller asserts no kernel ahead of this one writes it (qmamba_kernels.h)
-  // the deferred conv-state shift (a.conv_state): lane 0 of the channel moves tokens 1, 2 down and appends x
-  const bool shift = kDtW && a.conv_state && active && q == 0;
-  int8_t* const crow = shift ? a.conv_state + r * 3 : nullptr;
-  int8_t c1 = 0, c2 = 0;
-  if (shift && a.early_state) c1 = crow[1], c2 = crow[2];
-  // x_proj's multipliers for this thread's first two outputs (weights: before the wait)
-  float xm_in[2] = {0.f, 0.f}, xm_out[2] = {0.f, 0.f};
-  if constexpr (kXp) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int j = static_cast<int>(threadIdx.x + i * blockDim.x);
-      if (j < a.xp_n) {
-        xm_in[i] = a.xp_m_in[j];
-        if (a.xp_m_out) xm_out[i] = a.xp_m_out[j];
-      }
-    }
-  }
-  qm::wait_for_inputs();
-  qm::allow_dependents();
-  __shared__ __align__(16) int8_t sx[kXp ? kMaxXp : 16];  // x_proj's codes: dt_lowrank, then B, then C
-  if constexpr (kXp) {
-    const int R = a.dt_rank;
-    for (int j = static_cast<int>(threadIdx.x), i = 0; j < a.xp_n; j += static_cast<int>(blockDim.x), ++i) {
-      // spec 4.2's epilogue, as qm_int8_linear's: fl(fl(acc_in) m_in) (+ fl(fl(acc_out) m_out)), then Q per segment
-      const float m_in = i == 0 ? xm_in[0] : i == 1 ? xm_in[1] : a.xp_m_in[j];
-      float y = __fmul_rn(static_cast<float>(a.xp_acc[j]), m_in);
-      if (a.xp_m_out) {
-        const float m_out = i == 0 ? xm_out[0] : i == 1 ? xm_out[1] : a.xp_m_out[j];
-        y = __fadd_rn(y, __fmul_rn(static_cast<float>(a.xp_acc[a.xp_n + j]), m_out));
-      }
-      const int8_t c = qm::quantize(y, j < R ? a.dt_lowrank_scale : j < R + N ? a.B_scale : a.C_scale);
-      sx[j] = c;
-      if (blockIdx.x == 0) {  // the codes are outputs here (the pointers are the caller's buffers)
-        int8_t* dst = j < R ? const_cast<int8_t*>(a.dt_lowrank) + j
-                    : j < R + N ? static_cast<int8_t*>(const_cast<void*>(a.B)) + (j - R)
-                                : static_cast<int8_t*>(const_cast<void*>(a.C)) + (j - R - N);
-        *dst = c;
-      }
-    }
-    __syncthreads();
-  }
-  const int8_t cx = shift ? a.conv_x[r] : 0;
-  float u, x, zv = 0.f;
-  if constexpr (kInt8) {
-    const float s = (a.dual_scale && a.u_mask[r]) ? a.u_outlier_scale : a.u_scale;
-    u = static_cast<float>(static_cast<const int8_t*>(a.u)[r]) * s;
-    if constexpr (kDtW) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, the epilogue
-      const int8_t* lr = kXp ? sx : a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;
-      int acc = 0;  // an exact int32 sum: any order gives the same bits
-      if (vec_dt) {
-        // rank % 16 == 0, 16-byte aligned rows: 16-byte pieces, all of a round's loads in flight before the first
-        // dp4a (byte loads in a loop of runtime length took one L2 round trip per few bytes)
-        for (int j0 = q; j0 < pieces; j0 += kPer * G) {
-          int4 lv[kPer], wv[kPer];
-#pragma unroll
-          for (int k = 0; k < kPer; ++k) {
-            const int j = j0 + k * G;
-            lv[k] = j < pieces ? reinterpret_cast<const int4*>(lr)[j] : int4{};
-            wv[k] = j0 == q ? w_first[k] : j < pieces ? reinterpret_cast<const int4*>(wr)[j] : int4{};
-          }
-#pragma unroll
-          for (int k = 0; k < kPer; ++k) {
-            acc = __dp4a(lv[k].x, wv[k].x, acc);
-            acc = __dp4a(lv[k].y, wv[k].y, acc);
-            acc = __dp4a(lv[k].z, wv[k].z, acc);
-            acc = __dp4a(lv[k].w, wv[k].w, acc);
-          }
-        }
-      } else {
-        for (int j = q; j < a.dt_rank; j += G) acc += static_cast<int>(lr[j]) * static_cast<int>(wr[j]);
-      }
-#pragma unroll
-      for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, G);
-      const int8_t code = qm::quantize(__fmul_rn(static_cast<float>(acc), dt_m), a.dt_scale);
-      x = static_cast<float>(code) * a.dt_scale;
-    } else {
-      x = static_cast<float>(static_cast<const int8_t*>(a.dt)[r]) * a.dt_scale;
-    }
-    if (a.z) zv = static_cast<float>(static_cast<const int8_t*>(a.z)[r]) * a.z_scale;
-  } else {
-    u = static_cast<const float*>(a.u)[r];
-    x = static_cast<const float*>(a.dt)[r];
-    if (a.z) zv = static_cast<const float*>(a.z)[r];
-  }
-  if (a.dt_bias) x += bias;
-  const float delta = softplus_fast(x), dlu = delta * u;
-  float Bv[4], Cv[4];
-  if (!a.early_state) load_h(h);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (kInt8) {
-      const int8_t* bsrc = kXp ? sx + a.dt_rank : static_cast<const int8_t*>(a.B);
-      const int8_t* csrc = kXp ? sx + a.dt_rank + N : static_cast<const int8_t*>(a.C);
-      Bv[j] = static_cast<float>(bsrc[b0 + j]) * a.B_scale;
-      Cv[j] = static_cast<float>(csrc[b0 + j]) * a.C_scale;
-    } else {
-      Bv[j] = static_cast<const float*>(a.B)[b0 + j];
-      Cv[j] = static_cast<const float*>(a.C)[b0 + j];
-    }
-  }
-  float y = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    h[j] = __fmaf_rn(ex2_approx(delta * A[j] * kLog2e), h[j], dlu * Bv[j]);
-    y = __fmaf_rn(h[j], Cv[j], y);
-  }
-#pragma unroll
-  for (int off = G / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off, G);
-  if (!active) return;
-  if (shift) {  // after the wait: the GEMV that computed the conv from the old row has finished
-    if (!a.early_state) c1 = crow[1], c2 = crow[2];
-    crow[0] = c1, crow[1] = c2, crow[2] = cx;
-  }
-  if (a.final_state && vec)
-    __stcs(reinterpret_cast<float4*>(a.final_state) + s0 / 4, make_float4(h[0], h[1], h[2], h[3]));
-  else if (a.final_state)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) a.final_state[s0 + j] = h[j];
-  if (q == 0) {
-    if (a.Dskip) y += dskip * u;
-    if (a.z) y *= silu_fast(zv);
+  state_update_row<N, kInt8, kDtW, kXp>(a, vec, vec_dt, [&](int64_t r, float y) {
     if (a.y_dtype == QM_DTYPE_FLOAT16)
       static_cast<__half*>(a.y)[r] = __float2half_rn(y);
     else
       static_cast<float*>(a.y)[r] = y;
-  }
+  });
 }
 
 int validate(const qm_scan_args* a, const char* fn) {
@@ -981,6 +790,8 @@ int launch_update(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   }
 }
 }  // namespace
+
+int qm::validate_scan_args(const qm_scan_args* a, const char* fn) { return validate(a, fn); }
 
 extern "C" int qm_selective_scan_workspace_size(int batch, int seqlen, int dim, int dstate, size_t* bytes) {
   QM_CHECK_ARG(bytes, "qm_selective_scan_workspace_size: bytes must be non-null");

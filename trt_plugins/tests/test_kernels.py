@@ -801,3 +801,87 @@ def test_fused_hadamard_rejects_what_it_does_not_cover(k):
     with pytest.raises(k.KernelError, match="a fused Hadamard takes one row, got rows=2"):
         k.int8_linear(None, w[:, :1536].contiguous(), m, [(64, None)],
                       hadamard=(torch.zeros(2, 1536, device="cuda"), 0.1))
+
+
+@needs_gpu
+@pytest.mark.gpu
+# 130m (d_inner 1536 = 12 x 128, 768 columns), the tiny model (768 = 12 x 64, 384 columns), 2048 = 2^11 (the p > 256
+# path of the Hadamard, 1024 columns), 128 = 2^7 (registers only; 40 columns: blocks with 3 columns and with none)
+@pytest.mark.parametrize(("d", "ncols", "rank"), [(1536, 768, 48), (768, 384, 24), (2048, 1024, 128), (128, 40, 16)])
+@pytest.mark.parametrize("xp", [False, True])
+@pytest.mark.parametrize("dual", [False, True])
+def test_update_out_proj_equals_update_then_out_proj(k, d, ncols, rank, xp, dual):
+    """qm_update_out_proj (one cluster kernel) against qm_selective_state_update then qm_int8_linear with the fused
+    Hadamard and the residual: the same residual, SSM state, y, conv state and x_proj codes, bit for bit, with x_proj's
+    epilogue in the update (xp) or a conv shift, and the residual read before or after the wait. The sums it read
+    are zeroed."""
+    from qmamba.ops.specmath import scale_product
+
+    n, seed = 16, d + ncols + 2 * xp + dual
+    (u, mask, _, bq, cq, z, A, D, dt_bias), h0, scales = _scan_inputs(1, 1, d, n, seed, dual)
+    g = _g(seed + 1)
+    i8 = dict(dtype=torch.int8, device="cuda", generator=g)
+    wdt, mdt = torch.randint(-128, 128, (d, rank), **i8), torch.rand(d, device="cuda", generator=g) * 1e-4
+    lr = torch.randint(-128, 128, (1, 1, rank), **i8)
+    w = torch.randint(-128, 128, (ncols, d), **i8)
+    s_h = 0.02
+    m = scale_product(s_h, (torch.rand(ncols, generator=g) * 0.01 + 1e-3)).cuda()
+    res0 = torch.randn(1, 1, ncols, device="cuda", generator=g)
+    xp_n = rank + 2 * n
+    acc0 = torch.randint(-3000, 3000, (2, xp_n) if dual else (xp_n,), dtype=torch.int32, device="cuda", generator=g)
+    xm_in = torch.rand(xp_n, device="cuda", generator=g) * 1e-3
+    xm_out = torch.rand(xp_n, device="cuda", generator=g) * 1e-2 if dual else None
+    cx, cs0 = torch.randint(-128, 128, (1, 1, d), **i8), torch.randint(-128, 128, (1, d, 3), **i8)
+    early = xp != dual
+
+    def run(fused: bool):
+        h, res, cs, acc = h0.clone(), res0.clone(), cs0.clone(), acc0.clone()
+        codes = [_poison(t.clone()) for t in (lr, bq, cq)] if xp else [lr, bq, cq]
+        extra = dict(dt_proj=(codes[0], wdt, mdt), conv_shift=None if xp else (cx, cs),
+                     x_proj=(acc, xm_in, xm_out, 0.5) if xp else None)
+        if fused:
+            out = k.update_out_proj(h, u, mask, codes[1], codes[2], z, A, D, dt_bias, out_proj=(w, m, s_h),
+                                    residual=res, clear=acc if xp else None, early_residual=early, **extra, **scales)
+            assert out.data_ptr() == res.data_ptr()
+        else:
+            y, _ = k.selective_state_update(h, u, mask, None, codes[1], codes[2], z, A, D, dt_bias, in_place=True,
+                                            early_state=True, **extra, **scales)
+            k.int8_linear(None, w, m, [(ncols, None)], residual=res, hadamard=(y, s_h))
+        return h, res, cs, acc, codes
+
+    want, got = run(False), run(True)
+    for name, a, b in zip(("SSM state", "residual", "conv state", "", "x_proj codes"), want, got, strict=True):
+        if name == "x_proj codes":
+            assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)), name
+        elif name:
+            assert torch.equal(a, b), f"{name} differs"
+    assert not torch.equal(want[1], res0), "out_proj added nothing"
+    if xp:
+        assert not got[3].any(), "the sums it read are not zeroed"
+    else:
+        assert torch.equal(got[3], acc0)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_update_out_proj_rejects_what_it_does_not_cover(k):
+    (u, mask, _, bq, cq, z, A, D, dt_bias), h0, scales = _scan_inputs(1, 1, 96, 16, 3, False)
+    lr, wdt, mdt = torch.zeros(1, 1, 16, dtype=torch.int8, device="cuda"), \
+        torch.zeros(96, 16, dtype=torch.int8, device="cuda"), torch.ones(96, device="cuda")
+    w, m, res = torch.zeros(64, 96, dtype=torch.int8, device="cuda"), torch.ones(64, device="cuda"), \
+        torch.zeros(1, 1, 64, device="cuda")
+    kw = dict(dt_proj=(lr, wdt, mdt), out_proj=(w, m, 0.02), residual=res, **scales)
+    with pytest.raises(k.KernelError, match="d_inner=96 must be a multiple of 128 up to 2048"):
+        k.update_out_proj(h0, u, mask, bq, cq, z, A, D, dt_bias, **kw)
+    (u, mask, _, bq, cq, z, A, D, dt_bias), h0, scales = _scan_inputs(2, 1, 128, 16, 4, False)
+    wdt, mdt = torch.zeros(128, 16, dtype=torch.int8, device="cuda"), torch.ones(128, device="cuda")
+    kw = dict(dt_proj=(lr.expand(2, 1, 16).contiguous(), wdt, mdt), out_proj=(w[:, :1].expand(64, 128).contiguous(), m,
+              0.02), residual=res, **scales)
+    with pytest.raises(k.KernelError, match="one token of one sequence .* got batch=2"):
+        k.update_out_proj(h0, u, mask, bq, cq, z, A, D, dt_bias, **kw)
+    (u, mask, _, bq, cq, z, A, D, dt_bias), h0, scales = _scan_inputs(1, 1, 128, 16, 5, False)
+    big, mbig = torch.zeros(4096, 128, dtype=torch.int8, device="cuda"), torch.ones(4096, device="cuda")
+    kw = dict(dt_proj=(lr, wdt, mdt), out_proj=(big, mbig, 0.02), residual=torch.zeros(1, 1, 4096, device="cuda"),
+              **scales)
+    with pytest.raises(k.KernelError, match="n=4096 must be at most 2048"):
+        k.update_out_proj(h0, u, mask, bq, cq, z, A, D, dt_bias, **kw)

@@ -1,0 +1,186 @@
+// Decode of one sequence, small models (130m: d_inner 1536, d_model 768): the state update (spec 4.4 at L = 1, with
+// the fused dt_proj / conv shift / x_proj epilogue of qm_scan_args), HadamardQuant (4.6) and out_proj (4.2, plus the
+// residual) in one kernel of one thread-block cluster, instead of the update kernel and the out_proj GEMV (which
+// computes the Hadamard itself) behind it.
+// Why: a decode step of the 130m model is a chain of small kernels whose boundaries cost more than their work; here
+// the update's y reaches out_proj through distributed shared memory and one cluster barrier instead of a kernel
+// boundary (every block of the next kernel waiting for every block of the update, then y again from L2).
+// Layout: kCluster blocks; block c runs the update of channels [c D / kCluster, (c + 1) D / kCluster) with the same
+// code as qm_selective_state_update (state_update_row: the same bits), writes its y values into every block's
+// shared memory, and after the barrier computes HadamardQuant of the whole row (as each out_proj GEMV block does)
+// and out_proj's columns [c cols, (c + 1) cols) from its slab of the weights, which it copied into shared memory
+// before its dependency wait (the slabs of all blocks are the whole out_proj: 1.2 MB at 130m).
+#include <cooperative_groups.h>
+
+#include "common.cuh"
+#include "hadamard_row.cuh"
+#include "state_update.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace {
+constexpr int kCluster = 16;     // blocks (one per SM); non-portable on sm_90, queried before the launch
+constexpr int kMaxThreads = 512;  // the update's 4 threads per channel: d_inner <= 2048
+constexpr int kMaxCols = 128;     // out_proj columns per block: d_model <= 2048
+constexpr int kN = 16;            // d_state
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// Dynamic shared memory: out_proj's slab [cols, k] int8, y [k] float32, the codes [k] int8, the Hadamard's scratch
+// (k floats then k bytes). k % 16 == 0 keeps every piece 16-byte aligned.
+#ifdef QM_UOP_MAXNREG  // a register cap, to measure (the update and the Hadamard's mixing take 102-128 without)
+#define QM_UOP_BOUNDS __maxnreg__(QM_UOP_MAXNREG)
+#else
+#define QM_UOP_BOUNDS __launch_bounds__(kMaxThreads, 1)
+#endif
+template <int HM, bool kXp>
+__global__ void QM_UOP_BOUNDS
+    update_out_proj_kernel(qm_scan_args s, qm_linear_args o, HadamardConsts hq, int cols, bool vec, bool vec_dt) {
+  extern __shared__ int4 smem4[];
+  __shared__ float m_s[kMaxCols], res_s[kMaxCols];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int k = o.k, tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int rank = static_cast<int>(cluster.block_rank()), ranks = static_cast<int>(cluster.num_blocks());
+  int8_t* const w_s = reinterpret_cast<int8_t*>(smem4);
+  float* const y_s = reinterpret_cast<float*>(w_s + static_cast<int64_t>(cols) * k);
+  int8_t* const codes = reinterpret_cast<int8_t*>(y_s + k);
+  float4* const scratch = reinterpret_cast<float4*>(codes + k);
+  const int n0 = rank * cols, ncols = max(0, min(cols, o.n - n0));
+  // constant inputs before the dependency wait: the slab (asynchronous copies, no registers held), the multipliers;
+  // the residual too when the caller asserts that the kernel before does not write it (o.early_residual)
+  const int4* const wsrc = reinterpret_cast<const int4*>(o.w + static_cast<int64_t>(n0) * k);
+  for (int i = tid; i < ncols * (k / 16); i += nthreads) cp_async16(w_s + 16 * static_cast<int64_t>(i), wsrc + i);
+  asm volatile("cp.async.commit_group;" ::: "memory");
+  for (int c = tid; c < ncols; c += nthreads) {
+    m_s[c] = o.m_in[n0 + c];
+    if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
+  }
+  // remote shared memory may be written only once every block of the cluster runs: arrive now, wait before writing
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  int64_t my_r = -1;
+  float my_y = 0.f;
+  state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [&](int64_t r, float y) {
+    static_cast<float*>(s.y)[r] = y;
+    my_r = r;
+    my_y = y;
+  });
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if (my_r >= 0)
+    for (int q = 0; q < ranks; ++q) cluster.map_shared_rank(y_s, q)[my_r] = my_y;
+  cluster.sync();  // release / acquire: every block's y values are in every block's y_s
+  if (rank == 0 && o.clear)  // every block has read x_proj's sums (before its arrival)
+    for (int i = tid; i < o.clear_n; i += nthreads) o.clear[i] = 0;
+  hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+  // out_proj: a warp per column, 16-byte pieces, dp4a (exact int32 in any order), then the epilogue of
+  // qm_int8_linear's float segment with a residual: fl(fl(acc) * m_in[n]), residual + that
+  const int warp = tid / 32, lane = tid % 32, chunks = k / 16;
+  const int4* const x4 = reinterpret_cast<const int4*>(codes);
+  const int4* const w4 = reinterpret_cast<const int4*>(w_s);
+  float* const out = static_cast<float*>(o.seg_out[0]);
+  for (int c = warp; c < ncols; c += nthreads / 32) {
+    int acc = 0;
+    for (int j = lane; j < chunks; j += 32) {
+      const int4 xv = x4[j], wv = w4[static_cast<int64_t>(c) * chunks + j];
+      acc = __dp4a(xv.x, wv.x, acc);
+      acc = __dp4a(xv.y, wv.y, acc);
+      acc = __dp4a(xv.z, wv.z, acc);
+      acc = __dp4a(xv.w, wv.w, acc);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+      const int n = n0 + c;
+      const float y = __fmul_rn(static_cast<float>(acc), m_s[c]);
+      out[n] = __fadd_rn(o.early_residual ? res_s[c] : o.residual[n], y);
+    }
+  }
+}
+
+template <int HM, bool kXp>
+int launch(const qm_scan_args* s, const qm_linear_args* o, const HadamardConsts& hq, cudaStream_t stream) {
+  auto kernel = update_out_proj_kernel<HM, kXp>;
+  const int cols = (o->n + kCluster - 1) / kCluster, threads = s->dim / kCluster * (kN / 4);
+  const size_t smem = static_cast<size_t>(cols) * o->k + 10 * static_cast<size_t>(o->k);
+  int dev = 0, smem_max = 0;
+  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_update_out_proj: cudaGetDevice");
+  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                    "qm_update_out_proj: cudaDeviceGetAttribute");
+  if (smem + 2 * kMaxCols * sizeof(float) + 1024 > static_cast<size_t>(smem_max)) {
+    qm::set_error("qm_update_out_proj: out_proj's slab of %d columns x k=%d plus 10 k bytes (%zu) exceeds the "
+                  "device's %d bytes of shared memory per block", cols, o->k, smem, smem_max);
+    return QM_ERR_UNSUPPORTED;
+  }
+  QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                    "qm_update_out_proj: cudaFuncSetAttribute(non-portable cluster size)");
+  QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                    "qm_update_out_proj: cudaFuncSetAttribute(shared memory)");
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = kCluster;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kCluster);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  int clusters = 0;
+  QM_CHECK_LAUNCHED(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg),
+                    "qm_update_out_proj: cudaOccupancyMaxActiveClusters");
+  if (clusters < 1) {
+    qm::set_error("qm_update_out_proj: this device cannot run a cluster of %d blocks of %d threads with %zu bytes of "
+                  "shared memory each", kCluster, threads, smem);
+    return QM_ERR_UNSUPPORTED;
+  }
+  const bool vec = qm::aligned(s->initial_state) && qm::aligned(s->final_state) && qm::aligned(s->A);
+  const bool vec_dt = s->dt_rank % 16 == 0 && qm::aligned(s->dt_w) && qm::aligned(s->dt_lowrank);
+  QM_CHECK_LAUNCHED(cudaLaunchKernelEx(&cfg, kernel, *s, *o, hq, cols, vec, vec_dt), "qm_update_out_proj launch");
+  return QM_OK;
+}
+}  // namespace
+
+extern "C" int qm_update_out_proj(const qm_scan_args* s, const qm_linear_args* o, cudaStream_t stream) {
+  const int rc = qm::validate_scan_args(s, "qm_update_out_proj");
+  if (rc != QM_OK) return rc;
+  QM_CHECK_ARG(o, "qm_update_out_proj: out_proj's args must be non-null");
+  QM_CHECK_ARG(s->batch == 1 && s->seqlen == 1 && s->input_dtype == QM_DTYPE_INT8 && s->dstate == kN && s->dt_w &&
+                   s->y_dtype == QM_DTYPE_FLOAT32 && s->initial_state && s->final_state && qm::aligned(s->y),
+               "qm_update_out_proj: the update must be one token of one sequence with int8 inputs, dstate %d, a fused "
+               "dt_proj (dt_w), state in and out and a 16-byte aligned float32 y (got batch=%d seqlen=%d dstate=%d)",
+               kN, s->batch, s->seqlen, s->dstate);
+  QM_CHECK_ARG(s->dim % kCluster == 0 && (s->dim / kCluster) % 8 == 0 && s->dim / kCluster * (kN / 4) <= kMaxThreads,
+               "qm_update_out_proj: d_inner=%d must be a multiple of %d up to %d", s->dim, 8 * kCluster,
+               kMaxThreads / (kN / 4) * kCluster);
+  QM_CHECK_ARG(o->had_x == s->y && o->k == s->dim && o->rows == 1,
+               "qm_update_out_proj: out_proj's had_x must be the update's y, with k == d_inner (k=%d, d_inner=%d) and "
+               "one row", o->k, s->dim);
+  QM_CHECK_ARG(o->w && o->m_in && o->residual && o->n > 0 && o->n_seg == 1 && o->seg_scale[0] == 0.f &&
+                   o->seg_end[0] == o->n && o->seg_out[0] && qm::aligned(o->w),
+               "qm_update_out_proj: out_proj needs w (16-byte aligned), m_in, a residual and one float32 segment of "
+               "all n columns");
+  QM_CHECK_ARG(!o->x && !o->x_mask && !o->m_out && !o->acc_in && !o->acc_out && !o->norm_x && !o->conv_x &&
+                   !o->xp_acc,
+               "qm_update_out_proj: out_proj takes its input from the Hadamard only (x, x_mask, m_out, acc_in, "
+               "acc_out, norm_x, conv_x and xp_acc must be NULL)");
+  QM_CHECK_ARG((o->n + kCluster - 1) / kCluster <= kMaxCols, "qm_update_out_proj: n=%d must be at most %d", o->n,
+               kMaxCols * kCluster);
+  QM_CHECK_ARG(QM_VALID_SCALE(o->had_scale), "qm_update_out_proj: had_scale must be positive and finite");
+  QM_CHECK_ARG(!o->clear || o->clear_n >= 0, "qm_update_out_proj: clear_n=%d must not be negative", o->clear_n);
+  QM_CHECK_ARG(o->early_residual == 0 || o->early_residual == 1, "qm_update_out_proj: early_residual must be 0 or 1");
+  int m = 0, p = 0;
+  QM_CHECK_ARG(factor(o->k, &m, &p) && (m == 1 || m == 12) && p >= 8,
+               "qm_update_out_proj: d_inner=%d must be m * 2^j with m 1 or 12 and 2^j >= 8", o->k);
+  const HadamardConsts hq = hadamard_consts(o->k, p, o->had_scale);
+  const bool xp = s->xp_acc != nullptr;
+  if (m == 12) return xp ? launch<12, true>(s, o, hq, stream) : launch<12, false>(s, o, hq, stream);
+  return xp ? launch<1, true>(s, o, hq, stream) : launch<1, false>(s, o, hq, stream);
+}

@@ -23,14 +23,41 @@ constexpr int kCluster = 16;     // blocks (one per SM); non-portable on sm_90, 
 constexpr int kMaxThreads = 512;  // the update's 4 threads per channel: d_inner <= 2048
 constexpr int kMaxCols = 128;     // out_proj columns per block: d_model <= 2048
 constexpr int kN = 16;            // d_state
+constexpr int kCpw = 4;           // out_proj columns per warp at a time
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem_dst)), "l"(src) : "memory");
+}
+
+// v into block `rank`'s copy of *local (shared memory), counted as 4 bytes on that block's copy of *bar
+__device__ __forceinline__ void send_to(float* local, uint64_t* bar, int rank, float v) {
+  unsigned raddr, rbar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(raddr) : "r"(smem_addr(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(raddr),
+               "r"(__float_as_uint(v)), "r"(rbar) : "memory");
+}
+
+__device__ __forceinline__ void wait_phase0(uint64_t* bar) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done) : "r"(smem_addr(bar)) : "memory");
 }
 
 // Dynamic shared memory: out_proj's slab [cols, k] int8, y [k] float32, the codes [k] int8, the Hadamard's scratch
 // (k floats then k bytes). k % 16 == 0 keeps every piece 16-byte aligned.
+#ifndef QM_UOP_ABLATE  // timing only: 1 no Hadamard, 2 no update, 3 no GEMV (the results are then wrong)
+#define QM_UOP_ABLATE 0
+#endif
+#ifndef QM_UOP_SYNC  // 1: y through plain remote stores and a cluster barrier (release / acquire), to measure
+#define QM_UOP_SYNC 0
+#endif
 #ifdef QM_UOP_MAXNREG  // a register cap, to measure (the update and the Hadamard's mixing take 102-128 without)
 #define QM_UOP_BOUNDS __maxnreg__(QM_UOP_MAXNREG)
 #else
@@ -58,45 +85,83 @@ __global__ void QM_UOP_BOUNDS
     m_s[c] = o.m_in[n0 + c];
     if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
   }
-  // remote shared memory may be written only once every block of the cluster runs: arrive now, wait before writing
+  // y arrives by asynchronous remote stores that count their bytes on each block's barrier (no cluster-wide
+  // release, which would also wait for the update's state stores). Remote shared memory may be written only once
+  // every block of the cluster runs and has initialised its barrier: arrive now, wait before the first send.
+  __shared__ __align__(8) uint64_t y_bar;
+  if (tid == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&y_bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   int64_t my_r = -1;
   float my_y = 0.f;
+#if QM_UOP_ABLATE == 2
+  qm::wait_for_inputs();
+  qm::allow_dependents();
+  my_r = rank * (s.dim / ranks) + tid / 4;
+  if (tid % 4) my_r = -1;
+#else
   state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [&](int64_t r, float y) {
     static_cast<float*>(s.y)[r] = y;
     my_r = r;
     my_y = y;
   });
+#endif
+  if (tid == 0)
+    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(&y_bar)),
+                 "r"(4 * k) : "memory");
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#if QM_UOP_SYNC
   if (my_r >= 0)
     for (int q = 0; q < ranks; ++q) cluster.map_shared_rank(y_s, q)[my_r] = my_y;
-  cluster.sync();  // release / acquire: every block's y values are in every block's y_s
-  if (rank == 0 && o.clear)  // every block has read x_proj's sums (before its arrival)
+  cluster.sync();
+#else
+  if (my_r >= 0)
+    for (int q = 0; q < ranks; ++q) send_to(y_s + my_r, &y_bar, q, my_y);
+  wait_phase0(&y_bar);  // every block's y values are here, so every block has read x_proj's sums
+#endif
+  if (rank == 0 && o.clear)
     for (int i = tid; i < o.clear_n; i += nthreads) o.clear[i] = 0;
+#if QM_UOP_ABLATE != 1
   hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
+#endif
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
-  // out_proj: a warp per column, 16-byte pieces, dp4a (exact int32 in any order), then the epilogue of
-  // qm_int8_linear's float segment with a residual: fl(fl(acc) * m_in[n]), residual + that
+  // out_proj: kCpw columns per warp at once (their loads in flight together), 16-byte pieces, dp4a (exact int32 in
+  // any order), then the epilogue of qm_int8_linear's float segment with a residual: fl(fl(acc) * m_in[n]), plus the
+  // residual
   const int warp = tid / 32, lane = tid % 32, chunks = k / 16;
   const int4* const x4 = reinterpret_cast<const int4*>(codes);
   const int4* const w4 = reinterpret_cast<const int4*>(w_s);
   float* const out = static_cast<float*>(o.seg_out[0]);
-  for (int c = warp; c < ncols; c += nthreads / 32) {
-    int acc = 0;
+  for (int c0 = warp * kCpw; c0 < (QM_UOP_ABLATE == 3 ? 0 : ncols); c0 += nthreads / 32 * kCpw) {
+    int acc[kCpw] = {};
     for (int j = lane; j < chunks; j += 32) {
-      const int4 xv = x4[j], wv = w4[static_cast<int64_t>(c) * chunks + j];
-      acc = __dp4a(xv.x, wv.x, acc);
-      acc = __dp4a(xv.y, wv.y, acc);
-      acc = __dp4a(xv.z, wv.z, acc);
-      acc = __dp4a(xv.w, wv.w, acc);
+      const int4 xv = x4[j];
+      int4 wv[kCpw];
+#pragma unroll
+      for (int c = 0; c < kCpw; ++c)
+        wv[c] = c0 + c < ncols ? w4[static_cast<int64_t>(c0 + c) * chunks + j] : int4{};
+#pragma unroll
+      for (int c = 0; c < kCpw; ++c) {
+        acc[c] = __dp4a(xv.x, wv[c].x, acc[c]);
+        acc[c] = __dp4a(xv.y, wv[c].y, acc[c]);
+        acc[c] = __dp4a(xv.z, wv[c].z, acc[c]);
+        acc[c] = __dp4a(xv.w, wv[c].w, acc[c]);
+      }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) {
-      const int n = n0 + c;
-      const float y = __fmul_rn(static_cast<float>(acc), m_s[c]);
-      out[n] = __fadd_rn(o.early_residual ? res_s[c] : o.residual[n], y);
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int c = 0; c < kCpw; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
+    if (lane < kCpw && c0 + lane < ncols) {
+      int a = acc[0];
+#pragma unroll
+      for (int c = 1; c < kCpw; ++c)
+        if (lane == c) a = acc[c];
+      const int c = c0 + lane, n = n0 + c;
+      out[n] = __fadd_rn(o.early_residual ? res_s[c] : o.residual[n], __fmul_rn(static_cast<float>(a), m_s[c]));
     }
   }
 }

@@ -825,7 +825,7 @@ def test_update_out_proj_equals_update_then_out_proj(k, d, ncols, rank, xp, dual
     lr = torch.randint(-128, 128, (1, 1, rank), **i8)
     w = torch.randint(-128, 128, (ncols, d), **i8)
     s_h = 0.02
-    m = scale_product(s_h, (torch.rand(ncols, generator=g) * 0.01 + 1e-3)).cuda()
+    m = scale_product(s_h, (torch.rand(ncols, device="cuda", generator=g) * 0.01 + 1e-3).cpu()).cuda()
     res0 = torch.randn(1, 1, ncols, device="cuda", generator=g)
     xp_n = rank + 2 * n
     acc0 = torch.randint(-3000, 3000, (2, xp_n) if dual else (xp_n,), dtype=torch.int32, device="cuda", generator=g)
@@ -877,7 +877,7 @@ def test_update_out_proj_rejects_what_it_does_not_cover(k):
     wdt, mdt = torch.zeros(128, 16, dtype=torch.int8, device="cuda"), torch.ones(128, device="cuda")
     kw = dict(dt_proj=(lr.expand(2, 1, 16).contiguous(), wdt, mdt), out_proj=(w[:, :1].expand(64, 128).contiguous(), m,
               0.02), residual=res, **scales)
-    with pytest.raises(k.KernelError, match="one token of one sequence .* got batch=2"):
+    with pytest.raises(k.KernelError, match=r"one token of one sequence .*\(got batch=2"):
         k.update_out_proj(h0, u, mask, bq, cq, z, A, D, dt_bias, **kw)
     (u, mask, _, bq, cq, z, A, D, dt_bias), h0, scales = _scan_inputs(1, 1, 128, 16, 5, False)
     big, mbig = torch.zeros(4096, 128, dtype=torch.int8, device="cuda"), torch.ones(4096, device="cuda")

@@ -10,13 +10,9 @@
 // shared memory, and after the barrier computes HadamardQuant of the whole row (as each out_proj GEMV block does)
 // and out_proj's columns [c cols, (c + 1) cols) from its slab of the weights, which it copied into shared memory
 // before its dependency wait (the slabs of all blocks are the whole out_proj: 1.2 MB at 130m).
-#include <cooperative_groups.h>
-
 #include "common.cuh"
 #include "hadamard_row.cuh"
 #include "state_update.cuh"
-
-namespace cg = cooperative_groups;
 
 namespace {
 constexpr int kCluster = 16;     // blocks (one per SM); non-portable on sm_90, queried before the launch
@@ -29,10 +25,6 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem_dst)), "l"(src) : "memory");
-}
-
 // v into block `rank`'s copy of *local (shared memory), counted as 4 bytes on that block's copy of *bar
 __device__ __forceinline__ void send_to(float* local, uint64_t* bar, int rank, float v) {
   unsigned raddr, rbar;
@@ -40,6 +32,12 @@ __device__ __forceinline__ void send_to(float* local, uint64_t* bar, int rank, f
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(smem_addr(bar)), "r"(rank));
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(raddr),
                "r"(__float_as_uint(v)), "r"(rbar) : "memory");
+}
+
+__device__ __forceinline__ int block_rank() {
+  unsigned r;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return static_cast<int>(r);
 }
 
 __device__ __forceinline__ void wait_phase0(uint64_t* bar) {
@@ -55,9 +53,6 @@ __device__ __forceinline__ void wait_phase0(uint64_t* bar) {
 #ifndef QM_UOP_ABLATE  // timing only: 1 no Hadamard, 2 no update, 3 no GEMV (the results are then wrong)
 #define QM_UOP_ABLATE 0
 #endif
-#ifndef QM_UOP_SYNC  // 1: y through plain remote stores and a cluster barrier (release / acquire), to measure
-#define QM_UOP_SYNC 0
-#endif
 #ifdef QM_UOP_MAXNREG  // a register cap, to measure (the update and the Hadamard's mixing take 102-128 without)
 #define QM_UOP_BOUNDS __maxnreg__(QM_UOP_MAXNREG)
 #else
@@ -68,65 +63,75 @@ __global__ void QM_UOP_BOUNDS
     update_out_proj_kernel(qm_scan_args s, qm_linear_args o, HadamardConsts hq, int cols, bool vec, bool vec_dt) {
   extern __shared__ int4 smem4[];
   __shared__ float m_s[kMaxCols], res_s[kMaxCols];
-  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ __align__(8) uint64_t y_bar;
+  // Few values live across the update: what follows it is recomputed from the parameters.
+  // out_proj's slab into shared memory by one bulk copy (the TMA engine: no registers, no load instructions),
+  // before the dependency wait. 16-byte cp.async copies, one per thread and piece, measured slower: before the wait
+  // their 74 KB per SM (130m) competed with the loads of the in_proj blocks on these 16 SMs, after it they took
+  // 2 us of the critical path (NOTES.md, session 15).
+  __shared__ __align__(8) uint64_t w_bar;
+  const unsigned slab_bytes = static_cast<unsigned>(max(0, min(cols, o.n - block_rank() * cols))) * o.k;
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&w_bar)) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&y_bar)) : "memory");
+    // both barriers visible to the other blocks (y_bar) and to the bulk copy's async proxy (w_bar)
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    if (slab_bytes) {
+      asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }"
+                   ::"r"(smem_addr(&w_bar)), "r"(slab_bytes) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(smem_addr(smem4)), "l"(o.w + static_cast<int64_t>(block_rank() * cols) * o.k),
+                   "r"(slab_bytes), "r"(smem_addr(&w_bar)) : "memory");
+    }
+  }
+  {
+    // constant inputs before the dependency wait: the multipliers; the residual too when the caller asserts that
+    // the kernel before does not write it
+    const int n0 = block_rank() * cols, ncols = max(0, min(cols, o.n - n0));
+    for (int c = threadIdx.x; c < ncols; c += blockDim.x) {
+      m_s[c] = o.m_in[n0 + c];
+      if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
+    }
+  }
+  // y arrives by asynchronous remote stores that count their bytes on each block's barrier (no cluster-wide
+  // release, which would also wait for the update's state stores: +0.8 us per 130m layer, NOTES.md). Remote shared
+  // memory may be written only once every block of the cluster runs and has initialised its barrier: arrive now,
+  // wait before the first send.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  int my_r = -1;
+  float my_y = 0.f;
+#if QM_UOP_ABLATE == 2
+  qm::wait_for_inputs();
+  qm::allow_dependents();
+  if (threadIdx.x % 4 == 0) my_r = block_rank() * (s.dim / kCluster) + threadIdx.x / 4;
+#else
+  state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [] {}, [&](int64_t r, float y) {
+    static_cast<float*>(s.y)[r] = y;
+    my_r = static_cast<int>(r);
+    my_y = y;
+  });
+#endif
+  if (threadIdx.x == 0)
+    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(&y_bar)),
+                 "r"(4 * o.k) : "memory");
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   const int k = o.k, tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
-  const int rank = static_cast<int>(cluster.block_rank()), ranks = static_cast<int>(cluster.num_blocks());
+  const int rank = block_rank();
   int8_t* const w_s = reinterpret_cast<int8_t*>(smem4);
   float* const y_s = reinterpret_cast<float*>(w_s + static_cast<int64_t>(cols) * k);
   int8_t* const codes = reinterpret_cast<int8_t*>(y_s + k);
   float4* const scratch = reinterpret_cast<float4*>(codes + k);
   const int n0 = rank * cols, ncols = max(0, min(cols, o.n - n0));
-  // constant inputs before the dependency wait: the slab (asynchronous copies, no registers held), the multipliers;
-  // the residual too when the caller asserts that the kernel before does not write it (o.early_residual)
-  const int4* const wsrc = reinterpret_cast<const int4*>(o.w + static_cast<int64_t>(n0) * k);
-  for (int i = tid; i < ncols * (k / 16); i += nthreads) cp_async16(w_s + 16 * static_cast<int64_t>(i), wsrc + i);
-  asm volatile("cp.async.commit_group;" ::: "memory");
-  for (int c = tid; c < ncols; c += nthreads) {
-    m_s[c] = o.m_in[n0 + c];
-    if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
-  }
-  // y arrives by asynchronous remote stores that count their bytes on each block's barrier (no cluster-wide
-  // release, which would also wait for the update's state stores). Remote shared memory may be written only once
-  // every block of the cluster runs and has initialised its barrier: arrive now, wait before the first send.
-  __shared__ __align__(8) uint64_t y_bar;
-  if (tid == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&y_bar)) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  int64_t my_r = -1;
-  float my_y = 0.f;
-#if QM_UOP_ABLATE == 2
-  qm::wait_for_inputs();
-  qm::allow_dependents();
-  my_r = rank * (s.dim / ranks) + tid / 4;
-  if (tid % 4) my_r = -1;
-#else
-  state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [&](int64_t r, float y) {
-    static_cast<float*>(s.y)[r] = y;
-    my_r = r;
-    my_y = y;
-  });
-#endif
-  if (tid == 0)
-    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(&y_bar)),
-                 "r"(4 * k) : "memory");
-  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-#if QM_UOP_SYNC
   if (my_r >= 0)
-    for (int q = 0; q < ranks; ++q) cluster.map_shared_rank(y_s, q)[my_r] = my_y;
-  cluster.sync();
-#else
-  if (my_r >= 0)
-    for (int q = 0; q < ranks; ++q) send_to(y_s + my_r, &y_bar, q, my_y);
+    for (int q = 0; q < kCluster; ++q) send_to(y_s + my_r, &y_bar, q, my_y);
   wait_phase0(&y_bar);  // every block's y values are here, so every block has read x_proj's sums
-#endif
   if (rank == 0 && o.clear)
     for (int i = tid; i < o.clear_n; i += nthreads) o.clear[i] = 0;
 #if QM_UOP_ABLATE != 1
   hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
 #endif
-  asm volatile("cp.async.wait_all;" ::: "memory");
+  if (slab_bytes) wait_phase0(&w_bar);
   __syncthreads();
   // out_proj: kCpw columns per warp at once (their loads in flight together), 16-byte pieces, dp4a (exact int32 in
   // any order), then the epilogue of qm_int8_linear's float segment with a residual: fl(fl(acc) * m_in[n]), plus the

@@ -10,10 +10,6 @@ namespace qm {
 int validate_scan_args(const qm_scan_args* a, const char* fn);
 }  // namespace qm
 
-#ifndef QM_UPDATE_LATE_INPUTS  // 1: the token's codes loaded after x_proj's epilogue (the old order, to measure)
-#define QM_UPDATE_LATE_INPUTS 0
-#endif
-
 namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 using qm::ex2_approx;
@@ -120,12 +116,10 @@ __device__ __forceinline__ void state_update_row(const qm_scan_args& a, bool vec
   int8_t uq = 0, dtq = 0, zq = 0;
   bool outlier = false;
   if constexpr (kInt8) {
-#if !QM_UPDATE_LATE_INPUTS
     uq = static_cast<const int8_t*>(a.u)[r];
     outlier = a.dual_scale && a.u_mask[r];
     if (!kDtW) dtq = static_cast<const int8_t*>(a.dt)[r];
     if (a.z) zq = static_cast<const int8_t*>(a.z)[r];
-#endif
   }
   const int8_t cx = shift ? a.conv_x[r] : 0;
   __shared__ __align__(16) int8_t sx[kXp ? kMaxXp : 16];  // x_proj's codes: dt_lowrank, then B, then C
@@ -152,12 +146,6 @@ __device__ __forceinline__ void state_update_row(const qm_scan_args& a, bool vec
   }
   float u, x, zv = 0.f;
   if constexpr (kInt8) {
-#if QM_UPDATE_LATE_INPUTS
-    uq = static_cast<const int8_t*>(a.u)[r];
-    outlier = a.dual_scale && a.u_mask[r];
-    if (!kDtW) dtq = static_cast<const int8_t*>(a.dt)[r];
-    if (a.z) zq = static_cast<const int8_t*>(a.z)[r];
-#endif
     u = static_cast<float>(uq) * (outlier ? a.u_outlier_scale : a.u_scale);
     if constexpr (kDtW) {  // dt_proj fused in: the G lanes of this (b, d) split the rank, int32 sum, the epilogue
       const int8_t* lr = kXp ? sx : a.dt_lowrank + static_cast<int64_t>(b) * a.dt_rank;

@@ -1,15 +1,16 @@
 // Decode of one sequence, small models (130m: d_inner 1536, d_model 768): the state update (spec 4.4 at L = 1, with
 // the fused dt_proj / conv shift / x_proj epilogue of qm_scan_args), HadamardQuant (4.6) and out_proj (4.2, plus the
-// residual) in one kernel of one thread-block cluster, instead of the update kernel and the out_proj GEMV (which
-// computes the Hadamard itself) behind it.
-// Why: a decode step of the 130m model is a chain of small kernels whose boundaries cost more than their work; here
-// the update's y reaches out_proj through distributed shared memory and one cluster barrier instead of a kernel
-// boundary (every block of the next kernel waiting for every block of the update, then y again from L2).
-// Layout: kCluster blocks; block c runs the update of channels [c D / kCluster, (c + 1) D / kCluster) with the same
-// code as qm_selective_state_update (state_update_row: the same bits), writes its y values into every block's
-// shared memory, and after the barrier computes HadamardQuant of the whole row (as each out_proj GEMV block does)
-// and out_proj's columns [c cols, (c + 1) cols) from its slab of the weights, which it copied into shared memory
-// before its dependency wait (the slabs of all blocks are the whole out_proj: 1.2 MB at 130m).
+// residual) in one kernel of one 16-block thread-block cluster (sm_90+), instead of the update kernel and the out_proj
+// GEMV (which computes the Hadamard itself) behind it.
+// Why: a 130m decode step is a chain of small kernels whose boundaries cost more than their work. Here y reaches
+// out_proj through distributed shared memory instead of a kernel boundary (every block of the next kernel waiting
+// for every block of the update, then y again from L2). 130m B1 decode 0.297-0.310 -> 0.280-0.285 ms per step on an
+// H100 (trt_plugins/bench/NOTES.md, session 15).
+// Layout: block c runs the update of channels [c D / 16, (c + 1) D / 16) with the update kernel's own code
+// (state_update_row: the same bits) and sends each y value to all 16 blocks' shared memory (st.async, counted on
+// each block's mbarrier); every block then computes HadamardQuant of the whole row (hadamard8_row, as each out_proj
+// GEMV block does) and out_proj's columns [c cols, (c + 1) cols) from its slab of the weights, which one bulk copy
+// (TMA) brought into shared memory before the dependency wait (all slabs together: out_proj, 1.2 MB at 130m).
 #include "common.cuh"
 #include "hadamard_row.cuh"
 #include "state_update.cuh"
@@ -21,6 +22,7 @@ constexpr int kMaxCols = 128;     // out_proj columns per block: d_model <= 2048
 constexpr int kN = 16;            // d_state
 constexpr int kCpw = 4;           // out_proj columns per warp at a time
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -47,20 +49,14 @@ __device__ __forceinline__ void wait_phase0(uint64_t* bar) {
         "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
         : "=r"(done) : "r"(smem_addr(bar)) : "memory");
 }
+#endif
 
 // Dynamic shared memory: out_proj's slab [cols, k] int8, y [k] float32, the codes [k] int8, the Hadamard's scratch
 // (k floats then k bytes). k % 16 == 0 keeps every piece 16-byte aligned.
-#ifndef QM_UOP_ABLATE  // timing only: 1 no Hadamard, 2 no update, 3 no GEMV (the results are then wrong)
-#define QM_UOP_ABLATE 0
-#endif
-#ifdef QM_UOP_MAXNREG  // a register cap, to measure (the update and the Hadamard's mixing take 102-128 without)
-#define QM_UOP_BOUNDS __maxnreg__(QM_UOP_MAXNREG)
-#else
-#define QM_UOP_BOUNDS __launch_bounds__(kMaxThreads, 1)
-#endif
 template <int HM, bool kXp>
-__global__ void QM_UOP_BOUNDS
+__global__ void __launch_bounds__(kMaxThreads, 1)
     update_out_proj_kernel(qm_scan_args s, qm_linear_args o, HadamardConsts hq, int cols, bool vec, bool vec_dt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // clusters, st.async, bulk copies; the host checks the device
   extern __shared__ int4 smem4[];
   __shared__ float m_s[kMaxCols], res_s[kMaxCols];
   __shared__ __align__(8) uint64_t y_bar;
@@ -101,17 +97,11 @@ __global__ void QM_UOP_BOUNDS
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   int my_r = -1;
   float my_y = 0.f;
-#if QM_UOP_ABLATE == 2
-  qm::wait_for_inputs();
-  qm::allow_dependents();
-  if (threadIdx.x % 4 == 0) my_r = block_rank() * (s.dim / kCluster) + threadIdx.x / 4;
-#else
   state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [] {}, [&](int64_t r, float y) {
     static_cast<float*>(s.y)[r] = y;
     my_r = static_cast<int>(r);
     my_y = y;
   });
-#endif
   if (threadIdx.x == 0)
     asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(&y_bar)),
                  "r"(4 * o.k) : "memory");
@@ -128,9 +118,7 @@ __global__ void QM_UOP_BOUNDS
   wait_phase0(&y_bar);  // every block's y values are here, so every block has read x_proj's sums
   if (rank == 0 && o.clear)
     for (int i = tid; i < o.clear_n; i += nthreads) o.clear[i] = 0;
-#if QM_UOP_ABLATE != 1
   hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
-#endif
   if (slab_bytes) wait_phase0(&w_bar);
   __syncthreads();
   // out_proj: kCpw columns per warp at once (their loads in flight together), 16-byte pieces, dp4a (exact int32 in
@@ -140,7 +128,7 @@ __global__ void QM_UOP_BOUNDS
   const int4* const x4 = reinterpret_cast<const int4*>(codes);
   const int4* const w4 = reinterpret_cast<const int4*>(w_s);
   float* const out = static_cast<float*>(o.seg_out[0]);
-  for (int c0 = warp * kCpw; c0 < (QM_UOP_ABLATE == 3 ? 0 : ncols); c0 += nthreads / 32 * kCpw) {
+  for (int c0 = warp * kCpw; c0 < ncols; c0 += nthreads / 32 * kCpw) {
     int acc[kCpw] = {};
     for (int j = lane; j < chunks; j += 32) {
       const int4 xv = x4[j];
@@ -169,6 +157,7 @@ __global__ void QM_UOP_BOUNDS
       out[n] = __fadd_rn(o.early_residual ? res_s[c] : o.residual[n], __fmul_rn(static_cast<float>(a), m_s[c]));
     }
   }
+#endif
 }
 
 template <int HM, bool kXp>
@@ -176,8 +165,14 @@ int launch(const qm_scan_args* s, const qm_linear_args* o, const HadamardConsts&
   auto kernel = update_out_proj_kernel<HM, kXp>;
   const int cols = (o->n + kCluster - 1) / kCluster, threads = s->dim / kCluster * (kN / 4);
   const size_t smem = static_cast<size_t>(cols) * o->k + 10 * static_cast<size_t>(o->k);
-  int dev = 0, smem_max = 0;
+  int dev = 0, smem_max = 0, major = 0;
   QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_update_out_proj: cudaGetDevice");
+  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                    "qm_update_out_proj: cudaDeviceGetAttribute");
+  if (major < 9) {
+    qm::set_error("qm_update_out_proj: needs thread-block clusters (sm_90+), the device is sm_%d", major * 10);
+    return QM_ERR_UNSUPPORTED;
+  }
   QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                     "qm_update_out_proj: cudaDeviceGetAttribute");
   if (smem + 2 * kMaxCols * sizeof(float) + 1024 > static_cast<size_t>(smem_max)) {

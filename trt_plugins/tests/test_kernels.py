@@ -32,7 +32,7 @@ def test_kernels_compile_with_nvcc(tmp_path, archs):
     nm = subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "libqmamba_kernels.so")], capture_output=True,
                         text=True).stdout
     for sym in ("qm_rmsnorm_quant", "qm_quant_causal_conv1d", "qm_selective_scan", "qm_selective_state_update",
-                "qm_hadamard_quant", "qm_last_error", "qm_abi_version"):
+                "qm_hadamard_quant", "qm_update_out_proj", "qm_last_error", "qm_abi_version"):
         assert f" T {sym}" in nm
 
 

@@ -20,9 +20,10 @@ constexpr int kCluster = 16;     // blocks (one per SM); non-portable on sm_90, 
 constexpr int kMaxThreads = 512;  // the update's 4 threads per channel: d_inner <= 2048
 constexpr int kMaxCols = 128;     // out_proj columns per block: d_model <= 2048
 constexpr int kN = 16;            // d_state
-constexpr int kCpw = 4;           // out_proj columns per warp at a time
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kCpw = 4;  // out_proj columns per warp at a time
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }

@@ -330,13 +330,14 @@ class CudaOps(IntOps):
         return Act(u, s_u, mask, s_out), st
 
     def hadamard_linear_add(self, y: torch.Tensor, s_h: float, lin: QLinear, residual: torch.Tensor) -> torch.Tensor:
-        """One row (decode of one sequence), d_inner = m * 2^j <= 2048 (m 1 or 12): the out_proj GEMV computes
-        HadamardQuant itself, one kernel instead of two (each block recomputes the row)."""
+        """One row (decode of one sequence): the out_proj GEMV computes HadamardQuant itself, one kernel instead of
+        two: every block recomputes the row. d_inner = m * 2^j: up to 2048 with m 1 or 12; up to 6144 with m 1, 12,
+        20 or 28 on sm_90+ (1.4b, 2.8b), where each block holds its weight rows in shared memory."""
         d = y.shape[-1]
-        m = 12 if d % 12 == 0 else 1
-        p = d // m
-        if not (self.fuse_hadamard and y.numel() == d and d <= 2048 and p >= 8 and p & (p - 1) == 0
-                and y.dtype == torch.float32):
+        m = next((mm for mm in (1, 12, 20, 28) if d % mm == 0 and (d // mm) & (d // mm - 1) == 0), 0)
+        p = d // m if m else 0
+        fits = (d <= 2048 and m in (1, 12)) or (2048 < d <= 6144 and self._smem_optin() > 0)
+        if not (self.fuse_hadamard and y.numel() == d and p >= 8 and fits and y.dtype == torch.float32):
             return super().hadamard_linear_add(y, s_h, lin, residual)
         early = self._early_residual(residual)
         residual = residual.contiguous()

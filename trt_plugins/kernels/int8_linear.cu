@@ -6,6 +6,7 @@
 #include "common.cuh"
 #include "conv_decode.cuh"
 #include "hadamard_row.cuh"
+#include "slab_gemv.cuh"
 
 namespace {
 constexpr int kMaxGemvRows = 4;  // beyond, cuBLASLt's int8 GEMM + the epilogue kernel is faster (H100)
@@ -662,18 +663,19 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
                  "qm_int8_linear: a fused conv needs k %% 16 == 0 and k <= 6144 (24576 for one row), k=%d", a->k);
   const bool had = a->had_x != nullptr;
   HadamardConsts hq{};
-  int had_m = 0;
+  int had_m = 0, had_p = 0;
+  bool had_slab = false;  // above k = 2048: the weights wait in shared memory (hadamard_slab.cu)
   if (had) {
-    int p = 0;
     QM_CHECK_ARG(!a->x && !a->x_mask && !a->norm_x && !conv, "qm_int8_linear: with a fused Hadamard (had_x) x, "
                  "x_mask, norm_x and conv_x must be NULL");
     QM_CHECK_ARG(a->rows == 1, "qm_int8_linear: a fused Hadamard takes one row, got rows=%d", a->rows);
     QM_CHECK_ARG(QM_VALID_SCALE(a->had_scale), "qm_int8_linear: had_scale must be positive and finite");
-    QM_CHECK_ARG(a->k <= 2048 && factor(a->k, &had_m, &p) && (had_m == 1 || had_m == 12) && p >= 8 &&
-                     qm::aligned(a->had_x),
-                 "qm_int8_linear: a fused Hadamard needs k = m * 2^j (m 1 or 12, 2^j >= 8), k <= 2048 and a 16-byte "
-                 "aligned had_x (k=%d)", a->k);
-    hq = hadamard_consts(a->k, p, a->had_scale);
+    const bool fits = factor(a->k, &had_m, &had_p) && had_p >= 8 && qm::aligned(a->had_x);
+    had_slab = a->k > 2048;
+    QM_CHECK_ARG(fits && (had_slab ? a->k <= 6144 && sg.n == 1 && sg.scale[0] == 0.f : had_m == 1 || had_m == 12),
+                 "qm_int8_linear: a fused Hadamard needs a 16-byte aligned had_x and k = m * 2^j, 2^j >= 8: m 1 or 12 "
+                 "up to k = 2048, or m 1, 12, 20 or 28 up to k = 6144 with one float32 segment (k=%d)", a->k);
+    hq = hadamard_consts(a->k, had_p, a->had_scale);
   }
   const bool norm = a->norm_x != nullptr;
   QM_CHECK_ARG(!norm || (!a->acc_in && !a->x_mask && a->norm_w && QM_VALID_SCALE(a->norm_scale) &&
@@ -687,6 +689,7 @@ extern "C" int qm_int8_linear(const qm_linear_args* a, cudaStream_t stream) {
   QM_CHECK_ARG(a->k % 16 == 0 && reinterpret_cast<uintptr_t>(a->x) % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a->w) % 16 == 0 && reinterpret_cast<uintptr_t>(a->x_mask) % 16 == 0,
                "qm_int8_linear: the GEMV needs k %% 16 == 0 and 16-byte aligned x, w, mask (k=%d)", a->k);
+  if (had_slab) return qm::launch_hadamard_slab(a, had_m, had_p, stream);
   // few columns: 4 warps share each column's K. Not with a fused Hadamard: one warp per column makes 4x fewer blocks,
   // so 4x fewer copies of the row's transform (130m B1 0.384 -> 0.360 ms, NOTES.md session 8)
   // and not with the conv behind: its channel groups of 4 must not straddle blocks

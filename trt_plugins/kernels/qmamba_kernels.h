@@ -162,7 +162,8 @@ typedef struct {
   int conv_dual_scale, conv_early_state;
   /* Optional, GEMV with one row only: HadamardQuant (spec 4.6) fused in front. When had_x is non-NULL, x and
    * x_mask must be NULL: each block computes x = HadamardQuant(had_x [1, k] float32, had_scale) itself. Needs
-   * k = m * 2^j with m in {1, 12}, 2^j >= 8, k <= 2048, and a 16-byte aligned had_x. */
+   * a 16-byte aligned had_x and k = m * 2^j, 2^j >= 8: m in {1, 12} up to k = 2048; above (sm_90+, one float32
+   * segment), m in {1, 12, 20, 28} up to k = 6144, each block then holding its weight rows in shared memory. */
   const float* had_x;
   float had_scale;
   /* Optional, GEMV with one row only: the decode conv and the next linear's (x_proj's) int32 sums fused behind.

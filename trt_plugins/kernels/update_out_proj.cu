@@ -13,6 +13,7 @@
 // (TMA) brought into shared memory before the dependency wait (all slabs together: out_proj, 1.2 MB at 130m).
 #include "common.cuh"
 #include "hadamard_row.cuh"
+#include "slab_gemv.cuh"
 #include "state_update.cuh"
 
 namespace {
@@ -22,12 +23,6 @@ constexpr int kMaxCols = 128;     // out_proj columns per block: d_model <= 2048
 constexpr int kN = 16;            // d_state
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr int kCpw = 4;  // out_proj columns per warp at a time
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
 // v into block `rank`'s copy of *local (shared memory), counted as 4 bytes on that block's copy of *bar
 __device__ __forceinline__ void send_to(float* local, uint64_t* bar, int rank, float v) {
   unsigned raddr, rbar;
@@ -41,14 +36,6 @@ __device__ __forceinline__ int block_rank() {
   unsigned r;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return static_cast<int>(r);
-}
-
-__device__ __forceinline__ void wait_phase0(uint64_t* bar) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done) : "r"(smem_addr(bar)) : "memory");
 }
 #endif
 
@@ -69,18 +56,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   __shared__ __align__(8) uint64_t w_bar;
   const unsigned slab_bytes = static_cast<unsigned>(max(0, min(cols, o.n - block_rank() * cols))) * o.k;
   if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&w_bar)) : "memory");
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&y_bar)) : "memory");
-    // both barriers visible to the other blocks (y_bar) and to the bulk copy's async proxy (w_bar)
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    if (slab_bytes) {
-      asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }"
-                   ::"r"(smem_addr(&w_bar)), "r"(slab_bytes) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                   ::"r"(smem_addr(smem4)), "l"(o.w + static_cast<int64_t>(block_rank() * cols) * o.k),
-                   "r"(slab_bytes), "r"(smem_addr(&w_bar)) : "memory");
-    }
+    mbar_init(&y_bar);  // its init is made visible to the other blocks by start_slab_copy's fence
+    start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes);
   }
   {
     // constant inputs before the dependency wait: the multipliers; the residual too when the caller asserts that
@@ -103,9 +80,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     my_r = static_cast<int>(r);
     my_y = y;
   });
-  if (threadIdx.x == 0)
-    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(&y_bar)),
-                 "r"(4 * o.k) : "memory");
+  if (threadIdx.x == 0) mbar_expect(&y_bar, 4 * o.k);
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   const int k = o.k, tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int rank = block_rank();
@@ -122,42 +97,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
   if (slab_bytes) wait_phase0(&w_bar);
   __syncthreads();
-  // out_proj: kCpw columns per warp at once (their loads in flight together), 16-byte pieces, dp4a (exact int32 in
-  // any order), then the epilogue of qm_int8_linear's float segment with a residual: fl(fl(acc) * m_in[n]), plus the
-  // residual
-  const int warp = tid / 32, lane = tid % 32, chunks = k / 16;
-  const int4* const x4 = reinterpret_cast<const int4*>(codes);
-  const int4* const w4 = reinterpret_cast<const int4*>(w_s);
-  float* const out = static_cast<float*>(o.seg_out[0]);
-  for (int c0 = warp * kCpw; c0 < ncols; c0 += nthreads / 32 * kCpw) {
-    int acc[kCpw] = {};
-    for (int j = lane; j < chunks; j += 32) {
-      const int4 xv = x4[j];
-      int4 wv[kCpw];
-#pragma unroll
-      for (int c = 0; c < kCpw; ++c)
-        wv[c] = c0 + c < ncols ? w4[static_cast<int64_t>(c0 + c) * chunks + j] : int4{};
-#pragma unroll
-      for (int c = 0; c < kCpw; ++c) {
-        acc[c] = __dp4a(xv.x, wv[c].x, acc[c]);
-        acc[c] = __dp4a(xv.y, wv[c].y, acc[c]);
-        acc[c] = __dp4a(xv.z, wv[c].z, acc[c]);
-        acc[c] = __dp4a(xv.w, wv[c].w, acc[c]);
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-      for (int c = 0; c < kCpw; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
-    if (lane < kCpw && c0 + lane < ncols) {
-      int a = acc[0];
-#pragma unroll
-      for (int c = 1; c < kCpw; ++c)
-        if (lane == c) a = acc[c];
-      const int c = c0 + lane, n = n0 + c;
-      out[n] = __fadd_rn(o.early_residual ? res_s[c] : o.residual[n], __fmul_rn(static_cast<float>(a), m_s[c]));
-    }
-  }
+  slab_gemv_residual(codes, w_s, k, n0, ncols, m_s, o.early_residual ? res_s : nullptr, o.residual,
+                     static_cast<float*>(o.seg_out[0]));
 #endif
 }
 

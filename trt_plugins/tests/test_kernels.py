@@ -764,8 +764,10 @@ def test_fused_conv_and_conv_shift_reject_bad_arguments(k):
 @needs_gpu
 @pytest.mark.gpu
 # 1536 = 12 x 128 (130m: 768 columns, 4 warps per column; 2056: one warp per column), 2048 = 2^11 (the p > 256 path),
-# 128 (registers and shuffles only), 96 = 12 x 8 (the smallest p)
-@pytest.mark.parametrize(("kdim", "ncols"), [(1536, 768), (1536, 2056), (2048, 1024), (128, 64), (96, 40)])
+# 128 (registers and shuffles only), 96 = 12 x 8 (the smallest p); above 2048 the weights wait in shared memory (sm_90):
+# 5120 = 20 x 256 (2.8b), 4096 = 2^12 (1.4b), 3584 = 28 x 128 (100 columns: blocks of 1), 6144 = 12 x 512 (40)
+@pytest.mark.parametrize(("kdim", "ncols"), [(1536, 768), (1536, 2056), (2048, 1024), (128, 64), (96, 40),
+                                             (5120, 2560), (4096, 2048), (3584, 100), (6144, 40)])
 def test_int8_linear_with_fused_hadamard_equals_separate(k, kdim, ncols):
     from qmamba.ops.specmath import scale_product
 
@@ -796,8 +798,14 @@ def test_int8_linear_with_fused_hadamard_equals_separate(k, kdim, ncols):
 def test_fused_hadamard_rejects_what_it_does_not_cover(k):
     w = torch.zeros(64, 5120, dtype=torch.int8, device="cuda")
     m = torch.ones(64, device="cuda")
-    with pytest.raises(k.KernelError, match=r"k = m \* 2\^j \(m 1 or 12, 2\^j >= 8\), k <= 2048"):
-        k.int8_linear(None, w, m, [(64, None)], hadamard=(torch.zeros(1, 5120, device="cuda"), 0.1))
+    with pytest.raises(k.KernelError, match=r"m 1, 12, 20 or 28 up to k = 6144 with one float32 segment \(k=8192\)"):
+        k.int8_linear(None, torch.zeros(64, 8192, dtype=torch.int8, device="cuda"), m, [(64, None)],
+                      hadamard=(torch.zeros(1, 8192, device="cuda"), 0.1))
+    with pytest.raises(k.KernelError, match=r"with one float32 segment \(k=5120\)"):  # int8 codes out
+        k.int8_linear(None, w, m, [(64, 0.5)], hadamard=(torch.zeros(1, 5120, device="cuda"), 0.1))
+    with pytest.raises(k.KernelError, match=r"m 1 or 12 up to k = 2048.*\(k=1280\)"):  # 1280 = 20 x 64
+        k.int8_linear(None, w[:, :1280].contiguous(), m, [(64, None)],
+                      hadamard=(torch.zeros(1, 1280, device="cuda"), 0.1))
     with pytest.raises(k.KernelError, match="a fused Hadamard takes one row, got rows=2"):
         k.int8_linear(None, w[:, :1536].contiguous(), m, [(64, None)],
                       hadamard=(torch.zeros(2, 1536, device="cuda"), 0.1))

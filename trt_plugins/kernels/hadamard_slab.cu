@@ -10,6 +10,10 @@
 #include "hadamard_row.cuh"
 #include "slab_gemv.cuh"
 
+#ifndef QM_SLAB_BEFORE_WAIT  // % of a block's weight rows copied before the dependency wait (the rest after it)
+#define QM_SLAB_BEFORE_WAIT 50
+#endif
+
 namespace {
 constexpr int kSlabMaxThreads = 768;  // d / 8 threads for the row transform: k <= 6144
 constexpr int kSlabMaxCols = 128;
@@ -26,14 +30,18 @@ __global__ void __launch_bounds__(kSlabMaxThreads, 1)
   int8_t* const w_s = reinterpret_cast<int8_t*>(smem4);
   int8_t* const codes = w_s + static_cast<int64_t>(cols) * k;
   float4* const scratch = reinterpret_cast<float4*>(codes + k);
-  const unsigned slab_bytes = static_cast<unsigned>(ncols) * k;
-  if (threadIdx.x == 0) start_slab_copy(&w_bar, w_s, o.w + static_cast<int64_t>(n0) * k, slab_bytes);
+  // the first QM_SLAB_BEFORE_WAIT % of the columns before the wait, the rest after it
+  const int early = (ncols * QM_SLAB_BEFORE_WAIT + 99) / 100;
+  const unsigned slab_bytes = static_cast<unsigned>(ncols) * k, early_bytes = static_cast<unsigned>(early) * k;
+  if (threadIdx.x == 0) start_slab_copy(&w_bar, w_s, o.w + static_cast<int64_t>(n0) * k, early_bytes, slab_bytes);
   for (int c = threadIdx.x; c < ncols; c += blockDim.x) {  // constant, and the residual where the caller asserts it
     m_s[c] = o.m_in[n0 + c];
     if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
   }
   qm::wait_for_inputs();
   qm::allow_dependents();
+  if (threadIdx.x == 0 && early_bytes < slab_bytes)
+    slab_copy(&w_bar, w_s + early_bytes, o.w + static_cast<int64_t>(n0) * k + early_bytes, slab_bytes - early_bytes);
   if (o.clear)
     for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < o.clear_n;
          i += static_cast<int>(gridDim.x * blockDim.x))

@@ -35,17 +35,22 @@ __device__ __forceinline__ void wait_phase0(uint64_t* bar) {
         : "=r"(done) : "r"(smem_addr(bar)) : "memory");
 }
 
-// One thread: `bytes` (a multiple of 16, 16-byte aligned ends) from global src into shared dst, counted on *bar,
-// which this initialises (the caller's other barriers may be initialised before, under the same fences).
-__device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes) {
+// One thread: a bulk copy of `bytes` (a multiple of 16, 16-byte aligned ends) from global src into shared dst,
+// counted on *bar.
+__device__ __forceinline__ void slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+// One thread: initialises *bar to expect `total` bytes (the caller's other barriers may be initialised before,
+// under the same fences) and copies the first `bytes` of them.
+__device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes,
+                                                unsigned total) {
   mbar_init(bar);
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the initialised barrier, seen by the copy engine
-  if (bytes) {
-    mbar_expect(bar, bytes);
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-  }
+  if (total) mbar_expect(bar, total);
+  if (bytes) slab_copy(bar, dst, src, bytes);
 }
 
 // The block's columns [n0, n0 + ncols) of out = residual + fl(fl(x . w_n) * m[n]) (qm_int8_linear's float segment

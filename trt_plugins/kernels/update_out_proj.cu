@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const unsigned slab_bytes = static_cast<unsigned>(max(0, min(cols, o.n - block_rank() * cols))) * o.k;
   if (threadIdx.x == 0) {
     mbar_init(&y_bar);  // its init is made visible to the other blocks by start_slab_copy's fence
-    start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes);
+    start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes, slab_bytes);
   }
   {
     // constant inputs before the dependency wait: the multipliers; the residual too when the caller asserts that

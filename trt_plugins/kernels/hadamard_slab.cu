@@ -10,8 +10,10 @@
 #include "hadamard_row.cuh"
 #include "slab_gemv.cuh"
 
-#ifndef QM_SLAB_BEFORE_WAIT  // % of a block's weight rows copied before the dependency wait (the rest after it)
-#define QM_SLAB_BEFORE_WAIT 50
+// % of a block's weight rows copied before the dependency wait, the rest right after it. 2.8b B1, ms per step: 100:
+// 1.839 / 1.843, 50: 1.866 / 1.878 (one call; NOTES.md, session 15): the stream is better ahead of the wait.
+#ifndef QM_SLAB_BEFORE_WAIT
+#define QM_SLAB_BEFORE_WAIT 100
 #endif
 
 namespace {

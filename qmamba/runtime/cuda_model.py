@@ -46,6 +46,13 @@ class XProjSums:
     m_out: torch.Tensor | None
 
 
+def hadamard_factor(d: int) -> tuple[int, int]:
+    """d = m * p with p a power of two and m the first of 1, 12, 20, 28 that fits (the kernels' factor()); (0, 0) when
+    none does."""
+    m = next((mm for mm in (1, 12, 20, 28) if d % mm == 0 and (d // mm) & (d // mm - 1) == 0), 0)
+    return m, d // m if m else 0
+
+
 class CudaOps(IntOps):
     """IntOps on CUDA tensors with the kernels; caches device scales, multipliers and A per layer.
     in_place_states: conv and SSM states are updated in the tensors passed in (the decode graphs' buffers).
@@ -189,16 +196,15 @@ class CudaOps(IntOps):
         it) and out_proj (HadamardQuant in front, the residual behind) in one kernel of a 16-block cluster
         (qm_update_out_proj), where one block's share of out_proj's weights fits its shared memory."""
         d, n = u.value.shape[-1], lyr.out_proj.weight_q.shape[0]
-        m = 12 if d % 12 == 0 else 1
-        p = d // m
+        m, p = hadamard_factor(d)
         if not (self.fuse_update_out_proj and self.fuse_hadamard and self.in_place and state is not None
                 and u.scale is not None and u.value.shape[:2] == (1, 1) and residual.numel() == n
-                and d % 128 == 0 and d <= 2048 and n <= 2048 and p >= 8 and p & (p - 1) == 0
+                and d % 128 == 0 and d <= 2048 and n <= 2048 and m in (1, 12) and p >= 8
                 and lyr.A_log.shape[1] == 16 and -(-n // 16) * d + 10 * d <= self._smem_optin() - 4096):
             return super().scan_out_proj(dt_lr, lyr, s_dt, u, bm, cm, z, state, deferred, s_h, residual)
         xp = deferred if isinstance(deferred, XProjSums) else None
         pending = self._take_clear()
-        if xp is not None:  # the kernel zeroes the sums it read (after its cluster barrier)
+        if xp is not None:  # the kernel zeroes the sums it read (once every block's y has arrived)
             if pending is not None:
                 pending.zero_()
             clear, self._unread = xp.acc, None
@@ -334,8 +340,7 @@ class CudaOps(IntOps):
         two: every block recomputes the row. d_inner = m * 2^j: up to 2048 with m 1 or 12; up to 6144 with m 1, 12,
         20 or 28 on sm_90+ (1.4b, 2.8b), where each block holds its weight rows in shared memory."""
         d = y.shape[-1]
-        m = next((mm for mm in (1, 12, 20, 28) if d % mm == 0 and (d // mm) & (d // mm - 1) == 0), 0)
-        p = d // m if m else 0
+        m, p = hadamard_factor(d)
         fits = (d <= 2048 and m in (1, 12)) or (2048 < d <= 6144 and self._smem_optin() > 0)
         if not (self.fuse_hadamard and y.numel() == d and p >= 8 and fits and y.dtype == torch.float32):
             return super().hadamard_linear_add(y, s_h, lin, residual)

@@ -10,12 +10,6 @@
 #include "hadamard_row.cuh"
 #include "slab_gemv.cuh"
 
-// % of a block's weight rows copied before the dependency wait, the rest right after it. 2.8b B1, ms per step: 100:
-// 1.839 / 1.843, 50: 1.866 / 1.878 (one call; NOTES.md, session 15): the stream is better ahead of the wait.
-#ifndef QM_SLAB_BEFORE_WAIT
-#define QM_SLAB_BEFORE_WAIT 100
-#endif
-
 namespace {
 constexpr int kSlabMaxThreads = 768;  // d / 8 threads for the row transform: k <= 6144
 constexpr int kSlabMaxCols = 128;
@@ -32,18 +26,13 @@ __global__ void __launch_bounds__(kSlabMaxThreads, 1)
   int8_t* const w_s = reinterpret_cast<int8_t*>(smem4);
   int8_t* const codes = w_s + static_cast<int64_t>(cols) * k;
   float4* const scratch = reinterpret_cast<float4*>(codes + k);
-  // the first QM_SLAB_BEFORE_WAIT % of the columns before the wait, the rest after it
-  const int early = (ncols * QM_SLAB_BEFORE_WAIT + 99) / 100;
-  const unsigned slab_bytes = static_cast<unsigned>(ncols) * k, early_bytes = static_cast<unsigned>(early) * k;
-  if (threadIdx.x == 0) start_slab_copy(&w_bar, w_s, o.w + static_cast<int64_t>(n0) * k, early_bytes, slab_bytes);
-  for (int c = threadIdx.x; c < ncols; c += blockDim.x) {  // constant, and the residual where the caller asserts it
-    m_s[c] = o.m_in[n0 + c];
-    if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
-  }
+  // the whole slab before the wait: half of it after the wait measured slower (2.8b B1 1.866-1.878 against
+  // 1.839-1.843 ms, NOTES.md session 15)
+  const unsigned slab_bytes = static_cast<unsigned>(ncols) * k;
+  if (threadIdx.x == 0) start_slab_copy(&w_bar, w_s, o.w + static_cast<int64_t>(n0) * k, slab_bytes);
+  stage_columns(o, n0, ncols, m_s, res_s);
   qm::wait_for_inputs();
   qm::allow_dependents();
-  if (threadIdx.x == 0 && early_bytes < slab_bytes)
-    slab_copy(&w_bar, w_s + early_bytes, o.w + static_cast<int64_t>(n0) * k + early_bytes, slab_bytes - early_bytes);
   if (o.clear)
     for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < o.clear_n;
          i += static_cast<int>(gridDim.x * blockDim.x))
@@ -59,20 +48,17 @@ __global__ void __launch_bounds__(kSlabMaxThreads, 1)
 
 int qm::launch_hadamard_slab(const qm_linear_args* a, int m, int p, cudaStream_t stream) {
   const int k = a->k;
-  int dev = 0, major = 0, smem_max = 0;
-  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_int8_linear: cudaGetDevice");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                    "qm_int8_linear: cudaDeviceGetAttribute");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                    "qm_int8_linear: cudaDeviceGetAttribute");
+  int smem_max = 0;
+  const int rc = qm::sm90_smem_optin("qm_int8_linear (a fused Hadamard with k > 2048)", &smem_max);
+  if (rc != QM_OK) return rc;
   // about one block per SM (each repeats the transform; more blocks would only repeat it more), as many columns
   // as its shared memory holds beside the codes and the scratch (6 k bytes) and the static arrays
   const int64_t room = (static_cast<int64_t>(smem_max) - 6 * static_cast<int64_t>(k) - 2048) / k;
   const int64_t per_sm = (a->n + qm::sm_count() - 1) / qm::sm_count();
   const int cols = static_cast<int>(std::min(std::min(per_sm, room), int64_t{kSlabMaxCols}));
-  if (major < 9 || cols < 1) {
-    qm::set_error("qm_int8_linear: a fused Hadamard with k=%d > 2048 needs sm_90+ and shared memory for a weight row "
-                  "beside 6 k bytes (sm_%d, %d bytes per block)", k, major * 10, smem_max);
+  if (cols < 1) {
+    qm::set_error("qm_int8_linear: a fused Hadamard with k=%d > 2048 needs shared memory for a weight row beside "
+                  "6 k bytes (%d bytes per block)", k, smem_max);
     return QM_ERR_UNSUPPORTED;
   }
   const HadamardConsts hq = hadamard_consts(k, p, a->had_scale);

@@ -8,6 +8,21 @@ namespace qm {
 // qm_int8_linear's fused Hadamard above k = 2048 (hadamard_slab.cu): a validated one-row GEMV with had_x, one float32
 // segment and k = m * p; QM_ERR_UNSUPPORTED where the device or its shared memory does not take it.
 int launch_hadamard_slab(const qm_linear_args* a, int m, int p, cudaStream_t stream);
+
+// Host: *smem_max = the current device's shared memory per block with the opt-in, QM_OK on sm_90+ (bulk copies,
+// clusters); QM_ERR_UNSUPPORTED with a message naming fn below it, QM_ERR_CUDA where a query fails.
+inline int sm90_smem_optin(const char* fn, int* smem_max) {
+  int dev = 0, major = 0;
+  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "cudaGetDevice");
+  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                    "cudaDeviceGetAttribute");
+  if (major < 9) {
+    set_error("%s: needs sm_90+ (bulk copies, thread-block clusters), the device is sm_%d", fn, major * 10);
+    return QM_ERR_UNSUPPORTED;
+  }
+  return QM_OK;
+}
 }  // namespace qm
 
 namespace {
@@ -35,22 +50,27 @@ __device__ __forceinline__ void wait_phase0(uint64_t* bar) {
         : "=r"(done) : "r"(smem_addr(bar)) : "memory");
 }
 
-// One thread: a bulk copy of `bytes` (a multiple of 16, 16-byte aligned ends) from global src into shared dst,
-// counted on *bar.
-__device__ __forceinline__ void slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
-// One thread: initialises *bar to expect `total` bytes (the caller's other barriers may be initialised before,
-// under the same fences) and copies the first `bytes` of them.
-__device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes,
-                                                unsigned total) {
+// One thread: initialises *bar (the caller's other barriers may be initialised before, under the same fences) and
+// starts the bulk copy of `bytes` (a multiple of 16, 16-byte aligned ends) from global src into shared dst, counted
+// on *bar.
+__device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes) {
   mbar_init(bar);
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the initialised barrier, seen by the copy engine
-  if (total) mbar_expect(bar, total);
-  if (bytes) slab_copy(bar, dst, src, bytes);
+  if (bytes) {
+    mbar_expect(bar, bytes);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+  }
+}
+
+// Before the dependency wait: the block's columns' multipliers, and their residuals where the caller asserts that
+// the kernel before does not write them (o.early_residual), into shared memory.
+__device__ __forceinline__ void stage_columns(const qm_linear_args& o, int n0, int ncols, float* m_s, float* res_s) {
+  for (int c = threadIdx.x; c < ncols; c += blockDim.x) {
+    m_s[c] = o.m_in[n0 + c];
+    if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
+  }
 }
 
 // The block's columns [n0, n0 + ncols) of out = residual + fl(fl(x . w_n) * m[n]) (qm_int8_linear's float segment

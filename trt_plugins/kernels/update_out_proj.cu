@@ -57,16 +57,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const unsigned slab_bytes = static_cast<unsigned>(max(0, min(cols, o.n - block_rank() * cols))) * o.k;
   if (threadIdx.x == 0) {
     mbar_init(&y_bar);  // its init is made visible to the other blocks by start_slab_copy's fence
-    start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes, slab_bytes);
+    start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes);
   }
   {
-    // constant inputs before the dependency wait: the multipliers; the residual too when the caller asserts that
-    // the kernel before does not write it
     const int n0 = block_rank() * cols, ncols = max(0, min(cols, o.n - n0));
-    for (int c = threadIdx.x; c < ncols; c += blockDim.x) {
-      m_s[c] = o.m_in[n0 + c];
-      if (o.early_residual) res_s[c] = __ldcg(o.residual + n0 + c);
-    }
+    stage_columns(o, n0, ncols, m_s, res_s);
   }
   // y arrives by asynchronous remote stores that count their bytes on each block's barrier (no cluster-wide
   // release, which would also wait for the update's state stores: +0.8 us per 130m layer, NOTES.md). Remote shared
@@ -107,16 +102,9 @@ int launch(const qm_scan_args* s, const qm_linear_args* o, const HadamardConsts&
   auto kernel = update_out_proj_kernel<HM, kXp>;
   const int cols = (o->n + kCluster - 1) / kCluster, threads = s->dim / kCluster * (kN / 4);
   const size_t smem = static_cast<size_t>(cols) * o->k + 10 * static_cast<size_t>(o->k);
-  int dev = 0, smem_max = 0, major = 0;
-  QM_CHECK_LAUNCHED(cudaGetDevice(&dev), "qm_update_out_proj: cudaGetDevice");
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                    "qm_update_out_proj: cudaDeviceGetAttribute");
-  if (major < 9) {
-    qm::set_error("qm_update_out_proj: needs thread-block clusters (sm_90+), the device is sm_%d", major * 10);
-    return QM_ERR_UNSUPPORTED;
-  }
-  QM_CHECK_LAUNCHED(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                    "qm_update_out_proj: cudaDeviceGetAttribute");
+  int smem_max = 0;
+  const int rc = qm::sm90_smem_optin("qm_update_out_proj", &smem_max);
+  if (rc != QM_OK) return rc;
   if (smem + 4096 > static_cast<size_t>(smem_max)) {  // 4 KB: the static arrays (2 KB) and the barriers, with room
     qm::set_error("qm_update_out_proj: out_proj's slab of %d columns x k=%d plus 10 k bytes (%zu) exceeds the "
                   "device's %d bytes of shared memory per block", cols, o->k, smem, smem_max);

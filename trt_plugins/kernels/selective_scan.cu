@@ -649,7 +649,7 @@ bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, 
 // the cluster kernel that runs the update and out_proj together (update_out_proj.cu).
 template <int N, bool kInt8, bool kDtW, bool kXp = false>
 __global__ void state_update_kernel(qm_scan_args a, bool vec, bool vec_dt) {
-  state_update_row<N, kInt8, kDtW, kXp>(a, vec, vec_dt, [] {}, [&](int64_t r, float y) {
+  state_update_row<N, kInt8, kDtW, kXp>(a, vec, vec_dt, [&](int64_t r, float y) {
     if (a.y_dtype == QM_DTYPE_FLOAT16)
       static_cast<__half*>(a.y)[r] = __float2half_rn(y);
     else

@@ -42,11 +42,9 @@ __device__ __forceinline__ float silu_fast(float z) { return z * rcp_approx(1.f 
 // kXp: x_proj's epilogue fused in as well (a.xp_acc: one sequence), in its own instantiation. The block turns x_proj's
 // int32 sums into the dt_lowrank / B / C codes in shared memory (block 0 also writes them out), then reads those.
 constexpr int kMaxXp = 1024;
-// after_wait() runs right after the dependency wait (the cluster kernel starts its weight copies there); emit(r, y)
-// takes each row's output.
-template <int N, bool kInt8, bool kDtW, bool kXp, class AfterWait, class Emit>
-__device__ __forceinline__ void state_update_row(const qm_scan_args& a, bool vec, bool vec_dt, AfterWait after_wait,
-                                                 Emit emit) {
+// emit(r, y) takes each row's output.
+template <int N, bool kInt8, bool kDtW, bool kXp, class Emit>
+__device__ __forceinline__ void state_update_row(const qm_scan_args& a, bool vec, bool vec_dt, Emit emit) {
   static_assert(!kXp || kDtW, "x_proj's epilogue comes with the fused dt_proj");
   constexpr int G = N / 4;
   constexpr int kPer = 4;  // dt_proj: 16-byte rank pieces per lane per round (ranks up to 16 * kPer * G in one)
@@ -110,7 +108,6 @@ __device__ __forceinline__ void state_update_row(const qm_scan_args& a, bool vec
   }
   qm::wait_for_inputs();
   qm::allow_dependents();
-  after_wait();
   // the token's codes, written by the kernel before: loaded first, so that their L2 round trip overlaps that of
   // x_proj's sums below instead of following its barrier
   int8_t uq = 0, dtq = 0, zq = 0;

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   int my_r = -1;
   float my_y = 0.f;
-  state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [] {}, [&](int64_t r, float y) {
+  state_update_row<kN, true, true, kXp>(s, vec, vec_dt, [&](int64_t r, float y) {
     static_cast<float*>(s.y)[r] = y;
     my_r = static_cast<int>(r);
     my_y = y;

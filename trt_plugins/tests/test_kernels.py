@@ -233,10 +233,13 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # 132-SM GPU (H100, H200) 1188-1584 channels take two warps per channel in 12-channel blocks: (1, 600, 1501) has no
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
+# 12288 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh): (8, 300, 1536) a partial last chunk, (3, 77, 4100)
+# a partial last block, (3, 45, 4099) byte loads (D % 4 != 0).
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
                                            (1, 8192, 128), (3, 300, 1000), (3, 37, 1001), (5, 7, 4096),
                                            (5, 2049, 4096), (4, 37, 5600), (1, 600, 1501), (3, 37, 500),
-                                           (1, 1537, 1536), (3, 600, 512)])
+                                           (1, 1537, 1536), (3, 600, 512), (8, 300, 1536), (3, 77, 4100),
+                                           (3, 45, 4099)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)
@@ -259,7 +262,10 @@ def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:
 # B * D where token-major runs the one-thread-per-channel kernel), element by element elsewhere ((1, 1537, 1536),
 # (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64. (1, 64,
 # 1536) and (3, 32, 1000): short, so that compute-sanitizer's racecheck can run the vector paths.
+# Lanes along the states (B*D >= 12288; channel-major also from 20480, where token-major runs one thread per
+# channel): (8, 64, 1536), (3, 50, 4099) (byte loads: L % 4 != 0), (6, 96, 4096).
 @pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (1, 64, 1536, 16), (3, 32, 1000, 16),
+                                                (8, 64, 1536, 16), (3, 50, 4099, 16), (6, 96, 4096, 16),
                                                 (3, 608, 512, 16), (1, 2048, 768, 16),
                                                 (3, 304, 1000, 16), (5, 2048, 4096, 16), (1, 1537, 1536, 16),
                                                 (3, 600, 512, 16), (3, 300, 1000, 16), (3, 7, 768, 16),
@@ -273,7 +279,7 @@ def test_channel_major_scan_equals_token_major(k, b, l, d, n, dual):
     wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
     assert y.shape == (b, l, d) and torch.isfinite(y).all()
     assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
-    if b * d < 20480:  # token-major runs the same chunked kernel: the same bits
+    if b * d < 20480:  # token-major runs the same kernel: the same bits
         ty, th = k.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
         assert torch.equal(y, ty) and torch.equal(h, th)
     f = [x.float() * 0.05 for x in (u, dt)]

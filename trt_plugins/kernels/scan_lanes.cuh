@@ -1,0 +1,296 @@
+// Prefill scan with lanes along the states (int8 inputs, N = 16). Included by selective_scan.cu only.
+//
+// A lane owns S states of one channel and walks time in order: per (t, d, n) one ex2, one multiply for dt*A, one
+// for delta*u*B and two multiply-adds, with no map composition and no second pass. y's sum over the states crosses
+// lanes: each lane writes its chunk of TC partial sums to shared memory, and lane g of a channel then adds the
+// channel's LPC = 16 / S rows for steps [g * TC / LPC, (g + 1) * TC / LPC). A warp holds 2S channels, a block of W
+// warps CPB = 2SW channels of one batch row.
+// Per chunk the block turns the channels' codes into delta, delta*u*B_scale, D*u and silu(z) rows and B, C into float
+// rows in shared memory (once per (t, d) and (t, n), not per state); delta and silu(z) come from tables of the 256
+// codes (per channel for delta: dt_bias differs), evaluated with the same functions as the other kernels. The next
+// chunk's codes are in flight in registers while this one is scanned; the state loop is software-pipelined by hand.
+// B_scale and C_scale are applied once per (t, d) instead of per state (float rounding only: y is compared with a
+// tolerance, spec 4.4 "Exactness"). Beyond the sequence, delta = 0 and delta*u = 0 make every step the identity.
+// Where it runs (the launcher): S = 4 between 12288 and 20480 channels (B*D), and for channel-major inputs from 12288.
+// Below, the per-chunk staging and the sum over lanes cost more than the time-parallel v5 saves (B1 D1536 L2048:
+// 0.10 ms at S = 1 against v5's 0.066); above, one thread per channel (no sum across lanes) wins. Measurements:
+// trt_plugins/bench/NOTES.md, session 16.
+#pragma once
+
+namespace lanes {
+
+constexpr int N = 16;
+
+template <int S_, int W_, int TC_>
+struct Cfg {
+  static constexpr int S = S_, W = W_, TC = TC_;
+  static constexpr int LPC = N / S, CPW = 32 / LPC, CPB = W * CPW, THREADS = 32 * W;
+  static constexpr int R = TC / LPC;  // steps whose y a lane holds after the reduction
+  static constexpr int RS = TC + 4;   // floats per shared row: 16-byte aligned, consecutive rows 4 banks apart
+  static constexpr int PIECES = TC * CPB / 4, PPT = PIECES / THREADS;  // 4-item pieces of the codes, per thread
+  static constexpr int BC_PT = (2 * TC + THREADS - 1) / THREADS;       // 16-byte B/C rows per thread
+  static_assert(S == 1 || S == 2 || S == 4, "states per lane");
+  static_assert(CPB % 4 == 0 && PIECES % THREADS == 0, "whole 4-item pieces per thread");
+  static_assert(R % 4 == 0 && TC % 4 == 0, "y and the rows come in float4s");
+};
+
+// From this many steps the block tabulates delta = softplus(dt * dt_scale + dt_bias) for the 256 dt codes of each of
+// its channels instead of evaluating it per step (the same function of the same float: the same bits).
+constexpr int kLutMinSteps = 256;
+
+// The block's shared memory.
+template <class C>
+struct Smem {
+  float delta[C::CPB][C::RS], dlu[C::CPB][C::RS], skip[C::CPB][C::RS], gate[C::CPB][C::RS];  // per (channel, step)
+  float B[N][C::RS], Cm[N][C::RS];  // codes as floats, per (state, step)
+  float p[C::W][32][C::RS];         // each lane's part of y per step, for the sum over the channel's lanes
+  float softplus[C::CPB][256];      // delta per dt code (byte) and channel, from kLutMinSteps steps
+  float silu[256];                  // silu(z) per z code (byte)
+  float dskip[C::CPB];
+};
+
+// Piece k of the chunk for this thread: token-major (t, 4 channels), channel-major (channel, 4 steps).
+template <class C, bool kCM>
+__device__ __forceinline__ void piece_at(int k, int& t, int& c) {
+  const int p = static_cast<int>(threadIdx.x) + k * C::THREADS;
+  if constexpr (kCM) {
+    t = p % (C::TC / 4) * 4, c = p / (C::TC / 4);
+  } else {
+    t = p / (C::CPB / 4), c = p % (C::CPB / 4) * 4;
+  }
+}
+
+struct Codes {
+  uint32_t u, dt, z, m;  // 4 codes each
+};
+
+// vec: 4-byte loads of whole pieces (token-major D % 4 == 0, channel-major L % 4 == 0, 4-byte aligned codes); else
+// byte loads, each item checked.
+template <class C, bool kCM>
+__device__ __forceinline__ void load_codes(const qm_scan_args& a, Codes (&r)[C::PPT], uint4 (&bc)[C::BC_PT], int b,
+                                           int t0, int d0, bool vec) {
+  const int L = a.seqlen, D = a.dim;
+  const uint8_t* mask = a.dual_scale ? a.u_mask : nullptr;
+#pragma unroll
+  for (int k = 0; k < C::PPT; ++k) {
+    int t, c;
+    piece_at<C, kCM>(k, t, c);
+    const int64_t off = kCM ? (static_cast<int64_t>(b) * D + d0 + c) * L + t0 + t
+                            : (static_cast<int64_t>(b) * L + t0 + t) * D + d0 + c;
+    if (vec) {
+      const bool ok = t0 + t < L && d0 + c < D;  // whole pieces
+      auto word = [&](const void* p) {
+        return ok && p ? *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(p) + off) : 0u;
+      };
+      r[k] = {word(a.u), word(a.dt), word(a.z), word(mask)};
+    } else {
+      auto gather = [&](const void* p) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool ok = p && (kCM ? t0 + t + i < L && d0 + c < D : t0 + t < L && d0 + c + i < D);
+          w |= ok ? static_cast<uint32_t>(static_cast<const uint8_t*>(p)[off + i]) << (8 * i) : 0u;
+        }
+        return w;
+      };
+      r[k] = {gather(a.u), gather(a.dt), gather(a.z), gather(mask)};
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < C::BC_PT; ++k) {
+    const int p = static_cast<int>(threadIdx.x) + k * C::THREADS, t = p % C::TC;
+    const bool ok = p < 2 * C::TC && t0 + t < L;
+    bc[k] = ok ? *reinterpret_cast<const uint4*>(static_cast<const int8_t*>(p < C::TC ? a.B : a.C) +
+                                                  (static_cast<int64_t>(b) * L + t0 + t) * N)
+               : uint4{};
+  }
+}
+
+__device__ __forceinline__ uint32_t byte_at(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+__device__ __forceinline__ float code_at(uint32_t w, int i) {
+  return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * i))));
+}
+
+// delta per (channel, dt code): the prep's softplus, evaluated once per code.
+__device__ __forceinline__ float delta_of(const qm_scan_args& a, uint32_t code, float bias) {
+  return softplus_fast(__fmaf_rn(static_cast<float>(static_cast<int8_t>(code)), a.dt_scale, bias));
+}
+
+template <class C, bool kCM>
+__device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, const Codes (&r)[C::PPT],
+                                            const uint4 (&bc)[C::BC_PT], int t0, int d0, bool lut) {
+  const int L = a.seqlen, D = a.dim;
+  const float s_in = a.u_scale * a.B_scale, s_out = (a.dual_scale ? a.u_outlier_scale : a.u_scale) * a.B_scale;
+#pragma unroll
+  for (int k = 0; k < C::PPT; ++k) {
+    int t, c;
+    piece_at<C, kCM>(k, t, c);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int ti = kCM ? t + i : t, ci = kCM ? c : c + i;
+      const bool ok = t0 + ti < L && d0 + ci < D;
+      const float cu = code_at(r[k].u, i), ub = cu * (byte_at(r[k].m, i) ? s_out : s_in);  // u * B_scale
+      const float u = cu * (byte_at(r[k].m, i) ? a.u_outlier_scale : a.u_scale);
+      float delta;
+      if (lut)
+        delta = sm.softplus[ci][byte_at(r[k].dt, i)];
+      else
+        delta = delta_of(a, byte_at(r[k].dt, i), ok && a.dt_bias ? a.dt_bias[d0 + ci] : 0.f);
+      sm.delta[ci][ti] = ok ? delta : 0.f;
+      sm.dlu[ci][ti] = ok ? delta * ub : 0.f;
+      sm.skip[ci][ti] = sm.dskip[ci] * u;
+      sm.gate[ci][ti] = a.z ? sm.silu[byte_at(r[k].z, i)] : 1.f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < C::BC_PT; ++k) {
+    const int p = static_cast<int>(threadIdx.x) + k * C::THREADS, t = p % C::TC;
+    if (p >= 2 * C::TC) break;
+    float(*dst)[C::RS] = p < C::TC ? sm.B : sm.Cm;
+    const uint32_t w[4] = {bc[k].x, bc[k].y, bc[k].z, bc[k].w};
+#pragma unroll
+    for (int n = 0; n < N; ++n) dst[n][t] = code_at(w[n / 4], n % 4);
+  }
+}
+
+template <class C, bool kCM>
+__global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, bool vec) {
+  constexpr int S = C::S, LPC = C::LPC, TC = C::TC, R = C::R;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem<C>& sm = *reinterpret_cast<Smem<C>*>(smem_raw);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane % LPC, ch = threadIdx.x / LPC;
+  const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
+  const bool active = d < D, lut = L >= kLutMinSteps;
+  for (int i = threadIdx.x; i < 256; i += C::THREADS)
+    sm.silu[i] = silu_fast(static_cast<float>(static_cast<int8_t>(i)) * a.z_scale);
+  for (int i = threadIdx.x; i < C::CPB; i += C::THREADS)
+    sm.dskip[i] = d0 + i < D && a.Dskip ? a.Dskip[d0 + i] : 0.f;
+  if (lut)
+    for (int i = threadIdx.x; i < C::CPB * 256; i += C::THREADS) {
+      const int dd = d0 + i / 256;
+      (&sm.softplus[0][0])[i] = dd < D ? delta_of(a, i % 256, a.dt_bias ? a.dt_bias[dd] : 0.f) : 0.f;
+    }
+  float h[S], A2[S];
+  const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {  // state n = s * LPC + g: the lanes of a channel read rows 4 banks apart
+    const int n = s * LPC + g;
+    h[s] = active && a.initial_state ? a.initial_state[sbase + n] : 0.f;
+    A2[s] = active ? a.A[static_cast<int64_t>(d) * N + n] * kLog2e : 0.f;
+  }
+  Codes r[C::PPT];
+  uint4 bc[C::BC_PT];
+  load_codes<C, kCM>(a, r, bc, b, 0, d0, vec);
+  __syncthreads();  // the tables
+  float* prow = sm.p[warp][lane];
+  for (int t0 = 0; t0 < L; t0 += TC) {
+    store_codes<C, kCM>(a, sm, r, bc, t0, d0, lut);
+    if (t0 + TC < L) load_codes<C, kCM>(a, r, bc, b, t0 + TC, d0, vec);  // in flight while this chunk is scanned
+    __syncthreads();
+    // Two-stage software pipeline over groups of 4 steps: group q + 1's shared loads, exponentials and delta*u*B
+    // are in flight while group q's recurrence runs (written out: the compiler kept each group's loads, ex2 and
+    // chain back to back). p stays in registers until the chunk ends (no shared store inside the loop).
+    float p[TC];
+    float4 dl = *reinterpret_cast<const float4*>(&sm.delta[ch][0]);
+    float4 du = *reinterpret_cast<const float4*>(&sm.dlu[ch][0]);
+    float4 bv[S], cv[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      bv[s] = *reinterpret_cast<const float4*>(&sm.B[s * LPC + g][0]);
+      cv[s] = *reinterpret_cast<const float4*>(&sm.Cm[s * LPC + g][0]);
+    }
+    float ea[4][S], eb[4][S], ec[4][S];  // the current group's exp(delta*A), delta*u*B and C
+    auto stage = [&]() {
+      const float dls[4] = {dl.x, dl.y, dl.z, dl.w}, dus[4] = {du.x, du.y, du.z, du.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          ea[j][s] = ex2_approx(dls[j] * A2[s]);
+          eb[j][s] = dus[j] * (&bv[s].x)[j];
+          ec[j][s] = (&cv[s].x)[j];
+        }
+    };
+    stage();
+#pragma unroll
+    for (int q = 0; q < TC; q += 4) {
+      if (q + 4 < TC) {
+        dl = *reinterpret_cast<const float4*>(&sm.delta[ch][q + 4]);
+        du = *reinterpret_cast<const float4*>(&sm.dlu[ch][q + 4]);
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          bv[s] = *reinterpret_cast<const float4*>(&sm.B[s * LPC + g][q + 4]);
+          cv[s] = *reinterpret_cast<const float4*>(&sm.Cm[s * LPC + g][q + 4]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          h[s] = __fmaf_rn(ea[j][s], h[s], eb[j][s]);
+          p[q + j] = s == 0 ? h[s] * ec[j][s] : __fmaf_rn(h[s], ec[j][s], p[q + j]);
+        }
+      if (q + 4 < TC) stage();
+    }
+#pragma unroll
+    for (int q = 0; q < TC; q += 4)
+      *reinterpret_cast<float4*>(prow + q) = make_float4(p[q], p[q + 1], p[q + 2], p[q + 3]);
+    __syncwarp();
+    // y of steps g * R + i: the sum over the channel's LPC lanes' rows
+    const int tl = g * R;
+    const float* rows = sm.p[warp][lane - g];
+    float y[R];
+#pragma unroll
+    for (int i = 0; i < R; i += 4) {
+      float4 acc = *reinterpret_cast<const float4*>(rows + tl + i);
+#pragma unroll
+      for (int rr = 1; rr < LPC; ++rr) {
+        const float4 v = *reinterpret_cast<const float4*>(rows + rr * C::RS + tl + i);
+        acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+      }
+      y[i] = acc.x, y[i + 1] = acc.y, y[i + 2] = acc.z, y[i + 3] = acc.w;
+    }
+#pragma unroll
+    for (int i = 0; i < R; i += 4) {
+      const float4 sk = *reinterpret_cast<const float4*>(&sm.skip[ch][tl + i]);
+      const float4 gt = *reinterpret_cast<const float4*>(&sm.gate[ch][tl + i]);
+      const float sks[4] = {sk.x, sk.y, sk.z, sk.w}, gts[4] = {gt.x, gt.y, gt.z, gt.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int t = t0 + tl + i + j;
+        if (!active || t >= L) continue;
+        const float out = __fmaf_rn(y[i + j], a.C_scale, sks[j]) * gts[j];
+        const int64_t e = (static_cast<int64_t>(b) * L + t) * D + d;
+        if (a.y_dtype == QM_DTYPE_FLOAT16)
+          static_cast<__half*>(a.y)[e] = __float2half_rn(out);
+        else
+          static_cast<float*>(a.y)[e] = out;
+      }
+    }
+    __syncthreads();  // the chunk's rows are read before the next chunk's are stored
+  }
+  if (active && a.final_state)
+#pragma unroll
+    for (int s = 0; s < S; ++s) a.final_state[sbase + s * LPC + g] = h[s];
+}
+
+// Whether the kernel takes these arguments: int8, N = 16, B and C in 16-byte rows.
+inline bool applies(const qm_scan_args* a) {
+  return a->input_dtype == QM_DTYPE_INT8 && a->dstate == N && qm::aligned(a->B) && qm::aligned(a->C);
+}
+
+template <class C>
+int launch(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
+  const dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
+  const bool vec = (a->channel_major ? a->seqlen % 4 == 0 : a->dim % 4 == 0) && qm::aligned(a->u, 4) &&
+                   qm::aligned(a->dt, 4) && (!a->z || qm::aligned(a->z, 4)) && (!a->dual_scale || qm::aligned(a->u_mask, 4));
+  auto kernel = a->channel_major ? scan_lanes_kernel<C, true> : scan_lanes_kernel<C, false>;
+  constexpr int smem = static_cast<int>(sizeof(Smem<C>));
+  QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                    "cudaFuncSetAttribute(scan shared memory)");
+  kernel<<<grid, C::THREADS, smem, stream>>>(*a, vec);
+  QM_CHECK_LAUNCH(fn);
+  return QM_OK;
+}
+
+}  // namespace lanes

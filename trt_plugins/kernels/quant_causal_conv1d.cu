@@ -159,12 +159,26 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
     pending &= pending - 1;
     conv_element(x, w, ws, bias, state, b, t0 + bit / 4, d0 + bit % 4, L, D, kTaps, in_scale, q, u, mask);
   }
-  if (state_out != nullptr) {  // L == 1 (decode), after every read of the old state: state_out may alias it
+  // The new state (tokens L .. L + K - 2 of concat(state, x)), by the first tile's threads: they alone read the old
+  // state (tokens before 0; the exact path's reads too), each for its own 4 channels, so writing it after every read
+  // is safe when state_out aliases the old state. One launch instead of a second kernel.
+  if (state_out != nullptr && t0 == 0) {
+    int nrow[kTaps - 1];
+#pragma unroll
+    for (int k = 0; k < kTaps - 1; ++k) {
+      const int src = L - (kTaps - 1) + k;  // x's token, or the old state's token K - 1 + src when negative
+      if (L == 1)
+        nrow[k] = rows[k + 1];  // decode: the tile's rows already hold them (the early rows included)
+      else if (src >= 0)
+        nrow[k] = *reinterpret_cast<const int*>(xb + static_cast<int64_t>(src) * D);
+      else
+        nrow[k] = state ? state_row(kTaps - 1 + src) : 0;
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       int8_t* so = state_out + (static_cast<int64_t>(b) * D + d0 + j) * (kTaps - 1);
 #pragma unroll
-      for (int k = 0; k < kTaps - 1; ++k) so[k] = static_cast<int8_t>(cols[0][j] >> (8 * (k + 1)));  // tokens 1..3
+      for (int k = 0; k < kTaps - 1; ++k) so[k] = static_cast<int8_t>(nrow[k] >> (8 * j));
     }
   }
 }
@@ -247,16 +261,18 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   QM_CHECK_ARG(total < (1ll << 40), "qm_quant_causal_conv1d: tensor too large");
   const int threads = 256;
   const ConvQuant q = make_conv_quant(out_scale, outlier_scale, dual_scale == 1);
-  // decode (L = 1): the conv kernel also shifts the state (one launch instead of two)
+  // decode (L = 1): the conv kernel also shifts the state (one launch instead of two); the tile kernel writes it at
+  // every L
   int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
   if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && qm::aligned(x, 4) &&
       qm::aligned(weight, 4) && qm::aligned(u, 4) && qm::aligned(mask, 4)) {
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
     QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
-                                 x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen, dim, in_scale,
+                                 x, weight, weight_scale, bias, state_in, u, mask, state_out, seqlen, dim, in_scale,
                                  q, early_state == 1),
                       "qm_quant_causal_conv1d conv launch");
+    return QM_OK;
   } else {
     const bool vec = dim % kConvVec == 0 && qm::aligned(u, 4) && qm::aligned(mask, 4);
     const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),

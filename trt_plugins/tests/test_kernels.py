@@ -106,6 +106,25 @@ def test_conv_bit_exact_with_state(k, b, l, dual):
         assert same.data_ptr() == new.data_ptr() and torch.equal(u1.cpu(), wu1) and torch.equal(new.cpu(), wn1)
 
 
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("l", [2, 3, 8, 9, 37])
+def test_conv_prefill_state_in_place(k, l):
+    """The tile kernel writes the new state itself (from its first tile): in place over the old one, at L shorter
+    than the state (part of the old state moves), one tile, and several."""
+    b, d, kk = 2, 1536, 4
+    g = _g(l)
+    x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (d, kk), dtype=torch.int8, device="cuda", generator=g)
+    ws = torch.rand(d, device="cuda", generator=g) * 0.01 + 1e-4
+    bias = torch.randn(d, device="cuda", generator=g)
+    st = torch.randint(-128, 128, (b, d, kk - 1), dtype=torch.int8, device="cuda", generator=g)
+    wu, wm, wn = ref.quant_causal_conv1d(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, st.cpu(), 0.05)
+    u, mask, new = k.quant_causal_conv1d(x, w, ws, bias, 0.03, 0.01, st, 0.05, state_out=st)
+    assert new.data_ptr() == st.data_ptr()
+    assert torch.equal(u.cpu(), wu) and torch.equal(mask.cpu(), wm) and torch.equal(st.cpu(), wn)
+
+
 def _near_half_codes(scale: float, codes: range) -> torch.Tensor:
     """float32 conv pre-activations v whose silu_r(v) / scale lies within 0-200 ulps of a half-integer code: the
     conv kernel's float32 SiLU must fall back to float64 inside its error window and may not round wrongly outside."""

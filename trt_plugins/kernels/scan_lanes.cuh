@@ -2,19 +2,21 @@
 //
 // A lane owns S states of one channel and walks time in order: per (t, d, n) one ex2, one multiply for dt*A, one
 // for delta*u*B and two multiply-adds, with no map composition and no second pass. y's sum over the states crosses
-// lanes: each lane writes its chunk of TC partial sums to shared memory, and lane g of a channel then adds the
-// channel's LPC = 16 / S rows for steps [g * TC / LPC, (g + 1) * TC / LPC). A warp holds 2S channels, a block of W
-// warps CPB = 2SW channels of one batch row.
-// Per chunk the block turns the channels' codes into delta, delta*u*B_scale, D*u and silu(z) rows and B, C into float
-// rows in shared memory (once per (t, d) and (t, n), not per state); delta and silu(z) come from tables of the 256
-// codes (per channel for delta: dt_bias differs), evaluated with the same functions as the other kernels. The next
-// chunk's codes are in flight in registers while this one is scanned; the state loop is software-pipelined by hand.
+// lanes: once per chunk of TC steps a butterfly reduce-scatter over the channel's LPC = 16 / S lanes leaves lane g
+// with the sums of steps [g * TC / LPC, (g + 1) * TC / LPC). A warp holds 2S channels, a block of W warps CPB = 2SW
+// channels of one batch row.
+// Per chunk the block turns the channels' codes into delta, delta*u*B_scale, D*u and silu(z) rows (silu from a table
+// of the 256 z codes, evaluated with the same function as the other kernels) and B, C into float rows in shared
+// memory, once per (t, d) and (t, n), not per state. The next chunk's codes are in flight in registers while this
+// one is scanned; the state loop is software-pipelined by hand.
 // B_scale and C_scale are applied once per (t, d) instead of per state (float rounding only: y is compared with a
 // tolerance, spec 4.4 "Exactness"). Beyond the sequence, delta = 0 and delta*u = 0 make every step the identity.
-// Where it runs (the launcher): S = 4 between 12288 and 20480 channels (B*D), and for channel-major inputs from 12288.
-// Below, the per-chunk staging and the sum over lanes cost more than the time-parallel v5 saves (B1 D1536 L2048:
-// 0.10 ms at S = 1 against v5's 0.066); above, one thread per channel (no sum across lanes) wins. Measurements:
-// trt_plugins/bench/NOTES.md, session 16.
+// Where it runs (the launcher): from 4096 channels (B*D), S = 2 below 12288 and S = 4 from there, up to 20479 for
+// token-major inputs (above, one thread per channel, with no sum across lanes, wins) and without a bound for
+// channel-major ones. Below 4096 the per-chunk staging and the sum over lanes cost more than the time-parallel v5
+// saves (B1 D1536 L2048: 0.10 ms at S = 1 or 2 against v5's 0.066).
+// Measurements, with the variants that lost (sums through shared memory, per-channel delta tables): NOTES.md,
+// session 16.
 #pragma once
 
 namespace lanes {
@@ -34,19 +36,13 @@ struct Cfg {
   static_assert(R % 4 == 0 && TC % 4 == 0, "y and the rows come in float4s");
 };
 
-// From this many steps the block tabulates delta = softplus(dt * dt_scale + dt_bias) for the 256 dt codes of each of
-// its channels instead of evaluating it per step (the same function of the same float: the same bits).
-constexpr int kLutMinSteps = 256;
-
 // The block's shared memory.
 template <class C>
 struct Smem {
   float delta[C::CPB][C::RS], dlu[C::CPB][C::RS], skip[C::CPB][C::RS], gate[C::CPB][C::RS];  // per (channel, step)
   float B[N][C::RS], Cm[N][C::RS];  // codes as floats, per (state, step)
-  float p[C::W][32][C::RS];         // each lane's part of y per step, for the sum over the channel's lanes
-  float softplus[C::CPB][256];      // delta per dt code (byte) and channel, from kLutMinSteps steps
   float silu[256];                  // silu(z) per z code (byte)
-  float dskip[C::CPB];
+  float dskip[C::CPB], bias[C::CPB];
 };
 
 // Piece k of the chunk for this thread: token-major (t, 4 channels), channel-major (channel, 4 steps).
@@ -111,14 +107,9 @@ __device__ __forceinline__ float code_at(uint32_t w, int i) {
   return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * i))));
 }
 
-// delta per (channel, dt code): the prep's softplus, evaluated once per code.
-__device__ __forceinline__ float delta_of(const qm_scan_args& a, uint32_t code, float bias) {
-  return softplus_fast(__fmaf_rn(static_cast<float>(static_cast<int8_t>(code)), a.dt_scale, bias));
-}
-
 template <class C, bool kCM>
 __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, const Codes (&r)[C::PPT],
-                                            const uint4 (&bc)[C::BC_PT], int t0, int d0, bool lut) {
+                                            const uint4 (&bc)[C::BC_PT], int t0, int d0) {
   const int L = a.seqlen, D = a.dim;
   const float s_in = a.u_scale * a.B_scale, s_out = (a.dual_scale ? a.u_outlier_scale : a.u_scale) * a.B_scale;
 #pragma unroll
@@ -131,11 +122,7 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
       const bool ok = t0 + ti < L && d0 + ci < D;
       const float cu = code_at(r[k].u, i), ub = cu * (byte_at(r[k].m, i) ? s_out : s_in);  // u * B_scale
       const float u = cu * (byte_at(r[k].m, i) ? a.u_outlier_scale : a.u_scale);
-      float delta;
-      if (lut)
-        delta = sm.softplus[ci][byte_at(r[k].dt, i)];
-      else
-        delta = delta_of(a, byte_at(r[k].dt, i), ok && a.dt_bias ? a.dt_bias[d0 + ci] : 0.f);
+      const float delta = softplus_fast(__fmaf_rn(code_at(r[k].dt, i), a.dt_scale, sm.bias[ci]));
       sm.delta[ci][ti] = ok ? delta : 0.f;
       sm.dlu[ci][ti] = ok ? delta * ub : 0.f;
       sm.skip[ci][ti] = sm.dskip[ci] * u;
@@ -153,23 +140,36 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
   }
 }
 
+// Butterfly reduce-scatter of p[0, TC) over the channel's LPC lanes (g = lane % LPC), from mask M = LPC / 2 down: each
+// level keeps half of the remaining LEN values; afterwards p[0, TC / LPC) of lane g holds the channel's sums for
+// steps g * TC / LPC + i.
+template <int M, int LEN, int TC>
+__device__ __forceinline__ void reduce_scatter(float (&p)[TC], int g) {
+  if constexpr (M >= 1) {
+    const bool upper = g & M;
+#pragma unroll
+    for (int j = 0; j < LEN / 2; ++j) {
+      const float send = upper ? p[j] : p[j + LEN / 2], keep = upper ? p[j + LEN / 2] : p[j];
+      p[j] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+    }
+    reduce_scatter<M / 2, LEN / 2>(p, g);
+  }
+}
+
 template <class C, bool kCM>
 __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, bool vec) {
   constexpr int S = C::S, LPC = C::LPC, TC = C::TC, R = C::R;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<C>& sm = *reinterpret_cast<Smem<C>*>(smem_raw);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane % LPC, ch = threadIdx.x / LPC;
+  const int lane = threadIdx.x % 32, g = lane % LPC, ch = threadIdx.x / LPC;
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
-  const bool active = d < D, lut = L >= kLutMinSteps;
+  const bool active = d < D;
   for (int i = threadIdx.x; i < 256; i += C::THREADS)
     sm.silu[i] = silu_fast(static_cast<float>(static_cast<int8_t>(i)) * a.z_scale);
-  for (int i = threadIdx.x; i < C::CPB; i += C::THREADS)
+  for (int i = threadIdx.x; i < C::CPB; i += C::THREADS) {
     sm.dskip[i] = d0 + i < D && a.Dskip ? a.Dskip[d0 + i] : 0.f;
-  if (lut)
-    for (int i = threadIdx.x; i < C::CPB * 256; i += C::THREADS) {
-      const int dd = d0 + i / 256;
-      (&sm.softplus[0][0])[i] = dd < D ? delta_of(a, i % 256, a.dt_bias ? a.dt_bias[dd] : 0.f) : 0.f;
-    }
+    sm.bias[i] = d0 + i < D && a.dt_bias ? a.dt_bias[d0 + i] : 0.f;
+  }
   float h[S], A2[S];
   const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
 #pragma unroll
@@ -181,10 +181,9 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
   Codes r[C::PPT];
   uint4 bc[C::BC_PT];
   load_codes<C, kCM>(a, r, bc, b, 0, d0, vec);
-  __syncthreads();  // the tables
-  float* prow = sm.p[warp][lane];
+  __syncthreads();  // the silu table, D and dt_bias
   for (int t0 = 0; t0 < L; t0 += TC) {
-    store_codes<C, kCM>(a, sm, r, bc, t0, d0, lut);
+    store_codes<C, kCM>(a, sm, r, bc, t0, d0);
     if (t0 + TC < L) load_codes<C, kCM>(a, r, bc, b, t0 + TC, d0, vec);  // in flight while this chunk is scanned
     __syncthreads();
     // Two-stage software pipeline over groups of 4 steps: group q + 1's shared loads, exponentials and delta*u*B
@@ -232,24 +231,8 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
         }
       if (q + 4 < TC) stage();
     }
-#pragma unroll
-    for (int q = 0; q < TC; q += 4)
-      *reinterpret_cast<float4*>(prow + q) = make_float4(p[q], p[q + 1], p[q + 2], p[q + 3]);
-    __syncwarp();
-    // y of steps g * R + i: the sum over the channel's LPC lanes' rows
+    reduce_scatter<LPC / 2, TC>(p, g);  // p[i]: y of step g * R + i before D*u and the gate
     const int tl = g * R;
-    const float* rows = sm.p[warp][lane - g];
-    float y[R];
-#pragma unroll
-    for (int i = 0; i < R; i += 4) {
-      float4 acc = *reinterpret_cast<const float4*>(rows + tl + i);
-#pragma unroll
-      for (int rr = 1; rr < LPC; ++rr) {
-        const float4 v = *reinterpret_cast<const float4*>(rows + rr * C::RS + tl + i);
-        acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
-      }
-      y[i] = acc.x, y[i + 1] = acc.y, y[i + 2] = acc.z, y[i + 3] = acc.w;
-    }
 #pragma unroll
     for (int i = 0; i < R; i += 4) {
       const float4 sk = *reinterpret_cast<const float4*>(&sm.skip[ch][tl + i]);
@@ -259,7 +242,7 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
       for (int j = 0; j < 4; ++j) {
         const int t = t0 + tl + i + j;
         if (!active || t >= L) continue;
-        const float out = __fmaf_rn(y[i + j], a.C_scale, sks[j]) * gts[j];
+        const float out = __fmaf_rn(p[i + j], a.C_scale, sks[j]) * gts[j];
         const int64_t e = (static_cast<int64_t>(b) * L + t) * D + d;
         if (a.y_dtype == QM_DTYPE_FLOAT16)
           static_cast<__half*>(a.y)[e] = __float2half_rn(out);

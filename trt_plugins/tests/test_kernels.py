@@ -209,7 +209,8 @@ def test_conv_generic_shapes_bit_exact(k, d, kk):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [8, 16, 32, 64])
-# D not a multiple of 8; several chunks; B*D > 2048 (the int8 N = 16 kernel switches to two channels per warp)
+# D not a multiple of 8; several chunks; B*D > 2048 (N != 16: two channels per warp; int8 N = 16 at B*D = 12288:
+# lanes along the states)
 @pytest.mark.parametrize(("d", "l"), [(100, 37), (4096, 37), (20, 300), (4096, 600)])
 def test_scan_state_sizes(k, n, d, l):
     ins, h0, scales = _scan_inputs(3, l, d, n, n + d + l, True)
@@ -252,13 +253,14 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # 132-SM GPU (H100, H200) 1188-1584 channels take two warps per channel in 12-channel blocks: (1, 600, 1501) has no
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
-# 12288 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh): (8, 300, 1536) a partial last chunk, (3, 77, 4100)
-# a partial last block, (3, 45, 4099) byte loads (D % 4 != 0).
+# 4096 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
+# partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane:
+# (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads.
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
                                            (1, 8192, 128), (3, 300, 1000), (3, 37, 1001), (5, 7, 4096),
                                            (5, 2049, 4096), (4, 37, 5600), (1, 600, 1501), (3, 37, 500),
                                            (1, 1537, 1536), (3, 600, 512), (8, 300, 1536), (3, 77, 4100),
-                                           (3, 45, 4099)])
+                                           (3, 45, 4099), (2, 300, 2500), (1, 70, 4099)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)
@@ -281,10 +283,12 @@ def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:
 # B * D where token-major runs the one-thread-per-channel kernel), element by element elsewhere ((1, 1537, 1536),
 # (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64. (1, 64,
 # 1536) and (3, 32, 1000): short, so that compute-sanitizer's racecheck can run the vector paths.
-# Lanes along the states (B*D >= 12288; channel-major also from 20480, where token-major runs one thread per
-# channel): (8, 64, 1536), (3, 50, 4099) (byte loads: L % 4 != 0), (6, 96, 4096).
+# Lanes along the states (B*D >= 4096; channel-major also from 20480, where token-major runs one thread per
+# channel): (8, 64, 1536), (3, 50, 4099) (byte loads: L % 4 != 0), (6, 96, 4096); 2 states per lane: (2, 64, 2500),
+# (1, 52, 4098) (token-major by bytes).
 @pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (1, 64, 1536, 16), (3, 32, 1000, 16),
                                                 (8, 64, 1536, 16), (3, 50, 4099, 16), (6, 96, 4096, 16),
+                                                (2, 64, 2500, 16), (1, 52, 4098, 16),
                                                 (3, 608, 512, 16), (1, 2048, 768, 16),
                                                 (3, 304, 1000, 16), (5, 2048, 4096, 16), (1, 1537, 1536, 16),
                                                 (3, 600, 512, 16), (3, 300, 1000, 16), (3, 7, 768, 16),

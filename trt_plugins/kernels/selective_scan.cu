@@ -739,7 +739,7 @@ bool fills_one_wave(int64_t channels, int cpb) {
 // lanes along the states (scan_lanes.cuh) from here up to kSeqMinChannels (channel-major: no upper bound), 2 states
 // per lane below QM_SCAN_LANES_S4_CHANNELS, 4 from there
 #ifndef QM_SCAN_LANES_MIN_CHANNELS
-#define QM_SCAN_LANES_MIN_CHANNELS 4096
+#define QM_SCAN_LANES_MIN_CHANNELS 3072
 #endif
 #ifndef QM_SCAN_LANES_S4_CHANNELS
 #define QM_SCAN_LANES_S4_CHANNELS 12288
@@ -748,9 +748,9 @@ bool fills_one_wave(int64_t channels, int cpb) {
 template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // int8, N = 16 (the Mamba models): from kSeqMinChannels channels (B*D) one thread per channel (scan_seq_kernel);
-  // from 4096 channels below that, lanes along the states, 2 or 4 states per lane (scan_lanes.cuh: B8 D1536 L2048
-  // 0.271 ms against v5's 0.356, B2 D4096 0.198 against 0.271; it loses to v5 at B1 D1536 and to scan_seq_kernel
-  // above);
+  // from 3072 channels below that, lanes along the states, 2 or 4 states per lane (scan_lanes.cuh: B8 D1536 L2048
+  // 0.271 ms against v5's 0.356, B2 D4096 0.198 against 0.271; it loses to v5 at 2048 channels and below, and to
+  // scan_seq_kernel above);
   // up to 2048 channels one warp per channel with 16 steps per lane keeps the most warps resident, except where
   // 12-channel blocks of two warps per channel (K = 2, 8 steps per lane) fill one wave of one block per SM (B1
   // D1536 on 132 SMs: 12-15% faster); above 2048, two channels per warp with 8 steps per lane spends fewer

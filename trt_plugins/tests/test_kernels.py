@@ -253,7 +253,7 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # 132-SM GPU (H100, H200) 1188-1584 channels take two warps per channel in 12-channel blocks: (1, 600, 1501) has no
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
-# 4096 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
+# 3072 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
 # partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane:
 # (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads.
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
@@ -283,7 +283,7 @@ def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:
 # B * D where token-major runs the one-thread-per-channel kernel), element by element elsewhere ((1, 1537, 1536),
 # (3, 600, 512), (3, 300, 1000), (3, 7, 768)); (1, 1, 768): one step, both layouts the same; N = 8, 32, 64. (1, 64,
 # 1536) and (3, 32, 1000): short, so that compute-sanitizer's racecheck can run the vector paths.
-# Lanes along the states (B*D >= 4096; channel-major also from 20480, where token-major runs one thread per
+# Lanes along the states (B*D >= 3072; channel-major also from 20480, where token-major runs one thread per
 # channel): (8, 64, 1536), (3, 50, 4099) (byte loads: L % 4 != 0), (6, 96, 4096); 2 states per lane: (2, 64, 2500),
 # (1, 52, 4098) (token-major by bytes).
 @pytest.mark.parametrize(("b", "l", "d", "n"), [(1, 2048, 1536, 16), (1, 64, 1536, 16), (3, 32, 1000, 16),

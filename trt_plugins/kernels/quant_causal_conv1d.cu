@@ -1,6 +1,7 @@
 // QuantCausalConv1d (spec 4.3, 4.5): int32 taps; the spec's float64 SiLU where a float32 one could round differently.
-// The new conv state (last K-1 input tokens) is written by a second kernel after the first has read the
-// old state, one thread per (b, d) in ascending order, so state_out may alias state_in.
+// The new conv state (the last K-1 tokens of concat(state, x)): the tile kernel (K = 4) writes it from its first tile,
+// whose threads alone read the old state; the generic path writes it by a second kernel after the first has read the
+// old state, one thread per (b, d). Either way state_out may alias state_in.
 #include "common.cuh"
 #include "conv_decode.cuh"
 

@@ -262,11 +262,9 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   QM_CHECK_ARG(total < (1ll << 40), "qm_quant_causal_conv1d: tensor too large");
   const int threads = 256;
   const ConvQuant q = make_conv_quant(out_scale, outlier_scale, dual_scale == 1);
-  // decode (L = 1): the conv kernel also shifts the state (one launch instead of two); the tile kernel writes it at
-  // every L
-  int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
   if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && qm::aligned(x, 4) &&
       qm::aligned(weight, 4) && qm::aligned(u, 4) && qm::aligned(mask, 4)) {
+    // the tile kernel writes the new state itself, at every L
     const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
                     static_cast<unsigned>(batch));
     QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
@@ -274,16 +272,18 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
                                  q, early_state == 1),
                       "qm_quant_causal_conv1d conv launch");
     return QM_OK;
-  } else {
-    const bool vec = dim % kConvVec == 0 && qm::aligned(u, 4) && qm::aligned(mask, 4);
-    const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),
-                    static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
-    conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state,
-                                                   seqlen, dim, kernel_size, in_scale, q, vec);
-    QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
   }
+  // the generic path: at decode (L = 1) the conv kernel also shifts the state (one launch instead of two), else the
+  // state kernel follows
+  int8_t* fused_state = seqlen == 1 ? state_out : nullptr;
+  const bool vec = dim % kConvVec == 0 && qm::aligned(u, 4) && qm::aligned(mask, 4);
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(batch) * seqlen),
+                  static_cast<unsigned>((dim + kConvThreads * kConvVec - 1) / (kConvThreads * kConvVec)));
+  conv_kernel<<<grid, kConvThreads, 0, stream>>>(x, weight, weight_scale, bias, state_in, u, mask, fused_state, seqlen,
+                                                 dim, kernel_size, in_scale, q, vec);
+  QM_CHECK_LAUNCH("qm_quant_causal_conv1d conv launch");
   if (state_out && !fused_state) {
-    int64_t rows = static_cast<int64_t>(batch) * dim;
+    const int64_t rows = static_cast<int64_t>(batch) * dim;
     state_kernel<<<static_cast<unsigned>((rows + threads - 1) / threads), threads, 0, stream>>>(
         x, state_in, state_out, batch, seqlen, dim, kernel_size);
     QM_CHECK_LAUNCH("qm_quant_causal_conv1d state launch");

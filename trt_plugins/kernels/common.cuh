@@ -57,6 +57,9 @@ __device__ __forceinline__ int8_t saturate_code(float rounded) {
 // Spec rule 1: clamp(rne(x / s), -128, 127), IEEE division, no reciprocal multiply.
 __device__ __forceinline__ int8_t quantize(float x, float s) { return saturate_code(rintf(__fdiv_rn(x, s))); }
 
+// Byte w (0 = lowest) of a 32-bit word.
+__device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
+
 // MUFU.EX2 / MUFU.RCP alone (2 ulp / 1 ulp; .ftz: subnormal inputs and results flush to 0), without the range
 // fix-ups that exp2f, __expf and __fdividef add around them. Fast float32 paths only.
 __device__ __forceinline__ float ex2_approx(float x) {

@@ -36,7 +36,7 @@ struct Cfg {
   static_assert(R % 4 == 0 && TC % 4 == 0, "y and the rows come in float4s");
 };
 
-// The block's shared memory.
+// The block's shared memory (static: under the 48 KB that needs no opt-in).
 template <class C>
 struct Smem {
   float delta[C::CPB][C::RS], dlu[C::CPB][C::RS], skip[C::CPB][C::RS], gate[C::CPB][C::RS];  // per (channel, step)
@@ -102,9 +102,9 @@ __device__ __forceinline__ void load_codes(const qm_scan_args& a, Codes (&r)[C::
   }
 }
 
-__device__ __forceinline__ uint32_t byte_at(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+// Code i of a word of 4 int8 codes, as a float.
 __device__ __forceinline__ float code_at(uint32_t w, int i) {
-  return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * i))));
+  return static_cast<float>(static_cast<int8_t>(qm::byte_of(w, i)));
 }
 
 template <class C, bool kCM>
@@ -120,13 +120,14 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
     for (int i = 0; i < 4; ++i) {
       const int ti = kCM ? t + i : t, ci = kCM ? c : c + i;
       const bool ok = t0 + ti < L && d0 + ci < D;
-      const float cu = code_at(r[k].u, i), ub = cu * (byte_at(r[k].m, i) ? s_out : s_in);  // u * B_scale
-      const float u = cu * (byte_at(r[k].m, i) ? a.u_outlier_scale : a.u_scale);
+      const bool outlier = qm::byte_of(r[k].m, i);
+      const float cu = code_at(r[k].u, i), ub = cu * (outlier ? s_out : s_in);  // u * B_scale
+      const float u = cu * (outlier ? a.u_outlier_scale : a.u_scale);
       const float delta = softplus_fast(__fmaf_rn(code_at(r[k].dt, i), a.dt_scale, sm.bias[ci]));
       sm.delta[ci][ti] = ok ? delta : 0.f;
       sm.dlu[ci][ti] = ok ? delta * ub : 0.f;
       sm.skip[ci][ti] = sm.dskip[ci] * u;
-      sm.gate[ci][ti] = a.z ? sm.silu[byte_at(r[k].z, i)] : 1.f;
+      sm.gate[ci][ti] = a.z ? sm.silu[qm::byte_of(r[k].z, i)] : 1.f;
     }
   }
 #pragma unroll
@@ -159,8 +160,8 @@ __device__ __forceinline__ void reduce_scatter(float (&p)[TC], int g) {
 template <class C, bool kCM>
 __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, bool vec) {
   constexpr int S = C::S, LPC = C::LPC, TC = C::TC, R = C::R;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem<C>& sm = *reinterpret_cast<Smem<C>*>(smem_raw);
+  static_assert(sizeof(Smem<C>) <= 48 * 1024, "static shared memory");
+  __shared__ __align__(16) Smem<C> sm;
   const int lane = threadIdx.x % 32, g = lane % LPC, ch = threadIdx.x / LPC;
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
   const bool active = d < D;
@@ -268,10 +269,7 @@ int launch(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   const bool vec = (a->channel_major ? a->seqlen % 4 == 0 : a->dim % 4 == 0) && qm::aligned(a->u, 4) &&
                    qm::aligned(a->dt, 4) && (!a->z || qm::aligned(a->z, 4)) && (!a->dual_scale || qm::aligned(a->u_mask, 4));
   auto kernel = a->channel_major ? scan_lanes_kernel<C, true> : scan_lanes_kernel<C, false>;
-  constexpr int smem = static_cast<int>(sizeof(Smem<C>));
-  QM_CHECK_LAUNCHED(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                    "cudaFuncSetAttribute(scan shared memory)");
-  kernel<<<grid, C::THREADS, smem, stream>>>(*a, vec);
+  kernel<<<grid, C::THREADS, 0, stream>>>(*a, vec);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
 }

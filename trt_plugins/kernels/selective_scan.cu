@@ -176,7 +176,7 @@ __device__ __forceinline__ const void* staged_input(const qm_scan_args& a, int k
   return k == 0 ? a.u : k == 1 ? a.dt : k == 2 ? a.z : (a.dual_scale ? a.u_mask : nullptr);
 }
 
-__device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
+using qm::byte_of;
 __device__ __forceinline__ uint8_t byte_of(uint2 v, int w) { return byte_of(w < 4 ? v.x : v.y, w % 4); }
 
 // Element e of each staged input (u, dt, z, and the mask for int8) into step t of a channel's region r.

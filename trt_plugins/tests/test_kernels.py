@@ -7,6 +7,7 @@ bit-identical to the reference, float outputs within 1e-5 relative L2.
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -193,7 +194,9 @@ def test_conv_codes_at_rounding_boundaries(k, kk, case):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize(("d", "kk"), [(1538, 4), (1536, 3), (64, 2)])
+# (1538, 4), (1536, 3), (64, 2): the generic kernel; (1000, 4): the tile kernel with a partial last block of channels
+# (250 quads in 128-thread blocks); (768, 4): 64-thread tile blocks (192 quads)
+@pytest.mark.parametrize(("d", "kk"), [(1538, 4), (1536, 3), (64, 2), (1000, 4), (768, 4)])
 def test_conv_generic_shapes_bit_exact(k, d, kk):
     g = _g(d + kk)
     x = torch.randint(-128, 128, (3, 37, d), dtype=torch.int8, device="cuda", generator=g)
@@ -340,13 +343,40 @@ def test_float_scan_and_decode_update(k, n, d, l):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 512, 1024, 2048, 8192, 12288])
+# With more rows than SMs, d in 3072 .. 8192 with m = 1 or p = 256 takes 32-element threads (hadamard_wide.cuh):
+# 4096, 8192 (m = 1), 3072, 5120, 7168 (m = 12, 20, 28); 2048 and 6144 (m = 12, p = 512) do not.
+@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 512, 1024, 2048, 8192, 12288, 3072, 6144, 7168])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [(3, 41), (4, 100)])  # fewer rows than SMs (decode's split mixing), and more
 def test_hadamard_quant_bit_exact(k, d, dtype, rows):
     y = (torch.randn(*rows, d, device="cuda", generator=_g(d)) * 2).to(dtype)
     got = k.hadamard_quant(y, 0.01)
     want = ref.hadamard_quant(y.float().cpu(), 0.01)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [4096, 5120, 3072, 1536])
+def test_hadamard_quant_codes_at_rounding_boundaries(k, d):
+    """Rows whose transform is +-v at every element (v at element 0 alone), v within a few ulps of where v * c / scale
+    is a half-integer: the fast quantizers' reciprocal multiplies must leave those codes to the IEEE path."""
+    s = 0.01
+    c = torch.tensor(1.0 / math.sqrt(d), dtype=torch.float64).float()
+    base = ((torch.arange(-130, 130, dtype=torch.float64) + 0.5) * s / c.double()).float()
+    vs = [base]
+    for direction in (math.inf, -math.inf):
+        v = base
+        for _ in range(3):
+            v = torch.nextafter(v, torch.tensor(direction))
+            vs.append(v)
+    v = torch.cat(vs)  # 1820 rows
+    y = torch.zeros(v.numel(), d)
+    y[:, 0] = v
+    want = ref.hadamard_quant(y, s)
+    per_target = want[:, 0].view(7, -1)
+    assert (per_target != per_target[0]).any(), "the offsets cross no rounding boundary: the test tests nothing"
+    got = k.hadamard_quant(y.cuda(), s)
     assert torch.equal(got.cpu(), want)
 
 

@@ -13,8 +13,9 @@ constexpr int kThreads = 256;
 #ifndef QM_HADAMARD_WIDE  // 0: measure the 8-element rows where the wide ones apply
 #define QM_HADAMARD_WIDE 1
 #endif
-// resident blocks per SM the wide kernel's registers are sized for: 5 (48 registers) measured 4-7% faster than 4
-// (62) at D 3072 / 4096 / 5120, 6 (40, spilling) 5-15% slower (NOTES.md, session 17)
+// resident 256-thread blocks per SM (or twice as many of 128) the wide kernel's registers are sized for: 5 (48
+// registers) measured 4-7% faster than 4 (62) at D 3072 / 4096 / 5120, 6 (40, spilling) 5-15% slower (NOTES.md,
+// session 17)
 #ifndef QM_HADAMARD_WIDE_MIN_BLOCKS
 #define QM_HADAMARD_WIDE_MIN_BLOCKS 5
 #endif
@@ -82,13 +83,12 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
   hadamard8_row<T, M, kSplit, EM>(x + base, y + base, row4, d, lp, c, scale, inv_scale, fast_quant);
 }
 
-// Many rows of d = M * E * 256 in 3072 .. 8192 (hadamard_wide.cuh): 32 elements per thread; ahead as above.
-template <typename T, int M, int E>
-__global__ void __launch_bounds__(kWideThreads, QM_HADAMARD_WIDE_MIN_BLOCKS) hadamard_wide_kernel(const T* __restrict__ x,
-                                                                        int8_t* __restrict__ y, float c, float k,
-                                                                        float scale, bool fast, int64_t rows,
-                                                                        int ahead) {
-  constexpr int d = M * E * kWideColumns;
+// Many rows (hadamard_wide.cuh: d = M * E * P, 32 elements per thread, blocks of P threads); ahead as above.
+template <typename T, int M, int E, int P>
+__global__ void __launch_bounds__(P, QM_HADAMARD_WIDE_MIN_BLOCKS * 256 / P)
+    hadamard_wide_kernel(const T* __restrict__ x, int8_t* __restrict__ y, float c, float k, float scale, bool fast,
+                         int64_t rows, int ahead) {
+  constexpr int d = M * E * P;
   extern __shared__ float4 row4[];  // d floats, then d int8 codes
   qm::wait_for_inputs();
   qm::allow_dependents();
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kWideThreads, QM_HADAMARD_WIDE_MIN_BLOCKS) had
                  "r"(static_cast<unsigned>(d * sizeof(T))) : "memory");
 #endif
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
-  hadamard_wide_row<T, M, E>(x + base, y + base, row4, c, k, scale, fast);
+  hadamard_wide_row<T, M, E, P>(x + base, y + base, row4, c, k, scale, fast);
 }
 
 // The L2 look-ahead in rows: QM_HADAMARD_L2_AHEAD waves of resident blocks, when there are more rows than one wave.
@@ -113,35 +113,42 @@ int rows_ahead(const void* kernel, int threads, size_t smem, int64_t rows, int* 
   return QM_OK;
 }
 
-template <typename T, int M, int E>
+template <typename T, int M, int E, int P>
 int launch_wide_m(const T* x, int8_t* y, int64_t rows, float c, float k, float scale, bool fast, cudaStream_t stream) {
-  const size_t smem = (sizeof(float) + 1) * static_cast<size_t>(M * E * kWideColumns);  // row, codes
-  auto kernel = hadamard_wide_kernel<T, M, E>;
+  const size_t smem = (sizeof(float) + 1) * static_cast<size_t>(M * E * P);  // row, codes
+  auto kernel = hadamard_wide_kernel<T, M, E, P>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
   }
   int ahead = 0;
-  const int rc = rows_ahead(reinterpret_cast<const void*>(kernel), kWideThreads, smem, rows, &ahead);
+  const int rc = rows_ahead(reinterpret_cast<const void*>(kernel), P, smem, rows, &ahead);
   if (rc != QM_OK) return rc;
-  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(kWideThreads), smem, stream, x, y, c, k,
+  QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(P), smem, stream, x, y, c, k,
                                scale, fast, rows, ahead),
                     "qm_hadamard_quant launch");
   return QM_OK;
 }
 
 template <typename T>
-int launch_wide(const T* x, int8_t* y, int64_t rows, int dim, int m, float c, float scale, bool fast,
+int launch_wide(const T* x, int8_t* y, int64_t rows, int dim, int m, int block, float c, float scale, bool fast,
                 cudaStream_t stream) {
   // k = fl(c / s): one rounding of the exact quotient (hadamard_wide.cuh's bound counts it)
   const float k = fast ? static_cast<float>(static_cast<double>(c) / static_cast<double>(scale)) : 0.f;
+  const bool p256 = block == 256;
   switch (m) {
     case 1:  // p = dim, 4096 or 8192: p / 256 values per column of the shared-memory stages
-      return dim == 4096 ? launch_wide_m<T, 1, 16>(x, y, rows, c, k, scale, fast, stream)
-                         : launch_wide_m<T, 1, 32>(x, y, rows, c, k, scale, fast, stream);
-    case 12: return launch_wide_m<T, 12, 1>(x, y, rows, c, k, scale, fast, stream);
-    case 20: return launch_wide_m<T, 20, 1>(x, y, rows, c, k, scale, fast, stream);
-    default: return launch_wide_m<T, 28, 1>(x, y, rows, c, k, scale, fast, stream);
+      return dim == 4096 ? launch_wide_m<T, 1, 16, 256>(x, y, rows, c, k, scale, fast, stream)
+                         : launch_wide_m<T, 1, 32, 256>(x, y, rows, c, k, scale, fast, stream);
+    case 12:
+      return p256 ? launch_wide_m<T, 12, 1, 256>(x, y, rows, c, k, scale, fast, stream)
+                  : launch_wide_m<T, 12, 1, 128>(x, y, rows, c, k, scale, fast, stream);
+    case 20:
+      return p256 ? launch_wide_m<T, 20, 1, 256>(x, y, rows, c, k, scale, fast, stream)
+                  : launch_wide_m<T, 20, 1, 128>(x, y, rows, c, k, scale, fast, stream);
+    default:
+      return p256 ? launch_wide_m<T, 28, 1, 256>(x, y, rows, c, k, scale, fast, stream)
+                  : launch_wide_m<T, 28, 1, 128>(x, y, rows, c, k, scale, fast, stream);
   }
 }
 
@@ -209,12 +216,12 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
   const HadamardConsts hc = hadamard_consts(dim, p, scale);
   const int lp = hc.lp;
   const float c = hc.c;
-  if (QM_HADAMARD_WIDE && rows >= qm::sm_count() && wide_applies(dim, m, p, y) && qm::aligned(x)) {
-    return x_dtype == QM_DTYPE_FLOAT32 ? launch_wide<float>(static_cast<const float*>(x), y, rows, dim, m, c, scale,
-                                                            hc.fast, stream)
-                                       : launch_wide<__half>(static_cast<const __half*>(x), y, rows, dim, m, c, scale,
-                                                             hc.fast, stream);
-  }
+  const int wide = QM_HADAMARD_WIDE && rows >= qm::sm_count() && qm::aligned(x) ? wide_block(dim, m, p, y) : 0;
+  if (wide)
+    return x_dtype == QM_DTYPE_FLOAT32 ? launch_wide<float>(static_cast<const float*>(x), y, rows, dim, m, wide, c,
+                                                            scale, hc.fast, stream)
+                                       : launch_wide<__half>(static_cast<const __half*>(x), y, rows, dim, m, wide, c,
+                                                             scale, hc.fast, stream);
   if (p >= 8 && dim <= 8192 && qm::aligned(x) && qm::aligned(y, 8)) {
     int e = x_dtype == QM_DTYPE_FLOAT32 ? launch_hadamard8<float>(static_cast<const float*>(x), y, rows, dim, m, lp, c,
                                                                   scale, hc.inv_scale, hc.fast, stream)

@@ -343,9 +343,10 @@ def test_float_scan_and_decode_update(k, n, d, l):
 
 @needs_gpu
 @pytest.mark.gpu
-# With more rows than SMs, d in 3072 .. 8192 with m = 1 or p = 256 takes 32-element threads (hadamard_wide.cuh):
-# 4096, 8192 (m = 1), 3072, 5120, 7168 (m = 12, 20, 28); 2048 and 6144 (m = 12, p = 512) do not.
-@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 512, 1024, 2048, 8192, 12288, 3072, 6144, 7168])
+# With more rows than SMs, 32-element threads (hadamard_wide.cuh) take m = 1 with p = 4096, 8192 and m = 12, 20, 28
+# with p = 256 (3072, 5120, 7168) or 128 (1536, 2560, 3584); 2048 (m = 1) and 6144 (m = 12, p = 512) do not.
+@pytest.mark.parametrize("d", [768, 1536, 4096, 5120, 48, 160, 448, 512, 1024, 2048, 8192, 12288, 3072, 6144, 7168,
+                               2560, 3584])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [(3, 41), (4, 100)])  # fewer rows than SMs (decode's split mixing), and more
 def test_hadamard_quant_bit_exact(k, d, dtype, rows):

@@ -142,6 +142,16 @@ __device__ __forceinline__ int8_t rms_code(float x, float rr, float w, float sca
   return quantize(__fmul_rn(__fmul_rn(x, rr), w), scale);
 }
 
+// 4 rows of 4 bytes -> 4 columns: out[j] byte i = in[i] byte j (8 byte permutes)
+__device__ __forceinline__ void transpose4x4(const int (&in)[4], int (&out)[4]) {
+  const unsigned t0 = __byte_perm(in[0], in[1], 0x5140), t1 = __byte_perm(in[0], in[1], 0x7362);
+  const unsigned t2 = __byte_perm(in[2], in[3], 0x5140), t3 = __byte_perm(in[2], in[3], 0x7362);
+  out[0] = static_cast<int>(__byte_perm(t0, t2, 0x5410));
+  out[1] = static_cast<int>(__byte_perm(t0, t2, 0x7632));
+  out[2] = static_cast<int>(__byte_perm(t1, t3, 0x5410));
+  out[3] = static_cast<int>(__byte_perm(t1, t3, 0x7632));
+}
+
 // Spec rule 7: fl(a * b) in float64.
 __device__ __forceinline__ float scale_product(float a, float b) {
   return static_cast<float>(static_cast<double>(a) * static_cast<double>(b));

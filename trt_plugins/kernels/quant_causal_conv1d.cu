@@ -60,16 +60,6 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
 constexpr int kTile = 8, kTaps = 4;
 static_assert(kTaps == 4 && kTile == 8, "the byte transpose below is written for 4 taps and 8 tokens");
 
-// 4 rows of 4 bytes -> 4 columns: out[j] byte i = in[i] byte j (8 byte permutes)
-__device__ __forceinline__ void transpose4x4(const int (&in)[4], int (&out)[4]) {
-  const unsigned t0 = __byte_perm(in[0], in[1], 0x5140), t1 = __byte_perm(in[0], in[1], 0x7362);
-  const unsigned t2 = __byte_perm(in[2], in[3], 0x5140), t3 = __byte_perm(in[2], in[3], 0x7362);
-  out[0] = static_cast<int>(__byte_perm(t0, t2, 0x5410));
-  out[1] = static_cast<int>(__byte_perm(t0, t2, 0x7632));
-  out[2] = static_cast<int>(__byte_perm(t1, t3, 0x5410));
-  out[3] = static_cast<int>(__byte_perm(t1, t3, 0x7632));
-}
-
 __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d) {
   return static_cast<int>(static_cast<uint8_t>(a) | static_cast<uint8_t>(b) << 8 | static_cast<uint8_t>(c) << 16 |
                           static_cast<uint32_t>(static_cast<uint8_t>(d)) << 24);
@@ -130,7 +120,7 @@ __global__ void __launch_bounds__(256) conv_tile_kernel(
   rows[11] = 0;
   int cols[3][4];  // cols[g][j]: tokens 4g .. 4g + 3 of channel j
 #pragma unroll
-  for (int g = 0; g < 3; ++g) transpose4x4(*reinterpret_cast<const int(*)[4]>(&rows[4 * g]), cols[g]);
+  for (int g = 0; g < 3; ++g) qm::transpose4x4(*reinterpret_cast<const int(*)[4]>(&rows[4 * g]), cols[g]);
   int8_t* ub = u + static_cast<int64_t>(b) * L * D + d0;
   uint8_t* mb = kDual ? mask + static_cast<int64_t>(b) * L * D + d0 : nullptr;
   unsigned pending = 0;  // bit 4 i + j: element (token t0 + i, channel d0 + j) needs the exact path

@@ -8,11 +8,15 @@
 #include "common.cuh"
 #include "state_update.cuh"
 #include "scan_lanes.cuh"
+#include "scan_tma.cuh"
 
 namespace {
 constexpr int kMaxN = 64;
 #ifndef QM_SCAN_L2_PREFETCH
 #define QM_SCAN_L2_PREFETCH 1  // the chunked scan asks L2 for its next chunk (0: measure without)
+#endif
+#ifndef QM_SCAN_TMA
+#define QM_SCAN_TMA 1  // token-major int8 staging by the TMA in the 12-channel configuration (scan_tma.cuh; 0: threads)
 #endif
 
 using qm::aligned;
@@ -341,10 +345,11 @@ __device__ __forceinline__ void write_y(const qm_scan_args& a, const unsigned ch
 // block of batch row b takes its share of the chunk's u, dt, z, mask rows (contiguous across the row's blocks; channel-
 // major inputs: its own channels' rows, one thread each) and of its B and C, by sm_90's bulk prefetch (a hint: no
 // registers, no shared memory; 16-byte granules, rounded inward).
-template <int N, class C, bool kCM>
+// kBcOnly: B and C alone (the TMA staging asks for the channels' rows itself).
+template <int N, class C, bool kCM, bool kBcOnly = false>
 __device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b, int d0, int t_begin, int t_end) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  int k = threadIdx.x;
+  int k = threadIdx.x + (kBcOnly ? 4 : 0);
   if constexpr (kCM) {  // threads [0, 4 CPB): one row (channel k / 4, array k % 4) each; the next two: B and C
     if (k < 4 * C::CPB) {
       const void* p = staged_input(a, k % 4);
@@ -374,10 +379,13 @@ __device__ __forceinline__ void prefetch_next_chunk(const qm_scan_args& a, int b
 }
 
 // kCM: channel-major u, dt, z, mask (qm_scan_args.channel_major), its own instantiation so that the token-major
-// kernels' registers stay as they were (one kernel for both spilled in four configurations).
-template <int N, bool kInt8, class C, bool kCM>
-__global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel(qm_scan_args a, bool vec_bc,
-                                                                                bool vec_ch, bool vec_y) {
+// kernels' registers stay as they were (one kernel for both spilled in four configurations). kTma (token-major int8,
+// sm_90): u, dt, z, mask rows by the TMA (scan_tma.cuh; maps and present: tma::encode), in raw rows after the
+// kernel's regions.
+template <int N, bool kInt8, class C, bool kCM, bool kTma = false>
+__global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
+    scan_chunked_kernel(qm_scan_args a, bool vec_bc, bool vec_ch, bool vec_y, const __grid_constant__ tma::Maps maps,
+                        unsigned present) {
   constexpr int T = C::T, CH = C::CH, LPC = C::LPC;
   extern __shared__ __align__(16) unsigned char smem[];
   float* sB = reinterpret_cast<float*>(smem);
@@ -401,18 +409,35 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) scan_chunked_kernel
   const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
   unsigned char* mine = sIn + ch * C::CH_BYTES;
   const int tb = s * T;
+  // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarrier after the kernel's regions; the
+  // boxes start at the 16-byte column below the block's first channel
+  unsigned char* raw = nullptr;
+  uint64_t* bar = nullptr;
+  const int col = d0 & ~15;
+  if constexpr (kTma) {
+    unsigned char* end = smem + C::SMEM;
+    raw = end + ((128 - static_cast<unsigned>(__cvta_generic_to_shared(end)) % 128) % 128);
+    bar = reinterpret_cast<uint64_t*>(raw + tma::kArrays * CH * tma::kBoxBytes);
+    if (threadIdx.x == 0) tma::issue(maps, present, raw, bar, true, col, b * L, CH);
+  }
 
-  for (int t0 = 0; t0 < L; t0 += CH) {
+  for (int t0 = 0, chunk = 0; t0 < L; t0 += CH, ++chunk) {
     const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
     stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
-    if constexpr (kCM)
+    if constexpr (kTma) {
+      tma::wait_parity(bar, chunk & 1);
+      tma::unpack<C>(raw, sIn, present, d0 - col, nt);
+    } else if constexpr (kCM) {
       stage_channels_cm<kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
-    else
+    } else {
       stage_channels<N, kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
+    }
     __syncthreads();
+    if constexpr (kTma)  // raw is free: the next chunk's rows land while this one computes
+      if (threadIdx.x == 0 && t0 + CH < L) tma::issue(maps, present, raw, bar, false, col, b * L + t0 + CH, CH);
 #if QM_SCAN_L2_PREFETCH
-    if (t0 + CH < L) prefetch_next_chunk<N, C, kCM>(a, b, d0, t0 + CH, min(t0 + 2 * CH, L));
+    if (t0 + CH < L) prefetch_next_chunk<N, C, kCM, kTma>(a, b, d0, t0 + CH, min(t0 + 2 * CH, L));
 #endif
     float delta[T], dlu[T], y[T];
     float sumdelta = 0.f;
@@ -701,11 +726,33 @@ int validate(const qm_scan_args* a, const char* fn) {
   return QM_OK;
 }
 
+// Whether the TMA staging applies (host): token-major int8 inputs in the 12-channel configuration on sm_90+, D % 16
+// == 0, the arrays 16-byte aligned, and the driver's tensor-map encoder available (maps and present filled).
+template <bool kInt8, class C, bool kCM>
+bool tma_applies(const qm_scan_args* a, tma::Maps* maps, unsigned* present) {
+  if constexpr (!QM_SCAN_TMA || !kInt8 || kCM || C::K != 2 || C::CH != 2 * tma::kBoxRows) {
+    return false;
+  } else {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9)
+      return false;
+    if (a->dim % 16 || !aligned(a->u) || !aligned(a->dt) || !aligned(a->z) || (a->dual_scale && !aligned(a->u_mask)))
+      return false;
+    return tma::encode(a, maps, present);
+  }
+}
+
 template <int N, bool kInt8, class C, bool kCM>
 int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
+  tma::Maps maps{};
+  unsigned present = 0;
+  const bool use_tma = tma_applies<kInt8, C, kCM>(a, &maps, &present);
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
-  auto kernel = scan_chunked_kernel<N, kInt8, C, kCM>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::SMEM));
+  auto kernel = use_tma ? scan_chunked_kernel<N, kInt8, C, kCM, !kCM && kInt8 && C::K == 2>
+                        : scan_chunked_kernel<N, kInt8, C, kCM>;
+  const size_t smem = C::SMEM + (use_tma ? 128 + tma::kArrays * C::CH * tma::kBoxBytes + 8 : 0);
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return qm::fail_cuda("cudaFuncSetAttribute(scan shared memory)", e);
@@ -715,7 +762,7 @@ int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char
   const bool vec_ch = (kCM ? a->seqlen % 16 == 0 : a->dim % C::PB == 0) && aligned(a->u, vb) && aligned(a->dt, vb) &&
                       (!a->z || aligned(a->z, vb)) && (!a->dual_scale || aligned(a->u_mask, vb));
   const bool vec_y = a->dim % C::PB == 0 && aligned(a->y);
-  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(*a, vec_bc, vec_ch, vec_y);
+  kernel<<<grid, C::THREADS, smem, stream>>>(*a, vec_bc, vec_ch, vec_y, maps, present);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
 }
@@ -808,6 +855,46 @@ int launch_update(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   }
 }
 }  // namespace
+
+namespace tma {
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link); null where unavailable.
+static EncodeTiled encoder() {
+  static const EncodeTiled fn = []() -> EncodeTiled {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // not sticky; clear it so that the launch's check does not report it
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+bool encode(const qm_scan_args* a, Maps* m, unsigned* present) {
+  const EncodeTiled fn = encoder();
+  if (!fn) return false;
+  const void* arrays[kArrays] = {a->u, a->dt, a->z, a->dual_scale ? a->u_mask : nullptr};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a->dim), static_cast<cuuint64_t>(a->batch) * a->seqlen};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a->dim)};
+  const cuuint32_t box[2] = {kBoxBytes, kBoxRows}, elem[2] = {1, 1};
+  *present = 0;
+  for (int k = 0; k < kArrays; ++k) {
+    if (arrays[k]) *present |= 1u << k;
+    void* p = const_cast<void*>(arrays[k] ? arrays[k] : a->u);
+    if (fn(&m->map[k], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, p, dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) !=
+        CUDA_SUCCESS)
+      return false;
+  }
+  return true;
+}
+}  // namespace tma
 
 int qm::validate_scan_args(const qm_scan_args* a, const char* fn) { return validate(a, fn); }
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qmamba.ops import ref
-from qmamba.ops.specmath import a_from_a_log
+from qmamba.ops.specmath import a_from_a_log, dequantize
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: kernel tests run on the H100")
@@ -258,12 +258,15 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
 # 3072 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
 # partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane:
-# (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads.
+# (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads. The 12-channel blocks with D % 16 == 0 stage by
+# the TMA on sm_90 (scan_tma.cuh): (1, 1537, 1536), (3, 600, 512), (2, 700, 768) (a box's rows run into the next
+# sequence), (1, 520, 1536) (a second chunk of 8 steps).
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
                                            (1, 8192, 128), (3, 300, 1000), (3, 37, 1001), (5, 7, 4096),
                                            (5, 2049, 4096), (4, 37, 5600), (1, 600, 1501), (3, 37, 500),
                                            (1, 1537, 1536), (3, 600, 512), (8, 300, 1536), (3, 77, 4100),
-                                           (3, 45, 4099), (2, 300, 2500), (1, 70, 4099)])
+                                           (3, 45, 4099), (2, 300, 2500), (1, 70, 4099), (2, 700, 768),
+                                           (1, 520, 1536)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b * 100000 + l, dual)
@@ -273,6 +276,24 @@ def test_scan_matches_reference(k, b, l, d, dual):
     assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
     y16, _ = k.dual_scale_selective_scan(*ins, initial_state=h0, y_dtype=torch.float16, **scales)
     assert rel(y16.float(), wy) <= 2e-3  # fp16 output rounding
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "l", "d"), [(1, 600, 1536), (2, 300, 768), (1, 1100, 2048)])
+@pytest.mark.parametrize("dual", [False, True])
+def test_scan_without_gate_matches_reference(k, b, l, d, dual):
+    """z absent (no SiLU gate): the staging must not read it, and the TMA staging (12-channel blocks) leaves its
+    region alone; checked against the float reference on the dequantized inputs."""
+    ins, h0, scales = _scan_inputs(b, l, d, 16, b * 7 + l + d, dual)
+    u, mask, dt, bm, cm, _z, A, D, dtb = ins
+    y, h = k.dual_scale_selective_scan(u, mask, dt, bm, cm, None, A, D, dtb, initial_state=h0, **scales)
+    uf = ref.dequantize_dual(u.cpu(), None if mask is None else mask.cpu(), scales["u_scale"],
+                             scales["u_outlier_scale"])
+    bf, cf = dequantize(bm.cpu(), scales["B_scale"]), dequantize(cm.cpu(), scales["C_scale"])
+    wy, wh = ref.selective_scan(uf, dequantize(dt.cpu(), scales["dt_scale"]), A.cpu(), bf, cf, D.cpu(), None, dtb.cpu(),
+                                h0.cpu())
+    assert rel(y.cpu(), wy) <= 1e-5 and rel(h.cpu(), wh) <= 1e-5
 
 
 def _channel_major(t: torch.Tensor | None) -> torch.Tensor | None:

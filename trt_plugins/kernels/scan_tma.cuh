@@ -3,10 +3,11 @@
 // row: loaded by threads, every warp load touches ~11 rows (one L1 wavefront each), and those loads cost as much as
 // channel-major inputs save (NOTES.md, sessions 11 and 17). Here thread 0 asks the TMA for the chunk's rows as boxes
 // of 256 rows x 32 bytes per array (starting at the 16-byte column below the block's first channel: a box's start
-// must be 16-byte aligned), counted on an mbarrier; the next chunk's boxes are asked for as soon as this chunk's are
-// unpacked, so they land while it computes. The unpack turns [row][32 bytes] into the kernel's [channel][array][t]:
-// a thread reads one word (4 channels) of 4 rows, transposes the 4 x 4 bytes and writes 4 words (4 steps of each
-// channel). Each lane reads its 4 rows in an order rotated by its quad (rows 4 apart share a bank in 32-byte rows).
+// must be 16-byte aligned), counted on one mbarrier per box of rows; the next chunk's boxes are asked for as soon as
+// this chunk's are unpacked, so they land while it computes. The unpack turns [row][32 bytes] into the kernel's
+// [channel][array][t]: a thread reads one word (4 channels) of 4 rows, transposes the 4 x 4 bytes and writes 4 words
+// (4 steps of each channel). Each lane reads its 4 rows in an order rotated by its quad (rows 4 apart share a bank
+// in 32-byte rows).
 #pragma once
 #include <cuda.h>
 
@@ -33,44 +34,46 @@ __device__ __forceinline__ void wait_parity(uint64_t* bar, unsigned parity) {
 #endif
 }
 
-// Thread 0: the first use initialises *bar; then asks for rows [row0, row0 + rows) of the present arrays (boxes of
-// kBoxRows) into raw ([array][rows][kBoxBytes]), starting at byte column col (16-byte aligned), counted on *bar.
-// Rows or columns past the tensor arrive as zeros (and count as bytes).
+// Thread 0: the first use initialises bar[0 .. rows / kBoxRows); then asks for rows [row0, row0 + rows) of the present
+// arrays (boxes of kBoxRows) into raw ([array][rows][kBoxBytes]), starting at byte column col (16-byte aligned), box
+// h of every array counted on bar[h], box 0 first, so that the unpack of the first rows may start while the later
+// ones land. Rows or columns past the tensor arrive as zeros (and count as bytes).
 __device__ __forceinline__ void issue(const Maps& m, unsigned present, unsigned char* raw, uint64_t* bar, bool init,
                                       int col, int row0, int rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int boxes = rows / kBoxRows;
   if (init) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(saddr(bar)) : "memory");
+    for (int h = 0; h < boxes; ++h)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(saddr(bar + h)) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   // the unpack's generic reads of raw (ordered before this by the caller's barrier) before the copies' writes
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  const int boxes = rows / kBoxRows;
-  const unsigned bytes = __popc(present) * boxes * kBoxRows * kBoxBytes;
-  asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(saddr(bar)),
-               "r"(bytes) : "memory");
-  for (int k = 0; k < kArrays; ++k) {
-    if (!(present >> k & 1u)) continue;
-    for (int h = 0; h < boxes; ++h)
-      asm volatile(
-          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-          ::"r"(saddr(raw + (k * rows + h * kBoxRows) * kBoxBytes)), "l"(&m.map[k]), "r"(col),
-          "r"(row0 + h * kBoxRows), "r"(saddr(bar))
-          : "memory");
+  const unsigned bytes = __popc(present) * kBoxRows * kBoxBytes;
+  for (int h = 0; h < boxes; ++h) {
+    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(saddr(bar + h)),
+                 "r"(bytes) : "memory");
+    for (int k = 0; k < kArrays; ++k)
+      if (present >> k & 1u)
+        asm volatile(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+            "[%4];" ::"r"(saddr(raw + (k * rows + h * kBoxRows) * kBoxBytes)), "l"(&m.map[k]), "r"(col),
+            "r"(row0 + h * kBoxRows), "r"(saddr(bar + h))
+            : "memory");
   }
 #endif
 }
 
-// All threads, after the chunk's boxes have landed: raw ([array][CH][kBoxBytes], the block's channels at byte off of
-// each row) into the channels' regions of sIn (array k of channel w at sIn + w * CH_BYTES + k * CH, byte t = step t).
-// Absent arrays (present bit clear) become zeros, as the thread staging writes them.
+// All threads, after box h of the chunk has landed: its rows of raw ([array][CH][kBoxBytes], the block's channels at
+// byte off of each row) into the channels' regions of sIn (array k of channel w at sIn + w * CH_BYTES + k * CH, byte
+// t = step t). Absent arrays (present bit clear) become zeros, as the thread staging writes them.
 template <class C>
-__device__ __forceinline__ void unpack(const unsigned char* raw, unsigned char* sIn, unsigned present, int off,
-                                       int nt) {
-  constexpr int CH = C::CH, QUADS = CH / 4, WORDS = C::CPB / 4, ITEMS = kArrays * QUADS * WORDS;
+__device__ __forceinline__ void unpack(const unsigned char* raw, unsigned char* sIn, unsigned present, int off, int nt,
+                                       int h) {
+  constexpr int CH = C::CH, QUADS = kBoxRows / 4, WORDS = C::CPB / 4, ITEMS = kArrays * QUADS * WORDS;
   static_assert(C::CPB % 4 == 0, "channels in words of 4");
   for (int it = threadIdx.x; it < ITEMS; it += C::THREADS) {
-    const int w = it % WORDS, q = it / WORDS % QUADS, k = it / (WORDS * QUADS);
+    const int w = it % WORDS, q = h * QUADS + it / WORDS % QUADS, k = it / (WORDS * QUADS);
     if (4 * q >= nt) continue;  // steps past the sequence are never read
     int cols[4] = {0, 0, 0, 0};
     if (present >> k & 1u) {

@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
   unsigned char* mine = sIn + ch * C::CH_BYTES;
   const int tb = s * T;
-  // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarrier after the kernel's regions; the
+  // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarriers after the kernel's regions; the
   // boxes start at the 16-byte column below the block's first channel
   unsigned char* raw = nullptr;
   uint64_t* bar = nullptr;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   if constexpr (kTma) {
     unsigned char* end = smem + C::SMEM;
     raw = end + ((128 - static_cast<unsigned>(__cvta_generic_to_shared(end)) % 128) % 128);
-    bar = reinterpret_cast<uint64_t*>(raw + tma::kArrays * CH * tma::kBoxBytes);
+    bar = reinterpret_cast<uint64_t*>(raw + tma::kArrays * CH * tma::kBoxBytes);  // one per box of rows
     if (threadIdx.x == 0) tma::issue(maps, present, raw, bar, true, col, b * L, CH);
   }
 
@@ -426,8 +426,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
     __syncthreads();  // the previous chunk's shared memory is no longer read
     stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
     if constexpr (kTma) {
-      tma::wait_parity(bar, chunk & 1);
-      tma::unpack<C>(raw, sIn, present, d0 - col, nt);
+#pragma unroll
+      for (int h = 0; h < CH / tma::kBoxRows; ++h) {  // the first rows while the later ones land
+        tma::wait_parity(bar + h, chunk & 1);
+        tma::unpack<C>(raw, sIn, present, d0 - col, nt, h);
+      }
     } else if constexpr (kCM) {
       stage_channels_cm<kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
     } else {
@@ -751,7 +754,8 @@ int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
   auto kernel = use_tma ? scan_chunked_kernel<N, kInt8, C, kCM, !kCM && kInt8 && C::K == 2>
                         : scan_chunked_kernel<N, kInt8, C, kCM>;
-  const size_t smem = C::SMEM + (use_tma ? 128 + tma::kArrays * C::CH * tma::kBoxBytes + 8 : 0);
+  const size_t smem = C::SMEM + (use_tma ? 128 + tma::kArrays * C::CH * tma::kBoxBytes + 8 * (C::CH / tma::kBoxRows)
+                                         : 0);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

@@ -1,6 +1,8 @@
 // Selective scan (spec 4.4, 4.5) and the decode state update.
-// Prefill: v5, a single-pass chunked scan, parallel along time within a channel's lanes (description below); for
-// many channels (int8, N = 16) one thread per channel (scan_seq_kernel), which spends fewer instructions per element.
+// Prefill: v5, a single-pass chunked scan, parallel along time within a channel's lanes (description below; its
+// 12-channel configuration stages token-major int8 rows by the TMA, scan_tma.cuh); from 3072 channels (int8, N = 16)
+// lanes along the states (scan_lanes.cuh); for many channels one thread per channel (scan_seq_kernel), which spends
+// fewer instructions per element.
 // Decode: one thread per 4 states of a (b, d), coalesced 16-byte state traffic.
 // Earlier versions (v1-v4) and their measurements: trt_plugins/bench/NOTES.md.
 #include <type_traits>

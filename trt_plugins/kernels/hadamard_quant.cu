@@ -66,12 +66,9 @@ __global__ void hadamard_kernel(const T* __restrict__ x, int8_t* __restrict__ y,
 #ifndef QM_HADAMARD_L2_AHEAD  // waves of resident blocks ahead (0: no prefetch)
 #define QM_HADAMARD_L2_AHEAD 1
 #endif
-// EM (M = 1): the most values per thread of the p > 256 stages (p / 256), so that p = 4096 holds 16, not 32.
-template <typename T, int M, bool kSplit, int EM = 32>
-__global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
-    hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
-                     float inv_scale, bool fast_quant, int64_t rows, int ahead) {
-  extern __shared__ float4 row4[];  // d floats (m > 1 or p > 256), then d int8 codes
+// A row kernel's start: the PDL wait, and thread 0 asking L2 for the row `ahead` blocks on (see above).
+template <typename T>
+__device__ __forceinline__ void row_prologue(const T* x, int d, int64_t rows, int ahead) {
   qm::wait_for_inputs();
   qm::allow_dependents();
 #if QM_HADAMARD_L2_AHEAD && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -79,6 +76,15 @@ __global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(x + (blockIdx.x + ahead) * static_cast<int64_t>(d)),
                  "r"(static_cast<unsigned>(d * sizeof(T))) : "memory");
 #endif
+}
+
+// EM (M = 1): the most values per thread of the p > 256 stages (p / 256), so that p = 4096 holds 16, not 32.
+template <typename T, int M, bool kSplit, int EM = 32>
+__global__ void __maxnreg__(M == 20 ? QM_HADAMARD20_MAXNREG : 255)
+    hadamard8_kernel(const T* __restrict__ x, int8_t* __restrict__ y, int d, int lp, float c, float scale,
+                     float inv_scale, bool fast_quant, int64_t rows, int ahead) {
+  extern __shared__ float4 row4[];  // d floats (m > 1 or p > 256), then d int8 codes
+  row_prologue(x, d, rows, ahead);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   hadamard8_row<T, M, kSplit, EM>(x + base, y + base, row4, d, lp, c, scale, inv_scale, fast_quant);
 }
@@ -90,23 +96,24 @@ __global__ void __launch_bounds__(P, QM_HADAMARD_WIDE_MIN_BLOCKS * 256 / P)
                          int64_t rows, int ahead) {
   constexpr int d = M * E * P;
   extern __shared__ float4 row4[];  // d floats, then d int8 codes
-  qm::wait_for_inputs();
-  qm::allow_dependents();
-#if QM_HADAMARD_L2_AHEAD && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x == 0 && ahead > 0 && blockIdx.x + ahead < rows)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(x + (blockIdx.x + ahead) * static_cast<int64_t>(d)),
-                 "r"(static_cast<unsigned>(d * sizeof(T))) : "memory");
-#endif
+  row_prologue(x, d, rows, ahead);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   hadamard_wide_row<T, M, E, P>(x + base, y + base, row4, c, k, scale, fast);
 }
 
-// The L2 look-ahead in rows: QM_HADAMARD_L2_AHEAD waves of resident blocks, when there are more rows than one wave.
-int rows_ahead(const void* kernel, int threads, size_t smem, int64_t rows, int* ahead) {
+// A row kernel's launch setup: the opt-in above 48 KB of shared memory, and the L2 look-ahead in rows
+// (QM_HADAMARD_L2_AHEAD waves of resident blocks, when there are more rows than one wave).
+template <typename K>
+int prepare_rows(K kernel, int threads, size_t smem, int64_t rows, int* ahead) {
+  cudaError_t e = cudaSuccess;
+  if (smem > 48 * 1024) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
+  }
   *ahead = 0;
   if (QM_HADAMARD_L2_AHEAD > 0 && rows > qm::sm_count()) {
     int per_sm = 0;
-    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: occupancy", e);
     *ahead = QM_HADAMARD_L2_AHEAD * std::max(per_sm, 1) * qm::sm_count();
   }
@@ -117,12 +124,8 @@ template <typename T, int M, int E, int P>
 int launch_wide_m(const T* x, int8_t* y, int64_t rows, float c, float k, float scale, bool fast, cudaStream_t stream) {
   const size_t smem = (sizeof(float) + 1) * static_cast<size_t>(M * E * P);  // row, codes
   auto kernel = hadamard_wide_kernel<T, M, E, P>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
-  }
   int ahead = 0;
-  const int rc = rows_ahead(reinterpret_cast<const void*>(kernel), P, smem, rows, &ahead);
+  const int rc = prepare_rows(kernel, P, smem, rows, &ahead);
   if (rc != QM_OK) return rc;
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(P), smem, stream, x, y, c, k,
                                scale, fast, rows, ahead),
@@ -159,12 +162,8 @@ int launch_hadamard8_m(const T* x, int8_t* y, int64_t rows, int dim, int lp, flo
   const size_t smem = (M > 1 || dim > 256 ? sizeof(float) + 1 : 0) * static_cast<size_t>(dim);  // row, codes
   // fewer rows than SMs (decode): nothing else shares an SM with a row, so the mixing spreads over every thread
   auto kernel = M > 1 && rows < qm::sm_count() ? hadamard8_kernel<T, M, true, EM> : hadamard8_kernel<T, M, false, EM>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);
-  }
   int ahead = 0;
-  const int rc = rows_ahead(reinterpret_cast<const void*>(kernel), threads, smem, rows, &ahead);
+  const int rc = prepare_rows(kernel, threads, smem, rows, &ahead);
   if (rc != QM_OK) return rc;
   QM_CHECK_LAUNCHED(qm::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream, x, y, dim, lp, c,
                                scale, inv, fast_quant, static_cast<int64_t>(rows), ahead),

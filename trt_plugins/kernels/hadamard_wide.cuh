@@ -69,6 +69,20 @@ __device__ __forceinline__ void wide_mix(const float (&t)[M], int8_t* codes, int
   }
 }
 
+// The FWHT stages h = 1 .. V / 2 over V values in registers, in the spec's stage order.
+template <int V>
+__device__ __forceinline__ void register_butterflies(float (&v)[V]) {
+#pragma unroll
+  for (int h = 1; h < V; h <<= 1)
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if ((j & h) == 0) {
+        const float lo = v[j], hi = v[j + h];
+        v[j] = __fadd_rn(lo, hi);
+        v[j + h] = __fsub_rn(lo, hi);
+      }
+}
+
 template <typename T>
 __device__ __forceinline__ void load32(const T* p, float (&v)[32]);
 template <>
@@ -115,15 +129,7 @@ __device__ __forceinline__ void hadamard_wide_row(const T* __restrict__ x, int8_
 #pragma unroll
       for (int j = 0; j < kWideValues; ++j) v[j] = 0.f;
     }
-#pragma unroll
-    for (int h = 1; h < kWideValues; h <<= 1)
-#pragma unroll
-      for (int j = 0; j < kWideValues; ++j)
-        if ((j & h) == 0) {
-          const float lo = v[j], hi = v[j + h];
-          v[j] = __fadd_rn(lo, hi);
-          v[j + h] = __fsub_rn(lo, hi);
-        }
+    register_butterflies(v);  // h = 1 .. 16
 #pragma unroll 1  // unrolled, the stages' shuffles are hoisted together and spill
     for (int lanes = 1; lanes < P / kWideValues; lanes <<= 1) {  // h = 32 lanes
       // lower lane: lo + hi = fl(1 * v + other); upper lane: lo - hi = fl(-1 * v + other) (the products are exact)
@@ -143,15 +149,7 @@ __device__ __forceinline__ void hadamard_wide_row(const T* __restrict__ x, int8_
     float w[E];
 #pragma unroll
     for (int j = 0; j < E; ++j) w[j] = row[wide_at<P>(base, j)];
-#pragma unroll
-    for (int h = 1; h < E; h <<= 1)
-#pragma unroll
-      for (int j = 0; j < E; ++j)
-        if ((j & h) == 0) {
-          const float lo = w[j], hi = w[j + h];
-          w[j] = __fadd_rn(lo, hi);
-          w[j + h] = __fsub_rn(lo, hi);
-        }
+    register_butterflies(w);
 #pragma unroll
     for (int j = 0; j < E; j += 4) {
       const float acc[4] = {w[j], w[j + 1], w[j + 2], w[j + 3]};

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kSlabMaxThreads, 1)
          i += static_cast<int>(gridDim.x * blockDim.x))
       o.clear[i] = 0;
   hadamard8_row<float, HM, true, 32, true>(o.had_x, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
-  if (slab_bytes) wait_phase0(&w_bar);
+  if (slab_bytes) qm::mbar_wait(&w_bar, 0);
   __syncthreads();
   slab_gemv_residual(codes, w_s, k, n0, ncols, m_s, o.early_residual ? res_s : nullptr, o.residual,
                      static_cast<float*>(o.seg_out[0]));

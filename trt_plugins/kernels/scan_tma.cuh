@@ -12,6 +12,7 @@
 #include <cuda.h>
 
 #include "common.cuh"
+#include "mbarrier.cuh"
 
 namespace tma {
 constexpr int kBoxRows = 256, kBoxBytes = 32, kArrays = 4;  // u, dt, z, mask
@@ -20,15 +21,10 @@ struct Maps {
   CUtensorMap map[kArrays];  // 64-byte aligned by its type
 };
 
-__device__ __forceinline__ unsigned saddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-
 // Waits until the mbarrier's phase of this parity has completed (the launcher takes this path on sm_90+ only).
 __device__ __forceinline__ void wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(saddr(bar)), "r"(parity) : "memory");
+  qm::mbar_wait(bar, parity);
 #else
   __trap();
 #endif
@@ -43,22 +39,20 @@ __device__ __forceinline__ void issue(const Maps& m, unsigned present, unsigned 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int boxes = rows / kBoxRows;
   if (init) {
-    for (int h = 0; h < boxes; ++h)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(saddr(bar + h)) : "memory");
+    for (int h = 0; h < boxes; ++h) qm::mbar_init(bar + h);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   // the unpack's generic reads of raw (ordered before this by the caller's barrier) before the copies' writes
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   const unsigned bytes = __popc(present) * kBoxRows * kBoxBytes;
   for (int h = 0; h < boxes; ++h) {
-    asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(saddr(bar + h)),
-                 "r"(bytes) : "memory");
+    qm::mbar_expect(bar + h, bytes);
     for (int k = 0; k < kArrays; ++k)
       if (present >> k & 1u)
         asm volatile(
             "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-            "[%4];" ::"r"(saddr(raw + (k * rows + h * kBoxRows) * kBoxBytes)), "l"(&m.map[k]), "r"(col),
-            "r"(row0 + h * kBoxRows), "r"(saddr(bar + h))
+            "[%4];" ::"r"(qm::smem_addr(raw + (k * rows + h * kBoxRows) * kBoxBytes)), "l"(&m.map[k]), "r"(col),
+            "r"(row0 + h * kBoxRows), "r"(qm::smem_addr(bar + h))
             : "memory");
   }
 #endif

@@ -3,6 +3,7 @@
 // copy (TMA) with an mbarrier before the dependency wait, and the dot products read it from shared memory.
 #pragma once
 #include "common.cuh"
+#include "mbarrier.cuh"
 
 namespace qm {
 // qm_int8_linear's fused Hadamard above k = 2048 (hadamard_slab.cu): a validated one-row GEMV with had_x, one float32
@@ -29,38 +30,17 @@ namespace {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int kSlabCpw = 4;  // columns per warp at a time
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, unsigned bytes) {
-  asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }" ::"r"(smem_addr(bar)),
-               "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void wait_phase0(uint64_t* bar) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done) : "r"(smem_addr(bar)) : "memory");
-}
-
 // One thread: initialises *bar (the caller's other barriers may be initialised before, under the same fences) and
 // starts the bulk copy of `bytes` (a multiple of 16, 16-byte aligned ends) from global src into shared dst, counted
 // on *bar.
 __device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const void* src, unsigned bytes) {
-  mbar_init(bar);
+  qm::mbar_init(bar);
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the initialised barrier, seen by the copy engine
   if (bytes) {
-    mbar_expect(bar, bytes);
+    qm::mbar_expect(bar, bytes);
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+                 ::"r"(qm::smem_addr(dst)), "l"(src), "r"(bytes), "r"(qm::smem_addr(bar)) : "memory");
   }
 }
 

@@ -26,8 +26,8 @@ constexpr int kN = 16;            // d_state
 // v into block `rank`'s copy of *local (shared memory), counted as 4 bytes on that block's copy of *bar
 __device__ __forceinline__ void send_to(float* local, uint64_t* bar, int rank, float v) {
   unsigned raddr, rbar;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(raddr) : "r"(smem_addr(local)), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(raddr) : "r"(qm::smem_addr(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(qm::smem_addr(bar)), "r"(rank));
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(raddr),
                "r"(__float_as_uint(v)), "r"(rbar) : "memory");
 }
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   __shared__ __align__(8) uint64_t w_bar;
   const unsigned slab_bytes = static_cast<unsigned>(max(0, min(cols, o.n - block_rank() * cols))) * o.k;
   if (threadIdx.x == 0) {
-    mbar_init(&y_bar);  // its init is made visible to the other blocks by start_slab_copy's fence
+    qm::mbar_init(&y_bar);  // its init is made visible to the other blocks by start_slab_copy's fence
     start_slab_copy(&w_bar, smem4, o.w + static_cast<int64_t>(block_rank() * cols) * o.k, slab_bytes);
   }
   {
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     my_r = static_cast<int>(r);
     my_y = y;
   });
-  if (threadIdx.x == 0) mbar_expect(&y_bar, 4 * o.k);
+  if (threadIdx.x == 0) qm::mbar_expect(&y_bar, 4 * o.k);
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   const int k = o.k, tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int rank = block_rank();
@@ -86,11 +86,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int n0 = rank * cols, ncols = max(0, min(cols, o.n - n0));
   if (my_r >= 0)
     for (int q = 0; q < kCluster; ++q) send_to(y_s + my_r, &y_bar, q, my_y);
-  wait_phase0(&y_bar);  // every block's y values are here, so every block has read x_proj's sums
+  qm::mbar_wait(&y_bar, 0);  // every block's y values are here, so every block has read x_proj's sums
   if (rank == 0 && o.clear)
     for (int i = tid; i < o.clear_n; i += nthreads) o.clear[i] = 0;
   hadamard8_row<float, HM, true, 32, true>(y_s, codes, scratch, k, hq.lp, hq.c, o.had_scale, hq.inv_scale, hq.fast);
-  if (slab_bytes) wait_phase0(&w_bar);
+  if (slab_bytes) qm::mbar_wait(&w_bar, 0);
   __syncthreads();
   slab_gemv_residual(codes, w_s, k, n0, ncols, m_s, o.early_residual ? res_s : nullptr, o.residual,
                      static_cast<float*>(o.seg_out[0]));

@@ -8,6 +8,7 @@
 // where the code is certain; else the spec's IEEE path decides from hy = fl(acc * c).
 #pragma once
 #include "common.cuh"
+#include "hadamard_row.cuh"
 #include "hadamard_tables.h"
 
 namespace {
@@ -83,33 +84,14 @@ __device__ __forceinline__ void register_butterflies(float (&v)[V]) {
       }
 }
 
+// 32 consecutive elements as floats: four of hadamard_row.cuh's 8-element loads.
 template <typename T>
-__device__ __forceinline__ void load32(const T* p, float (&v)[32]);
-template <>
-__device__ __forceinline__ void load32<float>(const float* p, float (&v)[32]) {
+__device__ __forceinline__ void load32(const T* p, float (&v)[32]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float4 a = reinterpret_cast<const float4*>(p)[j];
-    v[4 * j] = a.x, v[4 * j + 1] = a.y, v[4 * j + 2] = a.z, v[4 * j + 3] = a.w;
-  }
-}
-template <>
-__device__ __forceinline__ void load32<__half>(const __half* p, float (&v)[32]) {
-  uint4 r[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) r[j] = reinterpret_cast<const uint4*>(p)[j];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const __half2* h = reinterpret_cast<const __half2*>(&r[j]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      v[8 * j + 2 * i] = f.x, v[8 * j + 2 * i + 1] = f.y;
-    }
-  }
+  for (int j = 0; j < 4; ++j) load8<T>(p + 8 * j, v + 8 * j);
 }
 
-// HadamardQuant of one row of d = M * E * P (wide_applies; E = p / 256 for M = 1, else 1) at x into y (16-byte
+// HadamardQuant of one row of d = M * E * P (wide_block; E = p / 256 for M = 1, else 1) at x into y (16-byte
 // aligned), by a block of P threads, the first d / 32 holding 32 elements each; smem: d floats, then d bytes.
 template <typename T, int M, int E, int P>
 __device__ __forceinline__ void hadamard_wide_row(const T* __restrict__ x, int8_t* __restrict__ y, float4* smem,

@@ -29,6 +29,7 @@ import torch
 from qmamba import cuda as k
 from qmamba.model.mamba import LayerState
 from qmamba.ops import ref
+from qmamba.ops.hadamard import factor
 from qmamba.ops.specmath import QMAX, QMIN, a_from_a_log, scale_product
 from qmamba.quant.qmodel import Act, IntOps, QLayer, QLinear, QuantMambaLM
 
@@ -47,10 +48,11 @@ class XProjSums:
 
 
 def hadamard_factor(d: int) -> tuple[int, int]:
-    """d = m * p with p a power of two and m the first of 1, 12, 20, 28 that fits (the kernels' factor()); (0, 0) when
-    none does."""
-    m = next((mm for mm in (1, 12, 20, 28) if d % mm == 0 and (d // mm) & (d // mm - 1) == 0), 0)
-    return m, d // m if m else 0
+    """The spec's d = m * p (qmamba.ops.hadamard.factor); (0, 0) where d has none, so that callers fall back."""
+    try:
+        return factor(d)
+    except ValueError:
+        return 0, 0
 
 
 class CudaOps(IntOps):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qmamba.ops import ref
+from qmamba.ops.hadamard import inv_sqrt
 from qmamba.ops.specmath import a_from_a_log, dequantize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,8 +195,8 @@ def test_conv_codes_at_rounding_boundaries(k, kk, case):
 
 @needs_gpu
 @pytest.mark.gpu
-# (1538, 4), (1536, 3), (64, 2): the generic kernel; (1000, 4): the tile kernel with a partial last block of channels
-# (250 quads in 128-thread blocks); (768, 4): 64-thread tile blocks (192 quads)
+# (1538, 4), (1536, 3), (64, 2): the generic kernel; (1000, 4) and (768, 4): the tile kernel with a partial block of
+# channels (250 and 192 quads in 256-thread blocks)
 @pytest.mark.parametrize(("d", "kk"), [(1538, 4), (1536, 3), (64, 2), (1000, 4), (768, 4)])
 def test_conv_generic_shapes_bit_exact(k, d, kk):
     g = _g(d + kk)
@@ -384,7 +385,7 @@ def test_hadamard_quant_codes_at_rounding_boundaries(k, d):
     """Rows whose transform is +-v at every element (v at element 0 alone), v within a few ulps of where v * c / scale
     is a half-integer: the fast quantizers' reciprocal multiplies must leave those codes to the IEEE path."""
     s = 0.01
-    c = torch.tensor(1.0 / math.sqrt(d), dtype=torch.float64).float()
+    c = inv_sqrt(d)  # the spec's c
     base = ((torch.arange(-130, 130, dtype=torch.float64) + 0.5) * s / c.double()).float()
     vs = [base]
     for direction in (math.inf, -math.inf):

@@ -5,7 +5,7 @@
 // shuffles, which cuts the row's instructions where the kernel is issue-bound (NOTES.md, session 17). m = 1: the
 // stages from h = 256 run by columns of shared memory (one load and one add per value and stage); m > 1: the mixing
 // reads columns of shared memory, as in hadamard_row.cuh. The quotient by the scale is one multiply by k = fl(c / s)
-// where the code is certain; else the spec's IEEE path decides from hy = fl(acc * c).
+// where the code is certain (the code by F2I.S8); else the spec's IEEE path decides from hy = fl(acc * c).
 #pragma once
 #include "common.cuh"
 #include "hadamard_row.cuh"
@@ -29,18 +29,24 @@ __device__ __forceinline__ int wide_at(int base, int b) {
 
 // Q(hy, s) of 4 values: r = fl(acc * k) with k = fl(c / s) is within 2^-21.9 |r| of the spec's quotient
 // fl(fl(acc * c) / s) (four roundings of at most 2^-24 each: k, r, and the spec's two), which is below 2^-14.9 where
-// the code is not clamped (|r| < 128): a code is certain where the clamped r lies more than 2^-13 from a half-integer
-// (one compare with a constant, no tolerance multiply; about 2.4e-4 of the codes are not). Where any of the 4 is not
-// certain, all 4 take the IEEE division of hy = fl(acc * c). (One such branch per column instead of per 4 codes
-// measured 5-40% slower: the compiler then interleaves fewer of the mixing's add chains, NOTES.md session 17.)
+// |r| < 128: a code is certain where r lies more than 2^-13 from a half-integer (one compare with a constant, no
+// tolerance multiply; about 2.4e-4 of the codes are not). Beyond |r| = 129 a larger error cannot move the code:
+// every rounding there saturates alike. The code is one F2I.S8 (round to nearest even, saturating: no clamp) and the
+// distance one FRND and one subtraction: 5 instructions per code against 7 by the adder (clamp, +- 1.5 2^23), on
+// the conversion pipe, which this issue-bound kernel leaves mostly idle (B8 L2048 D5120 -4%, NOTES.md session 18).
+// Where any of the 4 is not certain (inf and NaN are not), all 4 take the IEEE division of hy = fl(acc * c). (One
+// such branch per column instead of per 4 codes measured 5-40% slower: the compiler then interleaves fewer of the
+// mixing's add chains, NOTES.md session 17.)
 __device__ __forceinline__ void wide_codes(const float (&acc)[4], float c, float k, float scale, bool fast,
                                            int8_t (&q)[4]) {
   bool certain = fast;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const qm::FastCode code = qm::fast_code(__fmul_rn(acc[j], k));
-    q[j] = static_cast<int8_t>(code.bits);
-    certain &= code.dist < 0.5f - 0x1p-13f;  // dist is exact (Sterbenz), so is the constant
+    const float r = __fmul_rn(acc[j], k), rr = rintf(r);
+    int code;
+    asm("cvt.rni.s8.f32 %0, %1;" : "=r"(code) : "f"(r));
+    q[j] = static_cast<int8_t>(code);
+    certain &= fabsf(__fsub_rn(r, rr)) < 0.5f - 0x1p-13f;  // the difference is exact, so is the constant
   }
   if (!certain) {
 #pragma unroll

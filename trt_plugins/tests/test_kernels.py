@@ -405,6 +405,27 @@ def test_hadamard_quant_codes_at_rounding_boundaries(k, d):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [4096, 5120, 3072, 1536])
+def test_hadamard_quant_saturated_codes(k, d):
+    """Quotients beyond the int8 range, half-integers among them (129.5, ..., 2^25 + 0.5), and +-inf or near-float-max
+    inputs: the codes saturate as the spec's clamp does, and the fast quantizer (F2I.S8 on the unclamped quotient)
+    sends what it cannot decide to the IEEE path. Tiled to more rows than SMs, so the many-row kernels run too."""
+    s = 0.01
+    c = inv_sqrt(d)
+    n = torch.cat([torch.arange(127, 140), torch.tensor([1000, 65535, 1 << 20, 1 << 23, 1 << 25])]).double()
+    n = torch.cat([n, -n - 1])
+    v = torch.cat([((n + 0.5) * s / c.double()).float(), torch.tensor([math.inf, -math.inf, 3.0e38, -3.0e38])])
+    v = v.repeat(8)  # 320 rows
+    y = torch.zeros(v.numel(), d)
+    y[:, 0] = v
+    want = ref.hadamard_quant(y, s)
+    assert (want == 127).any() and (want == -128).any()
+    got = k.hadamard_quant(y.cuda(), s)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_invalid_arguments_are_reported(k):
     y = torch.randn(2, 21, device="cuda")
     with pytest.raises(k.KernelError, match="unsupported: .*dim=21"):

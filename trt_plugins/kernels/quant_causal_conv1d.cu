@@ -52,12 +52,12 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   if (mask) mask[e] = mo;
 }
 
-// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = 256 threads x 4 channels x kTile tokens of
-// one batch row. A thread loads its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per
+// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = up to kTileMaxThreads threads x 4 channels x
+// kTile tokens of one batch row (tile_threads). A thread loads its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per
 // channel (byte i of channel j's word stream = token row i), and takes each output's int32 sum as one dp4a of a
 // 4-byte window of that stream with the channel's 4 weight bytes (one int load: the weight row of a channel is its K
 // taps).
-constexpr int kTile = 8, kTaps = 4;
+constexpr int kTile = 8, kTaps = 4, kTileThreads = 256, kTileMaxThreads = 512;
 static_assert(kTaps == 4 && kTile == 8, "the byte transpose below is written for 4 taps and 8 tokens");
 
 __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d) {
@@ -66,12 +66,12 @@ __device__ __forceinline__ int pack_bytes(int8_t a, int8_t b, int8_t c, int8_t d
 }
 
 template <bool kDual>
-__global__ void __launch_bounds__(256) conv_tile_kernel(
+__global__ void __launch_bounds__(kTileMaxThreads) conv_tile_kernel(
     const int8_t* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ ws,
     const float* __restrict__ bias, const int8_t* state, int8_t* __restrict__ u, uint8_t* __restrict__ mask,
     int8_t* state_out, int L, int D, float in_scale, ConvQuant q, bool early_state) {
   const int b = blockIdx.z, t0 = blockIdx.x * kTile;
-  const int d0 = (blockIdx.y * 256 + threadIdx.x) * 4;
+  const int d0 = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
   if (d0 >= D) return;
   const int8_t* xb = x + static_cast<int64_t>(b) * L * D + d0;
   int wt[4];  // weights first: they are constant, so they may load before the previous kernel is done
@@ -214,6 +214,20 @@ __global__ void __launch_bounds__(kConvThreads) conv_kernel(
   }
 }
 
+// The tile kernel's block size for D / 4 threads' worth of channels and `tiles` token tiles: kTileThreads, or one
+// block per tile spanning the row (no block with idle threads) where those blocks make one wave on all SMs. There
+// fewer, fuller blocks ran faster: B1 D1536 L2048 8.4 -> 7.2 us on an H100 (256 blocks of 384 threads instead of
+// 256 + 256 of 256 threads with 256 + 128 live); with several waves, or fewer blocks than SMs, they ran slower
+// (B8 D1536 L2048 42 -> 45 us, B1 L512 3.9 -> 4.6 us; NOTES.md session 18).
+int tile_threads(int quads, int64_t tiles, const void* kernel) {
+  int dev = 0, sms = 0, per_sm = 0;
+  if (quads > kTileMaxThreads || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || tiles < sms ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, quads, 0) != cudaSuccess)
+    return kTileThreads;
+  return tiles <= static_cast<int64_t>(sms) * per_sm ? quads : kTileThreads;
+}
+
 __global__ void state_kernel(const int8_t* __restrict__ x, const int8_t* state_in, int8_t* state_out, int B, int L,
                              int D, int K) {
   int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -255,9 +269,13 @@ extern "C" int qm_quant_causal_conv1d(const int8_t* x, const int8_t* weight, con
   if (q.fast && kernel_size == kTaps && dim % 4 == 0 && batch <= 65535 && qm::aligned(x, 4) &&
       qm::aligned(weight, 4) && qm::aligned(u, 4) && qm::aligned(mask, 4)) {
     // the tile kernel writes the new state itself, at every L
-    const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile), static_cast<unsigned>((dim + 1023) / 1024),
-                    static_cast<unsigned>(batch));
-    QM_CHECK_LAUNCHED(qm::launch(q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>, grid, dim3(256), 0, stream,
+    auto kernel = q.dual ? conv_tile_kernel<true> : conv_tile_kernel<false>;
+    const int64_t tiles = static_cast<int64_t>(batch) * ((seqlen + kTile - 1) / kTile);
+    const int block = tile_threads(dim / 4, tiles, reinterpret_cast<const void*>(kernel));
+    const int channels = 4 * block;  // per block
+    const dim3 grid(static_cast<unsigned>((seqlen + kTile - 1) / kTile),
+                    static_cast<unsigned>((dim + channels - 1) / channels), static_cast<unsigned>(batch));
+    QM_CHECK_LAUNCHED(qm::launch(kernel, grid, dim3(block), 0, stream,
                                  x, weight, weight_scale, bias, state_in, u, mask, state_out, seqlen, dim, in_scale,
                                  q, early_state == 1),
                       "qm_quant_causal_conv1d conv launch");

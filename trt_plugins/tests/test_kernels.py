@@ -196,15 +196,17 @@ def test_conv_codes_at_rounding_boundaries(k, kk, case):
 @needs_gpu
 @pytest.mark.gpu
 # (1538, 4), (1536, 3), (64, 2): the generic kernel; (1000, 4) and (768, 4): the tile kernel with a partial block of
-# channels (250 and 192 quads in 256-thread blocks)
-@pytest.mark.parametrize(("d", "kk"), [(1538, 4), (1536, 3), (64, 2), (1000, 4), (768, 4)])
-def test_conv_generic_shapes_bit_exact(k, d, kk):
-    g = _g(d + kk)
-    x = torch.randint(-128, 128, (3, 37, d), dtype=torch.int8, device="cuda", generator=g)
+# channels (250 and 192 quads in 256-thread blocks); with 200 and 250 tiles (one wave on an H100), blocks spanning
+# the row (250 threads: a partial warp; 192)
+@pytest.mark.parametrize(("d", "kk", "b", "l"), [(1538, 4, 3, 37), (1536, 3, 3, 37), (64, 2, 3, 37), (1000, 4, 3, 37),
+                                                 (768, 4, 3, 37), (1000, 4, 1, 1600), (768, 4, 2, 1000)])
+def test_conv_generic_shapes_bit_exact(k, d, kk, b, l):
+    g = _g(d + kk + l)
+    x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)
     w = torch.randint(-128, 128, (d, kk), dtype=torch.int8, device="cuda", generator=g)
     ws = torch.rand(d, device="cuda", generator=g) * 0.01 + 1e-4
     bias = torch.randn(d, device="cuda", generator=g)
-    st = torch.randint(-128, 128, (3, d, kk - 1), dtype=torch.int8, device="cuda", generator=g)
+    st = torch.randint(-128, 128, (b, d, kk - 1), dtype=torch.int8, device="cuda", generator=g)
     u, mask, new = k.quant_causal_conv1d(x, w, ws, bias, 0.03, 0.01, st, 0.05)
     wu, wm, wn = ref.quant_causal_conv1d(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), 0.03, 0.01, st.cpu(), 0.05)
     assert torch.equal(u.cpu(), wu) and torch.equal(mask.cpu(), wm) and torch.equal(new.cpu(), wn)

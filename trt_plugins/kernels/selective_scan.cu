@@ -101,53 +101,74 @@ __device__ __forceinline__ void scan_level(float& pa, float& pb, int off) {
       : "r"(off), "n"((32 - LPC) << 8));
 }
 
+// The int8 B and C of a chunk, 16-byte aligned (vec): a thread converts 4 consecutive steps of 8 or 16 states (one
+// load per step) and writes one float4 per state, the 4 steps being adjacent in a lane's row. Split in two so that
+// the first chunk's loads can be issued before the block's prologue and land while it runs.
+template <int N, class C>
+struct BcPieces {
+  static constexpr int T = C::T, CH = C::CH;
+  static_assert(T % 4 == 0, "4 steps stay inside one lane's row");
+  // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
+  static constexpr int NB = N >= 16 && CH * N / 32 >= C::THREADS ? 16 : 8, QUADS = CH / 4;
+  static constexpr int ITEMS = 2 * QUADS * (N / NB), ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
+  using Piece = std::conditional_t<NB == 16, int4, int2>;
+  Piece v[ROUNDS][4];
+
+  __device__ __forceinline__ static bool item(int tid, int r, int& q, int& nb, bool& is_c) {
+    const int it = r * C::THREADS + tid;
+    q = it % QUADS, nb = it / QUADS % (N / NB) * NB, is_c = it >= QUADS * (N / NB);
+    return ITEMS % C::THREADS == 0 || it < ITEMS;
+  }
+  __device__ __forceinline__ static int opaque_tid() {
+    int tid = threadIdx.x;  // opaque: see stage_channels
+    asm volatile("" : "+r"(tid));
+    return tid;
+  }
+  // steps [t0, t0 + nt) of batch row b (zeros beyond nt)
+  __device__ __forceinline__ void load(const qm_scan_args& a, int b, int t0, int nt) {
+    const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
+    const int tid = opaque_tid();
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      int q, nb;
+      bool is_c;
+      const bool live = item(tid, r, q, nb, is_c);
+      const int8_t* src = static_cast<const int8_t*>(is_c ? a.C : a.B) + base + 4 * q * N + nb;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        v[r][j] = live && 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
+    }
+  }
+  __device__ __forceinline__ void store(const qm_scan_args& a, float* sB, float* sC) const {
+    const int tid = opaque_tid();
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      int q, nb;
+      bool is_c;
+      if (!item(tid, r, q, nb, is_c)) break;
+      float* dst = (is_c ? sC : sB) + nb * C::ROW + C::step_at(4 * q);
+      const float sc = is_c ? a.C_scale : a.B_scale;
+      auto code = [&](int j, int n) { return static_cast<float>(reinterpret_cast<const int8_t*>(&v[r][j])[n]) * sc; };
+#pragma unroll
+      for (int n = 0; n < NB; ++n)
+        *reinterpret_cast<float4*>(dst + n * C::ROW) = make_float4(code(0, n), code(1, n), code(2, n), code(3, n));
+    }
+  }
+};
+
 // Stages the chunk's B and C (dequantized) as [n][segment][LS] rows, zero beyond the sequence so idle lanes compose
-// identity maps. vec (int8): the chunk is 16-byte aligned; a thread converts 4 consecutive steps of 8 or 16 states
-// (one load per step, all loads before the stores) and writes one float4 per state, the 4 steps being adjacent in a
-// lane's row.
+// identity maps. vec (int8): the chunk is 16-byte aligned (BcPieces).
 template <int N, bool kInt8, class C>
 __device__ __forceinline__ void stage_bc(const qm_scan_args& a, float* sB, float* sC, int b, int t0, int nt,
                                          bool vec) {
-  constexpr int T = C::T, CH = C::CH;
-  static_assert(T % 4 == 0, "4 steps stay inside one lane's row");
+  constexpr int CH = C::CH;
   const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
   auto at = [&](float* dst, int t, int n) -> float* { return dst + n * C::ROW + C::step_at(t); };
   if constexpr (kInt8) {
     if (vec) {
-      // states per item (one load of NB bytes per step): 8 where 16 would leave more than half the threads idle
-      constexpr int NB = N >= 16 && CH * N / 32 >= C::THREADS ? 16 : 8, QUADS = CH / 4;
-      constexpr int ITEMS = 2 * QUADS * (N / NB), ROUNDS = (ITEMS + C::THREADS - 1) / C::THREADS;
-      using Piece = std::conditional_t<NB == 16, int4, int2>;
-      int tid = threadIdx.x;  // opaque: see stage_channels
-      asm volatile("" : "+r"(tid));
-      auto item = [&](int r, int& q, int& nb, bool& is_c) {
-        const int it = r * C::THREADS + tid;
-        q = it % QUADS, nb = it / QUADS % (N / NB) * NB, is_c = it >= QUADS * (N / NB);
-        return ITEMS % C::THREADS == 0 || it < ITEMS;
-      };
-      Piece v[ROUNDS][4];
-#pragma unroll
-      for (int r = 0; r < ROUNDS; ++r) {
-        int q, nb;
-        bool is_c;
-        const bool live = item(r, q, nb, is_c);
-        const int8_t* src = static_cast<const int8_t*>(is_c ? a.C : a.B) + base + 4 * q * N + nb;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          v[r][j] = live && 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
-      }
-#pragma unroll
-      for (int r = 0; r < ROUNDS; ++r) {
-        int q, nb;
-        bool is_c;
-        if (!item(r, q, nb, is_c)) break;
-        float* dst = at(is_c ? sC : sB, 4 * q, nb);
-        const float sc = is_c ? a.C_scale : a.B_scale;
-        auto code = [&](int j, int n) { return static_cast<float>(reinterpret_cast<const int8_t*>(&v[r][j])[n]) * sc; };
-#pragma unroll
-        for (int n = 0; n < NB; ++n)
-          *reinterpret_cast<float4*>(dst + n * C::ROW) = make_float4(code(0, n), code(1, n), code(2, n), code(3, n));
-      }
+      BcPieces<N, C> bc;
+      bc.load(a, b, t0, nt);
+      bc.store(a, sB, sC);
       return;
     }
   }
@@ -402,17 +423,10 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   const int ch = K > 1 ? threadIdx.x / 32 / K : threadIdx.x / LPC;  // unsigned divisions: shifts
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
   const bool active = d < D;  // inactive channels (beyond D) run identity maps: their warp-mates need the shuffles
-  for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
-    const int dd = d0 + i / N, n = i % N;
-    sA2[i] = dd < D ? a.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
-    sCarry[i] = (dd < D && a.initial_state) ? a.initial_state[(static_cast<int64_t>(b) * D + dd) * N + n] : 0.f;
-  }
-  const float dskip = (active && a.Dskip) ? a.Dskip[d] : 0.f;
-  const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
-  unsigned char* mine = sIn + ch * C::CH_BYTES;
-  const int tb = s * T;
   // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarriers after the kernel's regions; the
-  // boxes start at the 16-byte column below the block's first channel
+  // boxes start at the 16-byte column below the block's first channel. The first chunk's boxes, and (int8, vec_bc)
+  // its B and C, are asked for before anything else, so that they land during the prologue (at one chunk, L <= 512
+  // at B1 D1536, nothing else would hide them; NOTES.md session 18).
   unsigned char* raw = nullptr;
   uint64_t* bar = nullptr;
   const int col = d0 & ~15;
@@ -422,11 +436,26 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
     bar = reinterpret_cast<uint64_t*>(raw + tma::kArrays * CH * tma::kBoxBytes);  // one per box of rows
     if (threadIdx.x == 0) tma::issue(maps, present, raw, bar, true, col, b * L, CH);
   }
+  const bool early_bc = kInt8 && C::K > 1 && vec_bc;  // the few-channel configurations (where one chunk is common)
+  if (early_bc) {
+    BcPieces<N, C> bc;
+    bc.load(a, b, 0, min(CH, L));
+    bc.store(a, sB, sC);  // (ordered before the state loop by the chunk's barriers)
+  }
+  for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
+    const int dd = d0 + i / N, n = i % N;
+    sA2[i] = dd < D ? a.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
+    sCarry[i] = (dd < D && a.initial_state) ? a.initial_state[(static_cast<int64_t>(b) * D + dd) * N + n] : 0.f;
+  }
+  const float dskip = (active && a.Dskip) ? a.Dskip[d] : 0.f;
+  const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
+  unsigned char* mine = sIn + ch * C::CH_BYTES;
+  const int tb = s * T;
 
   for (int t0 = 0, chunk = 0; t0 < L; t0 += CH, ++chunk) {
     const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
-    stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
+    if (!(early_bc && chunk == 0)) stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
     if constexpr (kTma) {
 #pragma unroll
       for (int h = 0; h < CH / tma::kBoxRows; ++h) {  // the first rows while the later ones land

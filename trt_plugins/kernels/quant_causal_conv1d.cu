@@ -52,11 +52,11 @@ __device__ __noinline__ void conv_element(const int8_t* x, const int8_t* w, cons
   if (mask) mask[e] = mo;
 }
 
-// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = up to kTileMaxThreads threads x 4 channels x
-// kTile tokens of one batch row (tile_threads). A thread loads its kTaps - 1 + kTile token rows of 4 channel bytes, transposes them to 3 words per
-// channel (byte i of channel j's word stream = token row i), and takes each output's int32 sum as one dp4a of a
-// 4-byte window of that stream with the channel's 4 weight bytes (one int load: the weight row of a channel is its K
-// taps).
+// Fast path (K = 4, D % 4 == 0, scales with accurate reciprocals): block = up to kTileMaxThreads threads (tile_threads)
+// x 4 channels x kTile tokens of one batch row. A thread loads its kTaps - 1 + kTile token rows of 4 channel bytes,
+// transposes them to 3 words per channel (byte i of channel j's word stream = token row i), and takes each output's
+// int32 sum as one dp4a of a 4-byte window of that stream with the channel's 4 weight bytes (one int load: the weight
+// row of a channel is its K taps).
 constexpr int kTile = 8, kTaps = 4, kTileThreads = 256, kTileMaxThreads = 512;
 static_assert(kTaps == 4 && kTile == 8, "the byte transpose below is written for 4 taps and 8 tokens");
 

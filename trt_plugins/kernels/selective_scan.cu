@@ -437,11 +437,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
     if (threadIdx.x == 0) tma::issue(maps, present, raw, bar, true, col, b * L, CH);
   }
   const bool early_bc = kInt8 && C::K > 1 && vec_bc;  // the few-channel configurations (where one chunk is common)
-  if (early_bc) {
-    BcPieces<N, C> bc;
-    bc.load(a, b, 0, min(CH, L));
-    bc.store(a, sB, sC);  // (ordered before the state loop by the chunk's barriers)
-  }
+  BcPieces<N, C> bc;
+  if (early_bc) bc.load(a, b, 0, min(CH, L));
   for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
     const int dd = d0 + i / N, n = i % N;
     sA2[i] = dd < D ? a.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
@@ -449,6 +446,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   }
   const float dskip = (active && a.Dskip) ? a.Dskip[d] : 0.f;
   const float bias = (active && a.dt_bias) ? a.dt_bias[d] : 0.f;
+  if (early_bc) bc.store(a, sB, sC);  // after the prologue's loads (ordered before the state loop by its barriers)
   unsigned char* mine = sIn + ch * C::CH_BYTES;
   const int tb = s * T;
 

@@ -197,9 +197,10 @@ def test_conv_codes_at_rounding_boundaries(k, kk, case):
 @pytest.mark.gpu
 # (1538, 4), (1536, 3), (64, 2): the generic kernel; (1000, 4) and (768, 4): the tile kernel with a partial block of
 # channels (250 and 192 quads in 256-thread blocks); with 200 and 250 tiles (one wave on an H100), blocks spanning
-# the row (250 threads: a partial warp; 192)
+# the row (250 threads: a partial warp; 192); (1536, 4, 160, 1): a decode step of 160 sequences in row-wide blocks
 @pytest.mark.parametrize(("d", "kk", "b", "l"), [(1538, 4, 3, 37), (1536, 3, 3, 37), (64, 2, 3, 37), (1000, 4, 3, 37),
-                                                 (768, 4, 3, 37), (1000, 4, 1, 1600), (768, 4, 2, 1000)])
+                                                 (768, 4, 3, 37), (1000, 4, 1, 1600), (768, 4, 2, 1000),
+                                                 (1536, 4, 160, 1)])
 def test_conv_generic_shapes_bit_exact(k, d, kk, b, l):
     g = _g(d + kk + l)
     x = torch.randint(-128, 128, (b, l, d), dtype=torch.int8, device="cuda", generator=g)

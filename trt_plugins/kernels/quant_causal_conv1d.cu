@@ -220,9 +220,9 @@ __global__ void __launch_bounds__(kConvThreads) conv_kernel(
 // 256 + 256 of 256 threads with 256 + 128 live); with several waves, or fewer blocks than SMs, they ran slower
 // (B8 D1536 L2048 42 -> 45 us, B1 L512 3.9 -> 4.6 us; NOTES.md session 18).
 int tile_threads(int quads, int64_t tiles, const void* kernel) {
-  int dev = 0, sms = 0, per_sm = 0;
-  if (quads > kTileMaxThreads || cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || tiles < sms ||
+  const int sms = qm::sm_count();
+  int per_sm = 0;
+  if (quads > kTileMaxThreads || tiles < sms ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, quads, 0) != cudaSuccess)
     return kTileThreads;
   return tiles <= static_cast<int64_t>(sms) * per_sm ? quads : kTileThreads;

@@ -808,12 +808,8 @@ int launch_chunked(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
 
 // Whether blocks of cpb channels, one per SM, make one wave that fills at least 3/4 of the SMs.
 bool fills_one_wave(int64_t channels, int cpb) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-                                                cudaSuccess)
-    return false;  // v5 then, which needs no SM count
-  const int64_t blocks = (channels + cpb - 1) / cpb;
-  return blocks <= sms && 4 * blocks >= 3 * static_cast<int64_t>(sms);
+  const int64_t sms = qm::sm_count(), blocks = (channels + cpb - 1) / cpb;
+  return blocks <= sms && 4 * blocks >= 3 * sms;
 }
 
 // lanes along the states (scan_lanes.cuh) from here up to kSeqMinChannels (channel-major: no upper bound), 2 states

@@ -381,6 +381,13 @@ def test_hadamard_quant_bit_exact(k, d, dtype, rows):
     assert torch.equal(got.cpu(), want)
 
 
+def _first_element_rows(v: torch.Tensor, d: int) -> torch.Tensor:
+    """Rows of d zeros with v at element 0: their transform is +-v * c at every element."""
+    y = torch.zeros(v.numel(), d)
+    y[:, 0] = v
+    return y
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [4096, 5120, 3072, 1536])
@@ -396,9 +403,7 @@ def test_hadamard_quant_codes_at_rounding_boundaries(k, d):
         for _ in range(3):
             v = torch.nextafter(v, torch.tensor(direction))
             vs.append(v)
-    v = torch.cat(vs)  # 1820 rows
-    y = torch.zeros(v.numel(), d)
-    y[:, 0] = v
+    y = _first_element_rows(torch.cat(vs), d)  # 1820 rows
     want = ref.hadamard_quant(y, s)
     per_target = want[:, 0].view(7, -1)
     assert (per_target != per_target[0]).any(), "the offsets cross no rounding boundary: the test tests nothing"
@@ -418,9 +423,7 @@ def test_hadamard_quant_saturated_codes(k, d):
     n = torch.cat([torch.arange(127, 140), torch.tensor([1000, 65535, 1 << 20, 1 << 23, 1 << 25])]).double()
     n = torch.cat([n, -n - 1])
     v = torch.cat([((n + 0.5) * s / c.double()).float(), torch.tensor([math.inf, -math.inf, 3.0e38, -3.0e38])])
-    v = v.repeat(8)  # 320 rows
-    y = torch.zeros(v.numel(), d)
-    y[:, 0] = v
+    y = _first_element_rows(v.repeat(8), d)  # 320 rows
     want = ref.hadamard_quant(y, s)
     assert (want == 127).any() and (want == -128).any()
     got = k.hadamard_quant(y.cuda(), s)

@@ -284,6 +284,28 @@ def test_scan_matches_reference(k, b, l, d, dual):
 
 @needs_gpu
 @pytest.mark.gpu
+# the 12-channel blocks (132 SMs) whose u, dt, z, mask rows come by the TMA: B and C 16-byte aligned come by bulk
+# copies, one byte off they are loaded by threads; several chunks, the last one partial
+@pytest.mark.parametrize(("b", "l", "d"), [(1, 1537, 1536), (3, 600, 512)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):
+    ins, h0, scales = _scan_inputs(b, l, d, 16, b + l + d + offset, True)
+    u, mask, dt, bm, cm, z, A, D, dtb = ins
+
+    def shifted(x: torch.Tensor) -> torch.Tensor:
+        flat = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device)
+        flat[offset:] = x.flatten()
+        return flat[offset:].view(x.shape)
+
+    bs, cs = shifted(bm), shifted(cm)
+    assert (bs.data_ptr() % 16 != 0) == bool(offset) and (cs.data_ptr() % 16 != 0) == bool(offset)
+    y, h = k.dual_scale_selective_scan(u, mask, dt, bs, cs, z, A, D, dtb, initial_state=h0, **scales)
+    wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 600, 1536), (2, 300, 768), (1, 1100, 2048)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_without_gate_matches_reference(k, b, l, d, dual):

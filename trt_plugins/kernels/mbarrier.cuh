@@ -20,13 +20,6 @@ __device__ __forceinline__ void mbar_expect(uint64_t* bar, unsigned bytes) {
                "r"(bytes) : "memory");
 }
 
-// Bulk copy of `bytes` (a multiple of 16; both ends 16-byte aligned) from global src into shared dst, counted on
-// *bar (whose expected bytes the caller posts).
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
 // Waits until the phase of this parity has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
   unsigned done = 0;

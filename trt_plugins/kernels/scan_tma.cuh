@@ -16,13 +16,6 @@
 
 namespace tma {
 constexpr int kBoxRows = 256, kBoxBytes = 32, kArrays = 4;  // u, dt, z, mask
-constexpr int kBarBytes = 128;  // the boxes' and B / C's mbarriers, after the rows; B / C's codes follow
-
-// Bytes of dynamic shared memory after the kernel's regions: alignment, the rows, the barriers, B / C's codes.
-template <int N, int CH>
-constexpr size_t extra_smem() {
-  return 128 + kArrays * CH * kBoxBytes + kBarBytes + 2 * CH * N;
-}
 
 struct Maps {
   CUtensorMap map[kArrays];  // 64-byte aligned by its type
@@ -62,28 +55,6 @@ __device__ __forceinline__ void issue(const Maps& m, unsigned present, unsigned 
             "r"(row0 + h * kBoxRows), "r"(qm::smem_addr(bar + h))
             : "memory");
   }
-#endif
-}
-
-// Thread 0: the B and C codes of steps [t0, t0 + nt) of batch row b into rawbc ([B | C][CH * N] bytes) by two bulk
-// copies counted on *bar; the first use initialises *bar. The launcher's vec_bc holds: both arrays 16-byte aligned and
-// L * N a multiple of 16, so that nt * N (N = 16) is too. The caller's barrier has ordered the last reads of rawbc
-// before this.
-template <int N, int CH>
-__device__ __forceinline__ void issue_bc(const qm_scan_args& a, int8_t* rawbc, uint64_t* bar, bool init, int b, int t0,
-                                         int nt) {
-  static_assert(N % 16 == 0, "whole 16-byte pieces per step");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (init) {
-    qm::mbar_init(bar);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  const unsigned bytes = static_cast<unsigned>(nt) * N;
-  const int64_t off = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-  qm::mbar_expect(bar, 2 * bytes);
-  qm::bulk_copy(rawbc, static_cast<const int8_t*>(a.B) + off, bytes, bar);
-  qm::bulk_copy(rawbc + CH * N, static_cast<const int8_t*>(a.C) + off, bytes, bar);
 #endif
 }
 

@@ -127,17 +127,13 @@ struct BcPieces {
   // steps [t0, t0 + nt) of batch row b (zeros beyond nt)
   __device__ __forceinline__ void load(const qm_scan_args& a, int b, int t0, int nt) {
     const int64_t base = (static_cast<int64_t>(b) * a.seqlen + t0) * N;
-    load_from(static_cast<const int8_t*>(a.B) + base, static_cast<const int8_t*>(a.C) + base, nt);
-  }
-  // the same from codes laid out as [t][N] (global memory, or the TMA path's shared copy)
-  __device__ __forceinline__ void load_from(const int8_t* B, const int8_t* Cm, int nt) {
     const int tid = opaque_tid();
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
       int q, nb;
       bool is_c;
       const bool live = item(tid, r, q, nb, is_c);
-      const int8_t* src = (is_c ? Cm : B) + 4 * q * N + nb;
+      const int8_t* src = static_cast<const int8_t*>(is_c ? a.C : a.B) + base + 4 * q * N + nb;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         v[r][j] = live && 4 * q + j < nt ? *reinterpret_cast<const Piece*>(src + j * N) : Piece{};
@@ -431,27 +427,16 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   // boxes start at the 16-byte column below the block's first channel. The first chunk's boxes, and (int8, vec_bc)
   // its B and C, are asked for before anything else, so that they land during the prologue (at one chunk, L <= 512
   // at B1 D1536, nothing else would hide them; NOTES.md session 18).
-  // With vec_bc, the B and C codes come the same way: one bulk copy per matrix and chunk into rawbc, on bcbar.
   unsigned char* raw = nullptr;
-  uint64_t *bar = nullptr, *bcbar = nullptr;
-  int8_t* rawbc = nullptr;
+  uint64_t* bar = nullptr;
   const int col = d0 & ~15;
-  const bool bulk_bc = kTma && vec_bc;
   if constexpr (kTma) {
     unsigned char* end = smem + C::SMEM;
     raw = end + ((128 - static_cast<unsigned>(__cvta_generic_to_shared(end)) % 128) % 128);
     bar = reinterpret_cast<uint64_t*>(raw + tma::kArrays * CH * tma::kBoxBytes);  // one per box of rows
-    bcbar = bar + CH / tma::kBoxRows;
-    rawbc = reinterpret_cast<int8_t*>(bar) + tma::kBarBytes;
-    static_assert(8 * (CH / tma::kBoxRows + 1) <= tma::kBarBytes, "the barriers fit their bytes");
-    if (threadIdx.x == 0) {
-      tma::issue(maps, present, raw, bar, true, col, b * L, CH);
-      if (bulk_bc) tma::issue_bc<N, CH>(a, rawbc, bcbar, true, b, 0, min(CH, L));
-    }
+    if (threadIdx.x == 0) tma::issue(maps, present, raw, bar, true, col, b * L, CH);
   }
-  // the few-channel configurations (where one chunk is common) without the TMA: the first chunk's B / C loads before
-  // the prologue
-  const bool early_bc = kInt8 && C::K > 1 && vec_bc && !kTma;
+  const bool early_bc = kInt8 && C::K > 1 && vec_bc;  // the few-channel configurations (where one chunk is common)
   BcPieces<N, C> bc;
   if (early_bc) bc.load(a, b, 0, min(CH, L));
   for (int i = threadIdx.x; i < C::CPB * N; i += C::THREADS) {
@@ -468,13 +453,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   for (int t0 = 0, chunk = 0; t0 < L; t0 += CH, ++chunk) {
     const int nt = min(CH, L - t0), ntl = active ? nt : 0;
     __syncthreads();  // the previous chunk's shared memory is no longer read
-    if (bulk_bc) {
-      tma::wait_parity(bcbar, chunk & 1);
-      bc.load_from(rawbc, rawbc + CH * N, nt);
-      bc.store(a, sB, sC);
-    } else if (!(early_bc && chunk == 0)) {
-      stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
-    }
+    if (!(early_bc && chunk == 0)) stage_bc<N, kInt8, C>(a, sB, sC, b, t0, nt, vec_bc);
     if constexpr (kTma) {
 #pragma unroll
       for (int h = 0; h < CH / tma::kBoxRows; ++h) {  // the first rows while the later ones land
@@ -487,11 +466,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
       stage_channels<N, kInt8, C>(a, sIn, b, t0, nt, d0, vec_ch);
     }
     __syncthreads();
-    if constexpr (kTma)  // raw and rawbc are free: the next chunk's rows and codes land while this one computes
-      if (threadIdx.x == 0 && t0 + CH < L) {
-        tma::issue(maps, present, raw, bar, false, col, b * L + t0 + CH, CH);
-        if (bulk_bc) tma::issue_bc<N, CH>(a, rawbc, bcbar, false, b, t0 + CH, min(CH, L - t0 - CH));
-      }
+    if constexpr (kTma)  // raw is free: the next chunk's rows land while this one computes
+      if (threadIdx.x == 0 && t0 + CH < L) tma::issue(maps, present, raw, bar, false, col, b * L + t0 + CH, CH);
 #if QM_SCAN_L2_PREFETCH
     if (t0 + CH < L) prefetch_next_chunk<N, C, kCM, kTma>(a, b, d0, t0 + CH, min(t0 + 2 * CH, L));
 #endif
@@ -807,7 +783,8 @@ int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
   auto kernel = use_tma ? scan_chunked_kernel<N, kInt8, C, kCM, !kCM && kInt8 && C::K == 2>
                         : scan_chunked_kernel<N, kInt8, C, kCM>;
-  const size_t smem = C::SMEM + (use_tma ? tma::extra_smem<N, C::CH>() : 0);
+  const size_t smem = C::SMEM + (use_tma ? 128 + tma::kArrays * C::CH * tma::kBoxBytes + 8 * (C::CH / tma::kBoxRows)
+                                         : 0);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

@@ -39,7 +39,8 @@ __device__ __forceinline__ void start_slab_copy(uint64_t* bar, void* dst, const 
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the initialised barrier, seen by the copy engine
   if (bytes) {
     qm::mbar_expect(bar, bytes);
-    qm::bulk_copy(dst, src, bytes, bar);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(qm::smem_addr(dst)), "l"(src), "r"(bytes), "r"(qm::smem_addr(bar)) : "memory");
   }
 }
 

@@ -284,8 +284,8 @@ def test_scan_matches_reference(k, b, l, d, dual):
 
 @needs_gpu
 @pytest.mark.gpu
-# the 12-channel blocks (132 SMs) whose u, dt, z, mask rows come by the TMA: B and C 16-byte aligned come by bulk
-# copies, one byte off they are loaded by threads; several chunks, the last one partial
+# the 12-channel blocks (132 SMs) whose u, dt, z, mask rows come by the TMA, with B and C 16-byte aligned (vector
+# loads, the first chunk's before the prologue) and one byte off (scalar loads); several chunks, the last one partial
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1537, 1536), (3, 600, 512)])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):

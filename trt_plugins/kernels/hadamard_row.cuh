@@ -28,6 +28,23 @@ __device__ void shared_butterflies(float* t, int d, int lp, int lh_first) {
 // by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
 // row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal
 // multiply where the code is certain.
+// The FWHT stages h = 1 .. min(V, n) / 2 over V values in registers, in the spec's stage order (n: the transform's
+// length where it is below V, a power of two).
+template <int V>
+__device__ __forceinline__ void register_butterflies(float (&v)[V], int n = V) {
+#pragma unroll
+  for (int h = 1; h < V; h <<= 1) {
+    if (h >= n) break;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if ((j & h) == 0) {
+        const float lo = v[j], hi = v[j + h];
+        v[j] = __fadd_rn(lo, hi);
+        v[j + h] = __fsub_rn(lo, hi);
+      }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float* v);
 template <>
@@ -127,17 +144,7 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = 0.f;
   }
-#pragma unroll
-  for (int h = 1; h < 8; h <<= 1) {
-    if (h >= p) break;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if ((j & h) == 0) {
-        const float lo = v[j], hi = v[j + h];
-        v[j] = __fadd_rn(lo, hi);
-        v[j + h] = __fsub_rn(lo, hi);
-      }
-  }
+  register_butterflies(v, p);  // h = 1 .. 4
 #pragma unroll
   for (int h = 8; h <= 128; h <<= 1) {
     if (h >= p) break;
@@ -163,17 +170,7 @@ __device__ __forceinline__ void hadamard8_row(const T* __restrict__ x, int8_t* o
         float w[EM];
 #pragma unroll
         for (int j = 0; j < EM; ++j) w[j] = j < E ? row[j * 256 + i] : 0.f;
-#pragma unroll
-        for (int h = 1; h < EM; h <<= 1) {
-          if (h >= E) break;
-#pragma unroll
-          for (int j = 0; j < EM; ++j)
-            if ((j & h) == 0 && j + h < EM) {
-              const float lo = w[j], hi = w[j + h];
-              w[j] = __fadd_rn(lo, hi);
-              w[j + h] = __fsub_rn(lo, hi);
-            }
-        }
+        register_butterflies(w, E);
 #pragma unroll
         for (int j = 0; j < EM; ++j)
           if (j < E) codes[j * 256 + i] = quantize_fast(__fmul_rn(w[j], c), scale, inv_scale, fast_quant);

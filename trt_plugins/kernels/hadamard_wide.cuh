@@ -76,20 +76,6 @@ __device__ __forceinline__ void wide_mix(const float (&t)[M], int8_t* codes, int
   }
 }
 
-// The FWHT stages h = 1 .. V / 2 over V values in registers, in the spec's stage order.
-template <int V>
-__device__ __forceinline__ void register_butterflies(float (&v)[V]) {
-#pragma unroll
-  for (int h = 1; h < V; h <<= 1)
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if ((j & h) == 0) {
-        const float lo = v[j], hi = v[j + h];
-        v[j] = __fadd_rn(lo, hi);
-        v[j + h] = __fsub_rn(lo, hi);
-      }
-}
-
 // 32 consecutive elements as floats: four of hadamard_row.cuh's 8-element loads.
 template <typename T>
 __device__ __forceinline__ void load32(const T* p, float (&v)[32]) {

@@ -17,6 +17,13 @@
 namespace tma {
 constexpr int kBoxRows = 256, kBoxBytes = 32, kArrays = 4;  // u, dt, z, mask
 
+// Dynamic shared memory the staging adds after the kernel's regions, for chunks of CH rows: up to 127 bytes to align
+// the raw rows to 128, the rows ([array][CH][kBoxBytes]), one mbarrier per box of rows.
+template <int CH>
+constexpr size_t extra_smem() {
+  return 128 + kArrays * CH * kBoxBytes + 8 * (CH / kBoxRows);
+}
+
 struct Maps {
   CUtensorMap map[kArrays];  // 64-byte aligned by its type
 };

@@ -423,10 +423,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
   const int ch = K > 1 ? threadIdx.x / 32 / K : threadIdx.x / LPC;  // unsigned divisions: shifts
   const int D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * C::CPB, d = d0 + ch;
   const bool active = d < D;  // inactive channels (beyond D) run identity maps: their warp-mates need the shuffles
-  // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarriers after the kernel's regions; the
-  // boxes start at the 16-byte column below the block's first channel. The first chunk's boxes, and (int8, vec_bc)
-  // its B and C, are asked for before anything else, so that they land during the prologue (at one chunk, L <= 512
-  // at B1 D1536, nothing else would hide them; NOTES.md session 18).
+  // kTma: the raw rows ([array][CH][32 bytes], 128-byte aligned) and their mbarriers after the kernel's regions
+  // (tma::extra_smem, which the launcher adds); the boxes start at the 16-byte column below the block's first
+  // channel. The first chunk's boxes, and (int8, vec_bc) its B and C, are asked for before anything else, so that
+  // they land during the prologue (at one chunk, L <= 512 at B1 D1536, nothing else would hide them; NOTES.md
+  // session 18).
   unsigned char* raw = nullptr;
   uint64_t* bar = nullptr;
   const int col = d0 & ~15;
@@ -758,11 +759,16 @@ int validate(const qm_scan_args* a, const char* fn) {
   return QM_OK;
 }
 
-// Whether the TMA staging applies (host): token-major int8 inputs in the 12-channel configuration on sm_90+, D % 16
-// == 0, the arrays 16-byte aligned, and the driver's tensor-map encoder available (maps and present filled).
+// The configurations the TMA staging is built for: token-major int8, two warps per channel (the 12-channel blocks),
+// chunks of two boxes of rows.
+template <bool kInt8, class C, bool kCM>
+constexpr bool kTmaConfig = QM_SCAN_TMA && kInt8 && !kCM && C::K == 2 && C::CH == 2 * tma::kBoxRows;
+
+// Whether the TMA staging applies (host): such a configuration on sm_90+, D % 16 == 0, the arrays 16-byte aligned,
+// and the driver's tensor-map encoder available (maps and present filled).
 template <bool kInt8, class C, bool kCM>
 bool tma_applies(const qm_scan_args* a, tma::Maps* maps, unsigned* present) {
-  if constexpr (!QM_SCAN_TMA || !kInt8 || kCM || C::K != 2 || C::CH != 2 * tma::kBoxRows) {
+  if constexpr (!kTmaConfig<kInt8, C, kCM>) {
     return false;
   } else {
     int dev = 0, major = 0;
@@ -781,10 +787,9 @@ int launch_chunked_layout(const qm_scan_args* a, cudaStream_t stream, const char
   unsigned present = 0;
   const bool use_tma = tma_applies<kInt8, C, kCM>(a, &maps, &present);
   // opt in to > 48 KB of dynamic shared memory, and ask for the largest carveout so MIN_BLOCKS blocks fit
-  auto kernel = use_tma ? scan_chunked_kernel<N, kInt8, C, kCM, !kCM && kInt8 && C::K == 2>
+  auto kernel = use_tma ? scan_chunked_kernel<N, kInt8, C, kCM, kTmaConfig<kInt8, C, kCM>>
                         : scan_chunked_kernel<N, kInt8, C, kCM>;
-  const size_t smem = C::SMEM + (use_tma ? 128 + tma::kArrays * C::CH * tma::kBoxBytes + 8 * (C::CH / tma::kBoxRows)
-                                         : 0);
+  const size_t smem = C::SMEM + (use_tma ? tma::extra_smem<C::CH>() : 0);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

@@ -60,6 +60,17 @@ __device__ __forceinline__ int8_t quantize(float x, float s) { return saturate_c
 // Byte w (0 = lowest) of a 32-bit word.
 __device__ __forceinline__ uint8_t byte_of(uint32_t v, int w) { return static_cast<uint8_t>(v >> (8 * w)); }
 
+// The int8 code in byte b as a float by the adder, not I2F: with its sign bit flipped the byte is code + 128, and
+// 0x4B0000xx is the float 2^23 + xx exactly, so one logic op and one exact subtraction give the code. I2F runs on the
+// pipe that also does MUFU (ex2, rcp), which the scans' exponentials keep busy (NOTES.md, session 20).
+__device__ __forceinline__ float code_float(uint8_t b) {
+  return __int_as_float(0x4B000000u | (static_cast<uint32_t>(b) ^ 0x80u)) - 8388736.f;
+}
+// The same for byte i of a word of 4 codes (one byte permutation per code).
+__device__ __forceinline__ float code_float(uint32_t w, int i) {
+  return __int_as_float(__byte_perm(w ^ 0x80808080u, 0x4B000000u, 0x7650 + i)) - 8388736.f;
+}
+
 // MUFU.EX2 / MUFU.RCP alone (2 ulp / 1 ulp; .ftz: subnormal inputs and results flush to 0), without the range
 // fix-ups that exp2f, __expf and __fdividef add around them. Fast float32 paths only.
 __device__ __forceinline__ float ex2_approx(float x) {

@@ -600,13 +600,14 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
 // current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time stays about
 // flat while the SMs fill (0.59 ms at B8 D1536 L2048 on an H100, 0.70 at B8 D4096) where v5's grows with the
 // channels (0.39, 1.00), so the launcher picks it from kSeqMinChannels (the crossover, ~20K) and keeps v5 below.
+// kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule).
 constexpr int kSeqThreads = 128, kSeqChunk = 32;
 #ifndef QM_SCAN_SEQ_MIN_CHANNELS
 #define QM_SCAN_SEQ_MIN_CHANNELS 20480
 #endif
 constexpr int64_t kSeqMinChannels = QM_SCAN_SEQ_MIN_CHANNELS;
 
-template <int N>
+template <int N, bool kZ>
 __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   static_assert(N % 16 == 0, "B and C rows of a chunk come in 16-byte pieces");
   constexpr int KC = kSeqChunk, PIECES = 4 * KC * (kSeqThreads / 16), PER = PIECES / kSeqThreads;
@@ -641,9 +642,10 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
     for (int j = 0; j < PER; ++j) *reinterpret_cast<int4*>(&sIn[j / 2][pt + (j % 2) * (KC / 2)][pc]) = r[j];
     if (tid < BC_PIECES) {
       const float sc = bm == 0 ? a.B_scale : a.C_scale;
-      const int8_t* v = reinterpret_cast<const int8_t*>(&rbc);
+      const uint32_t w[4] = {static_cast<uint32_t>(rbc.x), static_cast<uint32_t>(rbc.y), static_cast<uint32_t>(rbc.z),
+                             static_cast<uint32_t>(rbc.w)};
 #pragma unroll
-      for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = static_cast<float>(v[q]) * sc;
+      for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = qm::code_float(w[q / 4], q % 4) * sc;
     }
   };
   float h[N], A2[N];
@@ -668,8 +670,8 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
     int64_t e = (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
 #pragma unroll 2
     for (int t = 0; t < nt; ++t) {
-      const float u = static_cast<float>(static_cast<int8_t>(sIn[0][t][tid])) * (sIn[3][t][tid] ? s_out : s_in);
-      const float delta = softplus_fast(static_cast<float>(static_cast<int8_t>(sIn[1][t][tid])) * a.dt_scale + bias);
+      const float u = qm::code_float(sIn[0][t][tid]) * (sIn[3][t][tid] ? s_out : s_in);
+      const float delta = softplus_fast(qm::code_float(sIn[1][t][tid]) * a.dt_scale + bias);
       const float dlu = delta * u;
       float y[4] = {dskip * u, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -684,7 +686,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
         }
       }
       float yv = (y[0] + y[1]) + (y[2] + y[3]);
-      if (a.z) yv *= silu_fast(static_cast<float>(static_cast<int8_t>(sIn[2][t][tid])) * a.z_scale);
+      if constexpr (kZ) yv *= silu_fast(qm::code_float(sIn[2][t][tid]) * a.z_scale);
       if (a.y_dtype == QM_DTYPE_FLOAT16)
         static_cast<__half*>(a.y)[e] = __float2half_rn(yv);
       else
@@ -845,7 +847,7 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
         if (seq_applies<16>(a)) {
           const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
                           static_cast<unsigned>(a->batch));
-          scan_seq_kernel<16><<<grid, kSeqThreads, 0, stream>>>(*a);
+          (a->z ? scan_seq_kernel<16, true> : scan_seq_kernel<16, false>)<<<grid, kSeqThreads, 0, stream>>>(*a);
           QM_CHECK_LAUNCH(fn);
           return QM_OK;
         }

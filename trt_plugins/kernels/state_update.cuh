@@ -15,20 +15,24 @@ constexpr float kLog2e = 1.4426950408889634f;
 using qm::ex2_approx;
 using qm::rcp_approx;
 
-// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
-// by its series to s^13 (truncation < 2e-8 relative): ~15 instructions instead of log1pf's ~40. Branch-free, and
-// MUFU ex2 / rcp without the range fix-ups of __expf / __fdividef (e only flushes to 0 below 2^-126, where log1p(e)
-// is e to float precision anyway; 2 + e is in [2, 3]).
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = e * P(e): P of degree 8 fitted to
+// log1p(e) / e on [0, 1] (Chebyshev least squares; 1.9e-7 relative in float32 Horner steps). One MUFU op (ex2, without
+// the range fix-ups of __expf; e flushes to 0 only below 2^-126, where log1p(e) is e to float precision anyway) and 9
+// multiply-adds; the earlier atanh series needed a reciprocal too, on the pipe the scans' exponentials keep busy.
+// Branch-free: no select for x > 20 (the reference's cut), where e * P(e) < 2.1e-9 is below half an ulp of x (>=
+// 2^-20) and the sum rounds to x; a select there made the compiler branch around the series, which split each scan
+// step's schedule (NOTES.md, session 20).
 __device__ __forceinline__ float softplus_fast(float x) {
   const float e = ex2_approx(fabsf(x) * -kLog2e);
-  const float s = e * rcp_approx(2.f + e), s2 = s * s;
-  float p = __fmaf_rn(s2, 1.f / 13.f, 1.f / 11.f);
-  p = __fmaf_rn(p, s2, 1.f / 9.f);
-  p = __fmaf_rn(p, s2, 1.f / 7.f);
-  p = __fmaf_rn(p, s2, 1.f / 5.f);
-  p = __fmaf_rn(p, s2, 1.f / 3.f);
-  p = __fmaf_rn(p, s2, 1.f);
-  return x > 20.f ? x : fmaxf(x, 0.f) + 2.f * s * p;
+  float p = __fmaf_rn(e, 5.253457930e-03f, -2.958850749e-02f);
+  p = __fmaf_rn(p, e, 7.836166769e-02f);
+  p = __fmaf_rn(p, e, -1.367477030e-01f);
+  p = __fmaf_rn(p, e, 1.911143064e-01f);
+  p = __fmaf_rn(p, e, -2.484436929e-01f);
+  p = __fmaf_rn(p, e, 3.331927061e-01f);
+  p = __fmaf_rn(p, e, -4.999950230e-01f);
+  p = __fmaf_rn(p, e, 1.f);
+  return __fmaf_rn(e, p, fmaxf(x, 0.f));
 }
 // z / (1 + exp(-z)); for z < -126 ln 2 the ex2 result is +inf, its reciprocal 0 and the product -0 (silu ~ -z e^z)
 __device__ __forceinline__ float silu_fast(float z) { return z * rcp_approx(1.f + ex2_approx(z * -kLog2e)); }

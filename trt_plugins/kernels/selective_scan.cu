@@ -601,26 +601,26 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
 // flat while the SMs fill (0.59 ms at B8 D1536 L2048 on an H100, 0.70 at B8 D4096) where v5's grows with the
 // channels (0.39, 1.00), so the launcher picks it from kSeqMinChannels (the crossover, ~20K) and keeps v5 below.
 // kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule).
-constexpr int kSeqThreads = 128, kSeqChunk = 32;
+constexpr int kSeqChunk = 32;
 #ifndef QM_SCAN_SEQ_MIN_CHANNELS
 #define QM_SCAN_SEQ_MIN_CHANNELS 20480
 #endif
 constexpr int64_t kSeqMinChannels = QM_SCAN_SEQ_MIN_CHANNELS;
 
-template <int N, bool kZ>
-__global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
+template <int N, bool kZ, int TH>
+__global__ void __launch_bounds__(TH) scan_seq_kernel(qm_scan_args a) {
   static_assert(N % 16 == 0, "B and C rows of a chunk come in 16-byte pieces");
-  constexpr int KC = kSeqChunk, PIECES = 4 * KC * (kSeqThreads / 16), PER = PIECES / kSeqThreads;
+  constexpr int KC = kSeqChunk, PIECES = 4 * KC * (TH / 16), PER = PIECES / TH;
   static_assert(PER == 8 && KC == 32, "the piece mapping below: 2 pieces per array and thread");
   constexpr int BC_PIECES = 2 * KC * N / 16;
-  static_assert(PIECES % kSeqThreads == 0 && BC_PIECES <= kSeqThreads, "one round of loads per thread");
-  __shared__ __align__(16) uint8_t sIn[4][KC][kSeqThreads];  // u, dt, z, mask bytes of the chunk
+  static_assert(PIECES % TH == 0 && BC_PIECES <= TH, "one round of loads per thread");
+  __shared__ __align__(16) uint8_t sIn[4][KC][TH];  // u, dt, z, mask bytes of the chunk
   __shared__ __align__(16) float sBC[2][KC][N];               // B, C dequantized
-  const int tid = threadIdx.x, D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * kSeqThreads;
+  const int tid = threadIdx.x, D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * TH;
   const int d = d0 + tid;
   const bool active = d < D;
   // pieces of 16 channels: a thread loads the pieces (t, c) and (t + 16, c) of each of the 4 arrays
-  const int pt = tid / 8, pc = (tid % 8) * 16;
+  const int pt = tid / (TH / 16), pc = (tid % (TH / 16)) * 16;
   const int bm = tid / (BC_PIECES / 2), bi = (tid % (BC_PIECES / 2)) * 16;  // B/C piece: matrix, byte in the chunk
   auto load = [&](int t0, int4 (&r)[PER], int4& rbc) {
 #pragma unroll
@@ -668,7 +668,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
     const int nt = min(KC, L - t0);
     if (!active) continue;
     int64_t e = (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
-#pragma unroll 2
+#pragma unroll 4  // 4 branch-free steps in one schedule: 22% faster than 2 (3: +23%, 6: +45%, 8: -1%; session 20)
     for (int t = 0; t < nt; ++t) {
       const float u = qm::code_float(sIn[0][t][tid]) * (sIn[3][t][tid] ? s_out : s_in);
       const float delta = softplus_fast(qm::code_float(sIn[1][t][tid]) * a.dt_scale + bias);
@@ -697,6 +697,18 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   if (active && a.final_state)
 #pragma unroll
     for (int n = 0; n < N; ++n) a.final_state[sbase + n] = h[n];
+}
+
+// Threads (channels) per block of scan_seq_kernel: 64 where that puts fewer warps on the busiest SM than 128 (its
+// time follows the busiest SM's warps: B8 D5120 is 320 blocks of 128, 3 on some SMs and 2 on others; 640 of 64 put
+// at most 5 of 2 warps, 10 instead of 12), else 128.
+int seq_block_threads(const qm_scan_args* a) {
+  const int64_t sms = qm::sm_count();
+  auto busiest = [&](int64_t th) { return ((a->dim + th - 1) / th * a->batch + sms - 1) / sms * (th / 32); };
+#ifdef QM_SEQ_FORCE_128
+  return 128;
+#endif
+  return busiest(64) < busiest(128) ? 64 : 128;
 }
 
 template <int N>
@@ -845,9 +857,11 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
     case 16:
       if constexpr (kInt8) {
         if (seq_applies<16>(a)) {
-          const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
-                          static_cast<unsigned>(a->batch));
-          (a->z ? scan_seq_kernel<16, true> : scan_seq_kernel<16, false>)<<<grid, kSeqThreads, 0, stream>>>(*a);
+          const int th = seq_block_threads(a);
+          const dim3 grid(static_cast<unsigned>((a->dim + th - 1) / th), static_cast<unsigned>(a->batch));
+          auto kernel = th == 64 ? (a->z ? scan_seq_kernel<16, true, 64> : scan_seq_kernel<16, false, 64>)
+                                 : (a->z ? scan_seq_kernel<16, true, 128> : scan_seq_kernel<16, false, 128>);
+          kernel<<<grid, th, 0, stream>>>(*a);
           QM_CHECK_LAUNCH(fn);
           return QM_OK;
         }

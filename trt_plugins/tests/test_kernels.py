@@ -255,19 +255,22 @@ def _scan_inputs(b, l, d, n, seed, dual):
 @needs_gpu
 @pytest.mark.gpu
 # B*D > 2048 takes the two-channels-per-warp configuration: (3, 300, 1000) ends in a half-empty block with vector
-# loads, (3, 37, 1001) has no vector path at all. B*D >= 20480 with D % 16 == 0 takes the one-thread-per-channel
-# kernel: (4, 37, 5600) ends in a partial block of 96 channels, (5, 2049, 4096) ends in a partial chunk. On a
+# loads, (3, 37, 1001) has no vector path at all. B*D >= 13312 with D % 16 == 0 takes the one-thread-per-channel
+# kernel, in blocks of 64 channels where they balance the SMs better than 128 (on 132 SMs): (4, 37, 5600) ends in a
+# partial block of 32 channels, (5, 2049, 4096) in a partial chunk; blocks of 128: (6, 37, 5600) (a partial block of
+# 96 channels), (8, 37, 4096), (3, 40, 5120) (15360 channels). On a
 # 132-SM GPU (H100, H200) 1188-1584 channels take two warps per channel in 12-channel blocks: (1, 600, 1501) has no
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
-# 3072 <= B*D < 20480 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
+# 3072 <= B*D < 13312 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
 # partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane:
 # (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads. The 12-channel blocks with D % 16 == 0 stage by
 # the TMA on sm_90 (scan_tma.cuh): (1, 1537, 1536), (3, 600, 512), (2, 700, 768) (a box's rows run into the next
 # sequence), (1, 520, 1536) (a second chunk of 8 steps).
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
                                            (1, 8192, 128), (3, 300, 1000), (3, 37, 1001), (5, 7, 4096),
-                                           (5, 2049, 4096), (4, 37, 5600), (1, 600, 1501), (3, 37, 500),
+                                           (5, 2049, 4096), (4, 37, 5600), (6, 37, 5600), (8, 37, 4096),
+                                           (3, 40, 5120), (1, 600, 1501), (3, 37, 500),
                                            (1, 1537, 1536), (3, 600, 512), (8, 300, 1536), (3, 77, 4100),
                                            (3, 45, 4099), (2, 300, 2500), (1, 70, 4099), (2, 700, 768),
                                            (1, 520, 1536)])

@@ -11,7 +11,7 @@
 // one is scanned; the state loop is software-pipelined by hand.
 // B_scale and C_scale are applied once per (t, d) instead of per state (float rounding only: y is compared with a
 // tolerance, spec 4.4 "Exactness"). Beyond the sequence, delta = 0 and delta*u = 0 make every step the identity.
-// Where it runs (the launcher): from 3072 channels (B*D), S = 2 below 12288 and S = 4 from there, up to 20479 for
+// Where it runs (the launcher): from 3072 channels (B*D), S = 2 below 12288 and S = 4 from there, up to 13311 for
 // token-major inputs (above, one thread per channel, with no sum across lanes, wins) and without a bound for
 // channel-major ones. At 2048 channels and below the per-chunk staging and the sum over lanes cost more than the
 // time-parallel v5 saves (B1 D2048 L2048 0.095 ms against 0.073; B1 D1536 0.10 at S = 1 or 2 against 0.066).

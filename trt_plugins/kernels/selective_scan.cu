@@ -597,30 +597,31 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
 // time with its N states in registers, so there is no scan across lanes and no second pass: per (t, d, n) one exp
 // and three multiply-adds. A block of 128 channels of one batch row stages chunks of kSeqChunk steps (u, dt, z,
 // mask bytes; B and C dequantized) in shared memory; the next chunk's bytes are loaded into registers while the
-// current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time stays about
-// flat while the SMs fill (0.59 ms at B8 D1536 L2048 on an H100, 0.70 at B8 D4096) where v5's grows with the
-// channels (0.39, 1.00), so the launcher picks it from kSeqMinChannels (the crossover, ~20K) and keeps v5 below.
-// kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule).
-constexpr int kSeqChunk = 32;
+// current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time goes by the
+// blocks per SM (H100, L2048: one 0.278 ms, two 0.44, three 0.645) where the lanes kernel's grows with the channels
+// (0.255 ms at 12288), so the launcher picks it from kSeqMinChannels (the crossover, ~13.3K; session 20).
+// kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule). Blocks of
+// 64 channels, which balance the SMs better at B8 D5120, measured no faster (session 20).
+constexpr int kSeqThreads = 128, kSeqChunk = 32;
 #ifndef QM_SCAN_SEQ_MIN_CHANNELS
-#define QM_SCAN_SEQ_MIN_CHANNELS 20480
+#define QM_SCAN_SEQ_MIN_CHANNELS 13312
 #endif
 constexpr int64_t kSeqMinChannels = QM_SCAN_SEQ_MIN_CHANNELS;
 
-template <int N, bool kZ, int TH>
-__global__ void __launch_bounds__(TH) scan_seq_kernel(qm_scan_args a) {
+template <int N, bool kZ>
+__global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   static_assert(N % 16 == 0, "B and C rows of a chunk come in 16-byte pieces");
-  constexpr int KC = kSeqChunk, PIECES = 4 * KC * (TH / 16), PER = PIECES / TH;
+  constexpr int KC = kSeqChunk, PIECES = 4 * KC * (kSeqThreads / 16), PER = PIECES / kSeqThreads;
   static_assert(PER == 8 && KC == 32, "the piece mapping below: 2 pieces per array and thread");
   constexpr int BC_PIECES = 2 * KC * N / 16;
-  static_assert(PIECES % TH == 0 && BC_PIECES <= TH, "one round of loads per thread");
-  __shared__ __align__(16) uint8_t sIn[4][KC][TH];  // u, dt, z, mask bytes of the chunk
+  static_assert(PIECES % kSeqThreads == 0 && BC_PIECES <= kSeqThreads, "one round of loads per thread");
+  __shared__ __align__(16) uint8_t sIn[4][KC][kSeqThreads];  // u, dt, z, mask bytes of the chunk
   __shared__ __align__(16) float sBC[2][KC][N];               // B, C dequantized
-  const int tid = threadIdx.x, D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * TH;
+  const int tid = threadIdx.x, D = a.dim, L = a.seqlen, b = blockIdx.y, d0 = blockIdx.x * kSeqThreads;
   const int d = d0 + tid;
   const bool active = d < D;
   // pieces of 16 channels: a thread loads the pieces (t, c) and (t + 16, c) of each of the 4 arrays
-  const int pt = tid / (TH / 16), pc = (tid % (TH / 16)) * 16;
+  const int pt = tid / 8, pc = (tid % 8) * 16;
   const int bm = tid / (BC_PIECES / 2), bi = (tid % (BC_PIECES / 2)) * 16;  // B/C piece: matrix, byte in the chunk
   auto load = [&](int t0, int4 (&r)[PER], int4& rbc) {
 #pragma unroll
@@ -697,18 +698,6 @@ __global__ void __launch_bounds__(TH) scan_seq_kernel(qm_scan_args a) {
   if (active && a.final_state)
 #pragma unroll
     for (int n = 0; n < N; ++n) a.final_state[sbase + n] = h[n];
-}
-
-// Threads (channels) per block of scan_seq_kernel: 64 where that puts fewer warps on the busiest SM than 128 (its
-// time follows the busiest SM's warps: B8 D5120 is 320 blocks of 128, 3 on some SMs and 2 on others; 640 of 64 put
-// at most 5 of 2 warps, 10 instead of 12), else 128.
-int seq_block_threads(const qm_scan_args* a) {
-  const int64_t sms = qm::sm_count();
-  auto busiest = [&](int64_t th) { return ((a->dim + th - 1) / th * a->batch + sms - 1) / sms * (th / 32); };
-#ifdef QM_SEQ_FORCE_128
-  return 128;
-#endif
-  return busiest(64) < busiest(128) ? 64 : 128;
 }
 
 template <int N>
@@ -844,8 +833,8 @@ template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // int8, N = 16 (the Mamba models): from kSeqMinChannels channels (B*D) one thread per channel (scan_seq_kernel);
   // from 3072 channels below that, lanes along the states, 2 or 4 states per lane (scan_lanes.cuh: B8 D1536 L2048
-  // 0.271 ms against v5's 0.356, B2 D4096 0.198 against 0.271; it loses to v5 at 2048 channels and below, and to
-  // scan_seq_kernel above);
+  // 0.255 ms against v5's 0.356 and scan_seq_kernel's 0.277, B2 D4096 0.198 against v5's 0.271; it loses to v5 at
+  // 2048 channels and below, and to scan_seq_kernel above: B4 D4096 0.324 against 0.278);
   // up to 2048 channels one warp per channel with 16 steps per lane keeps the most warps resident, except where
   // 12-channel blocks of two warps per channel (K = 2, 8 steps per lane) fill one wave of one block per SM (B1
   // D1536 on 132 SMs: 12-15% faster); above 2048, two channels per warp with 8 steps per lane spends fewer
@@ -857,11 +846,9 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
     case 16:
       if constexpr (kInt8) {
         if (seq_applies<16>(a)) {
-          const int th = seq_block_threads(a);
-          const dim3 grid(static_cast<unsigned>((a->dim + th - 1) / th), static_cast<unsigned>(a->batch));
-          auto kernel = th == 64 ? (a->z ? scan_seq_kernel<16, true, 64> : scan_seq_kernel<16, false, 64>)
-                                 : (a->z ? scan_seq_kernel<16, true, 128> : scan_seq_kernel<16, false, 128>);
-          kernel<<<grid, th, 0, stream>>>(*a);
+          const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
+                          static_cast<unsigned>(a->batch));
+          (a->z ? scan_seq_kernel<16, true> : scan_seq_kernel<16, false>)<<<grid, kSeqThreads, 0, stream>>>(*a);
           QM_CHECK_LAUNCH(fn);
           return QM_OK;
         }

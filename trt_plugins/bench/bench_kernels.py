@@ -61,6 +61,13 @@ def hbm_bandwidth() -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
+def launch_floor() -> float:
+    """ms per call of a kernel that moves 4 bytes (`add_` on one float), timed like the kernels (timeit, calls in a
+    CUDA graph): no kernel timed here can take less, whatever its floor says (the decode rows at B1)."""
+    x = torch.zeros(1, device="cuda")
+    return timeit(lambda t: t.add_(1.0), [(x,)], reps=30)
+
+
 def exp_throughput() -> float:
     """exp2/s of this GPU, from trt_plugins/bench/exp_throughput.cu (built here with nvcc)."""
     src = Path(__file__).with_name("exp_throughput.cu")
@@ -173,6 +180,7 @@ def main() -> None:
     ap.add_argument("--mamba-ssm-build", default=None, help="directory holding a built selective_scan_cuda module")
     args = ap.parse_args()
     bw = hbm_bandwidth()
+    launch_ms = launch_floor()
     measured_exp = args.exp_rate is None
     if measured_exp:
         args.exp_rate = exp_throughput()
@@ -184,6 +192,7 @@ def main() -> None:
              f"{datetime.date.today()}, commit {commit or 'n/a'}; measured HBM copy bandwidth "
              f"{bw / 1e12:.2f} TB/s (read + write); exp2 throughput {args.exp_rate / 1e12:.2f} T/s "
              f"({'measured: exp_throughput.cu, best of 10' if measured_exp else 'given with --exp-rate'}); "
+             f"launch floor {launch_ms * 1e3:.2f} us (a 4-byte kernel in the same harness); "
              f"mamba_ssm: {'selective_scan_cuda.fwd, fp16, z + delta_bias + softplus' if mssm else why}", "",
              "| op | shape | ours ms | floor ms | % of floor | mamba_ssm fp16 ms | speed-up | PyTorch ref ms |",
              "|---|---|---|---|---|---|---|---|"]

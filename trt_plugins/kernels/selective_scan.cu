@@ -669,8 +669,8 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
     const int nt = min(KC, L - t0);
     if (!active) continue;
     int64_t e = (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
-// 8 branch-free steps in one schedule (B8 D4096 L2048 against 2: -23%; 3 +23%, 4 +1%, 6 +45%; one block per SM:
-// 8 against 4 -4%; NOTES.md, session 20)
+    // 8 branch-free steps in one schedule (B8 D4096 L2048 against 2: -23%; 3 +23%, 4 +1%, 6 +45%; one block per SM:
+    // 8 against 4 -4%; NOTES.md, session 20)
 #pragma unroll 8
     for (int t = 0; t < nt; ++t) {
       const float u = qm::code_float(sIn[0][t][tid]) * (sIn[3][t][tid] ? s_out : s_in);

@@ -34,6 +34,13 @@ struct Cfg {
   static_assert(S == 1 || S == 2 || S == 4, "states per lane");
   static_assert(CPB % 4 == 0 && PIECES % THREADS == 0, "whole 4-item pieces per thread");
   static_assert(R % 4 == 0 && TC % 4 == 0, "y and the rows come in float4s");
+  // Column of step t in channel c's per-(t, d) rows: the 4-step group XOR (c / 8) % 4. The token-major staging
+  // writes one step of 32 channels (4 per thread, 4 steps per warp) at a time: without it the rows' starts (36 words
+  // apart) put the 32 stores in 8 banks (S = 4: 11.3 M of 51 M shared wavefronts were conflicts at B8 D1536 L2048,
+  // 1.9 M with it, and 7% less time; NOTES.md, session 20). The XOR is constant over the 8 channels a warp reads
+  // together in the state loop, which stay conflict-free.
+  static __device__ __forceinline__ int col(int c, int t) { return t ^ (((c >> 3) & 3) << 2); }
+  static_assert(TC % 16 == 0, "the column XOR stays inside the row (it flips bits 2 and 3 of t)");
 };
 
 // The block's shared memory (static: under the 48 KB that needs no opt-in).
@@ -124,10 +131,10 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
       const float cu = code_at(r[k].u, i), ub = cu * (outlier ? s_out : s_in);  // u * B_scale
       const float u = cu * (outlier ? a.u_outlier_scale : a.u_scale);
       const float delta = softplus_fast(__fmaf_rn(code_at(r[k].dt, i), a.dt_scale, sm.bias[ci]));
-      sm.delta[ci][ti] = ok ? delta : 0.f;
-      sm.dlu[ci][ti] = ok ? delta * ub : 0.f;
-      sm.skip[ci][ti] = sm.dskip[ci] * u;
-      sm.gate[ci][ti] = a.z ? sm.silu[qm::byte_of(r[k].z, i)] : 1.f;
+      sm.delta[ci][C::col(ci, ti)] = ok ? delta : 0.f;
+      sm.dlu[ci][C::col(ci, ti)] = ok ? delta * ub : 0.f;
+      sm.skip[ci][C::col(ci, ti)] = sm.dskip[ci] * u;
+      sm.gate[ci][C::col(ci, ti)] = a.z ? sm.silu[qm::byte_of(r[k].z, i)] : 1.f;
     }
   }
 #pragma unroll
@@ -191,8 +198,8 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
     // are in flight while group q's recurrence runs (written out: the compiler kept each group's loads, ex2 and
     // chain back to back). p stays in registers until the chunk ends (no shared store inside the loop).
     float p[TC];
-    float4 dl = *reinterpret_cast<const float4*>(&sm.delta[ch][0]);
-    float4 du = *reinterpret_cast<const float4*>(&sm.dlu[ch][0]);
+    float4 dl = *reinterpret_cast<const float4*>(&sm.delta[ch][C::col(ch, 0)]);
+    float4 du = *reinterpret_cast<const float4*>(&sm.dlu[ch][C::col(ch, 0)]);
     float4 bv[S], cv[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -215,8 +222,8 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
 #pragma unroll
     for (int q = 0; q < TC; q += 4) {
       if (q + 4 < TC) {
-        dl = *reinterpret_cast<const float4*>(&sm.delta[ch][q + 4]);
-        du = *reinterpret_cast<const float4*>(&sm.dlu[ch][q + 4]);
+        dl = *reinterpret_cast<const float4*>(&sm.delta[ch][C::col(ch, q + 4)]);
+        du = *reinterpret_cast<const float4*>(&sm.dlu[ch][C::col(ch, q + 4)]);
 #pragma unroll
         for (int s = 0; s < S; ++s) {
           bv[s] = *reinterpret_cast<const float4*>(&sm.B[s * LPC + g][q + 4]);
@@ -236,8 +243,8 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
     const int tl = g * R;
 #pragma unroll
     for (int i = 0; i < R; i += 4) {
-      const float4 sk = *reinterpret_cast<const float4*>(&sm.skip[ch][tl + i]);
-      const float4 gt = *reinterpret_cast<const float4*>(&sm.gate[ch][tl + i]);
+      const float4 sk = *reinterpret_cast<const float4*>(&sm.skip[ch][C::col(ch, tl + i)]);
+      const float4 gt = *reinterpret_cast<const float4*>(&sm.gate[ch][C::col(ch, tl + i)]);
       const float sks[4] = {sk.x, sk.y, sk.z, sk.w}, gts[4] = {gt.x, gt.y, gt.z, gt.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {

@@ -598,8 +598,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
 // and three multiply-adds. A block of 128 channels of one batch row stages chunks of kSeqChunk steps (u, dt, z,
 // mask bytes; B and C dequantized) in shared memory; the next chunk's bytes are loaded into registers while the
 // current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time goes by the
-// blocks per SM (H100, L2048: one 0.278 ms, two 0.44, three 0.645) where the lanes kernel's grows with the channels
-// (0.255 ms at 12288), so the launcher picks it from kSeqMinChannels (the crossover, ~13.3K; session 20).
+// blocks per SM (H100, L2048: one 0.268 ms, two 0.432, three 0.634) where the lanes kernel's grows with the channels
+// (0.237 ms at B8 D1536, 0.373 at B13 D1024), so the launcher picks it from kSeqMinChannels (13312; session 20).
 // kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule). Blocks of
 // 64 channels, which balance the SMs better at B8 D5120, measured no faster (session 20).
 constexpr int kSeqThreads = 128, kSeqChunk = 32;
@@ -835,8 +835,8 @@ template <bool kInt8>
 int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   // int8, N = 16 (the Mamba models): from kSeqMinChannels channels (B*D) one thread per channel (scan_seq_kernel);
   // from 3072 channels below that, lanes along the states, 2 or 4 states per lane (scan_lanes.cuh: B8 D1536 L2048
-  // 0.255 ms against v5's 0.356 and scan_seq_kernel's 0.277, B2 D4096 0.198 against v5's 0.271; it loses to v5 at
-  // 2048 channels and below, and to scan_seq_kernel above: B4 D4096 0.324 against 0.278);
+  // 0.237 ms against v5's 0.356 and scan_seq_kernel's 0.268, B2 D4096 0.192 against v5's 0.271; it loses to v5 at
+  // 2048 channels and below, and to scan_seq_kernel above: B13 D1024 0.373 against 0.268);
   // up to 2048 channels one warp per channel with 16 steps per lane keeps the most warps resident, except where
   // 12-channel blocks of two warps per channel (K = 2, 8 steps per lane) fill one wave of one block per SM (B1
   // D1536 on 132 SMs: 12-15% faster); above 2048, two channels per warp with 8 steps per lane spends fewer

@@ -24,10 +24,6 @@ __device__ void shared_butterflies(float* t, int d, int lp, int lh_first) {
   }
 }
 
-// Fast path: one block per row, 8 consecutive elements per thread. Stages h = 1, 2, 4 in registers, h = 8 .. 128
-// by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
-// row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal
-// multiply where the code is certain.
 // The FWHT stages h = 1 .. min(V, n) / 2 over V values in registers, in the spec's stage order (n: the transform's
 // length where it is below V, a power of two).
 template <int V>
@@ -45,6 +41,10 @@ __device__ __forceinline__ void register_butterflies(float (&v)[V], int n = V) {
   }
 }
 
+// Fast path: one block per row, 8 consecutive elements per thread. Stages h = 1, 2, 4 in registers, h = 8 .. 128
+// by warp shuffles (partner lane = lane ^ (h / 8)), h >= 256 through shared memory; the mixing across m reads the
+// row from shared memory and adds or subtracts each term (see mix_group). The quotient by the scale is a reciprocal
+// multiply where the code is certain.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float* v);
 template <>
@@ -90,22 +90,26 @@ __device__ __forceinline__ void quantize_w_fast(const float (&hy)[W], float scal
   }
 }
 
-// Mixing task (column i, outputs W g .. W g + W - 1) of the [M, p] view: t holds column i's M values; each output
-// sums H_M[a, b] * t[b] left to right (the spec order). The signs of H_M are compile-time constants here
-// (hadamard_row_signs), so each term is one add or subtract: H_M[a, b] * t[b] = +-t[b] exactly.
+// Output a of a column of the [M, p] view (t: the column's M values): the sum of H_M[a, b] * t[b] left to right (the
+// spec order). The signs of H_M are compile-time constants here (hadamard_row_signs), so each term is one add or
+// subtract: H_M[a, b] * t[b] = +-t[b] exactly.
+template <int M>
+__device__ __forceinline__ float mix_term(const float* t, int a) {
+  const unsigned signs = hadamard_row_signs(M, a);
+  float acc = signs & 1u ? -t[0] : t[0];
+#pragma unroll
+  for (int b = 1; b < M; ++b) acc = signs >> b & 1u ? __fsub_rn(acc, t[b]) : __fadd_rn(acc, t[b]);
+  return acc;
+}
+
+// Mixing task (column i, outputs W g .. W g + W - 1) of the [M, p] view: t holds column i's M values (mix_term).
 template <int M, int G, int W = 4>
 __device__ __forceinline__ void mix_group(const float* t, int8_t* codes, int i, int p, float c, float scale,
                                           float inv_scale, bool fast_quant) {
   constexpr int kRow = W * G;
   float hy[W];
 #pragma unroll
-  for (int j = 0; j < W; ++j) {
-    const unsigned signs = hadamard_row_signs(M, kRow + j);
-    float acc = signs & 1u ? -t[0] : t[0];
-#pragma unroll
-    for (int b = 1; b < M; ++b) acc = signs >> b & 1u ? __fsub_rn(acc, t[b]) : __fadd_rn(acc, t[b]);
-    hy[j] = __fmul_rn(acc, c);
-  }
+  for (int j = 0; j < W; ++j) hy[j] = __fmul_rn(mix_term<M>(t, kRow + j), c);
   int8_t q[W];
   quantize_w_fast<W>(hy, scale, inv_scale, fast_quant, q);
 #pragma unroll

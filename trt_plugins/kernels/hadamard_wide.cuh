@@ -61,13 +61,7 @@ __device__ __forceinline__ void wide_mix(const float (&t)[M], int8_t* codes, int
   if constexpr (G < M / 4) {
     float acc[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const unsigned signs = hadamard_row_signs(M, 4 * G + j);
-      float a = signs & 1u ? -t[0] : t[0];
-#pragma unroll
-      for (int b = 1; b < M; ++b) a = signs >> b & 1u ? __fsub_rn(a, t[b]) : __fadd_rn(a, t[b]);
-      acc[j] = a;
-    }
+    for (int j = 0; j < 4; ++j) acc[j] = mix_term<M>(t, 4 * G + j);
     int8_t q[4];
     wide_codes(acc, c, k, scale, fast, q);
 #pragma unroll

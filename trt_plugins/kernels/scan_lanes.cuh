@@ -109,11 +109,6 @@ __device__ __forceinline__ void load_codes(const qm_scan_args& a, Codes (&r)[C::
   }
 }
 
-// Code i of a word of 4 int8 codes, as a float.
-__device__ __forceinline__ float code_at(uint32_t w, int i) {
-  return qm::code_float(w, i);  // by the adder: I2F would share the exponentials' pipe
-}
-
 template <class C, bool kCM>
 __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, const Codes (&r)[C::PPT],
                                             const uint4 (&bc)[C::BC_PT], int t0, int d0) {
@@ -128,9 +123,9 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
       const int ti = kCM ? t + i : t, ci = kCM ? c : c + i;
       const bool ok = t0 + ti < L && d0 + ci < D;
       const bool outlier = qm::byte_of(r[k].m, i);
-      const float cu = code_at(r[k].u, i), ub = cu * (outlier ? s_out : s_in);  // u * B_scale
+      const float cu = qm::code_float(r[k].u, i), ub = cu * (outlier ? s_out : s_in);  // u * B_scale
       const float u = cu * (outlier ? a.u_outlier_scale : a.u_scale);
-      const float delta = softplus_fast(__fmaf_rn(code_at(r[k].dt, i), a.dt_scale, sm.bias[ci]));
+      const float delta = softplus_fast(__fmaf_rn(qm::code_float(r[k].dt, i), a.dt_scale, sm.bias[ci]));
       sm.delta[ci][C::col(ci, ti)] = ok ? delta : 0.f;
       sm.dlu[ci][C::col(ci, ti)] = ok ? delta * ub : 0.f;
       sm.skip[ci][C::col(ci, ti)] = sm.dskip[ci] * u;
@@ -144,7 +139,7 @@ __device__ __forceinline__ void store_codes(const qm_scan_args& a, Smem<C>& sm, 
     float(*dst)[C::RS] = p < C::TC ? sm.B : sm.Cm;
     const uint32_t w[4] = {bc[k].x, bc[k].y, bc[k].z, bc[k].w};
 #pragma unroll
-    for (int n = 0; n < N; ++n) dst[n][t] = code_at(w[n / 4], n % 4);
+    for (int n = 0; n < N; ++n) dst[n][t] = qm::code_float(w[n / 4], n % 4);
   }
 }
 

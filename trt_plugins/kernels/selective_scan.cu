@@ -608,7 +608,7 @@ constexpr int kSeqThreads = 128, kSeqChunk = 32;
 #endif
 constexpr int64_t kSeqMinChannels = QM_SCAN_SEQ_MIN_CHANNELS;
 
-template <int N, bool kZ>
+template <int N, bool kZ, class Y>
 __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   static_assert(N % 16 == 0, "B and C rows of a chunk come in 16-byte pieces");
   constexpr int KC = kSeqChunk, PIECES = 4 * KC * (kSeqThreads / 16), PER = PIECES / kSeqThreads;
@@ -649,18 +649,39 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = qm::code_float(w[q / 4], q % 4) * sc;
     }
   };
-  float h[N], A2[N];
-  const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
+  int4 r[PER], rbc;
+  load(0, r, rbc);  // the first chunk's loads overlap the prologue's
+  // The channels' rows of N floats (A, the initial and the final state) cross shared memory in 16-byte pieces, so
+  // that a warp's global access covers 512 contiguous bytes instead of 32 rows' words 64 bytes apart (NOTES.md,
+  // session 21). The XOR spreads a quarter warp's 16-byte accesses to 8 rows over all 32 banks.
+  constexpr int RP = N / 4;  // 16-byte pieces per row
+  static_assert(sizeof(sIn) >= sizeof(float) * kSeqThreads * N, "the rows fit in the staging buffer");
+  float* const rows = reinterpret_cast<float*>(&sIn[0][0][0]);
+  const auto slot = [](int row, int q) { return row * N + 4 * (q ^ ((row >> 1) & 3)); };
+  const int64_t first_row = static_cast<int64_t>(b) * D + d0;  // the block's first (b, d) row
+  const auto rows_in = [&](const float* src, float (&dst)[N]) {  // src: the block's first row
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
-    h[n] = active && a.initial_state ? a.initial_state[sbase + n] : 0.f;
-    A2[n] = active ? a.A[static_cast<int64_t>(d) * N + n] * kLog2e : 0.f;
-  }
+    for (int k = 0; k < RP; ++k) {  // piece i of the block's rows: row i / RP, 16 bytes i % RP
+      const int i = tid + k * kSeqThreads;
+      *reinterpret_cast<float4*>(rows + slot(i / RP, i % RP)) =
+          d0 + i / RP < D ? reinterpret_cast<const float4*>(src)[i] : float4{};
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < RP; ++q) {
+      const float4 v = *reinterpret_cast<const float4*>(rows + slot(tid, q));
+      dst[4 * q] = v.x, dst[4 * q + 1] = v.y, dst[4 * q + 2] = v.z, dst[4 * q + 3] = v.w;
+    }
+    __syncthreads();  // read before the buffer is written again
+  };
+  float h[N] = {}, A2[N];
+  rows_in(a.A + static_cast<int64_t>(d0) * N, A2);
+#pragma unroll
+  for (int n = 0; n < N; ++n) A2[n] *= kLog2e;
+  if (a.initial_state) rows_in(a.initial_state + first_row * N, h);
   const float dskip = active && a.Dskip ? a.Dskip[d] : 0.f;
   const float bias = active && a.dt_bias ? a.dt_bias[d] : 0.f;
   const float s_in = a.u_scale, s_out = a.dual_scale ? a.u_outlier_scale : a.u_scale;
-  int4 r[PER], rbc;
-  load(0, r, rbc);
   for (int t0 = 0; t0 < L; t0 += KC) {
     __syncthreads();  // the previous chunk is no longer read
     store(r, rbc);
@@ -668,7 +689,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
     if (t0 + KC < L) load(t0 + KC, r, rbc);  // in flight while this chunk is computed
     const int nt = min(KC, L - t0);
     if (!active) continue;
-    int64_t e = (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
+    Y* yp = static_cast<Y*>(a.y) + (static_cast<int64_t>(b) * L + t0) * D + d;  // y of step t0
     // 8 branch-free steps in one schedule (B8 D4096 L2048 against 2: -23%; 3 +23%, 4 +1%, 6 +45%; one block per SM:
     // 8 against 4 -4%; NOTES.md, session 20)
 #pragma unroll 8
@@ -690,23 +711,33 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       }
       float yv = (y[0] + y[1]) + (y[2] + y[3]);
       if constexpr (kZ) yv *= silu_fast(qm::code_float(sIn[2][t][tid]) * a.z_scale);
-      if (a.y_dtype == QM_DTYPE_FLOAT16)
-        static_cast<__half*>(a.y)[e] = __float2half_rn(yv);
+      if constexpr (std::is_same_v<Y, __half>)
+        *yp = __float2half_rn(yv);
       else
-        static_cast<float*>(a.y)[e] = yv;
-      e += D;
+        *yp = yv;
+      yp += D;
     }
   }
-  if (active && a.final_state)
+  if (a.final_state) {
+    __syncthreads();  // the last chunk's codes are read
 #pragma unroll
-    for (int n = 0; n < N; ++n) a.final_state[sbase + n] = h[n];
+    for (int q = 0; q < RP; ++q)
+      *reinterpret_cast<float4*>(rows + slot(tid, q)) = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+    __syncthreads();
+    float4* dst = reinterpret_cast<float4*>(a.final_state + first_row * N);
+#pragma unroll
+    for (int k = 0; k < RP; ++k) {
+      const int i = tid + k * kSeqThreads;
+      if (d0 + i / RP < D) dst[i] = *reinterpret_cast<const float4*>(rows + slot(i / RP, i % RP));
+    }
+  }
 }
 
 template <int N>
 bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, D] only
   return !a->channel_major && static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 &&
          aligned(a->u) && aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) &&
-         aligned(a->B) && aligned(a->C);
+         aligned(a->B) && aligned(a->C) && aligned(a->A) && aligned(a->initial_state) && aligned(a->final_state);
 }
 
 // Decode (L = 1): one thread per 4 states of a (b, d); the body is state_update_row (state_update.cuh), shared with
@@ -850,7 +881,10 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
         if (seq_applies<16>(a)) {
           const dim3 grid(static_cast<unsigned>((a->dim + kSeqThreads - 1) / kSeqThreads),
                           static_cast<unsigned>(a->batch));
-          (a->z ? scan_seq_kernel<16, true> : scan_seq_kernel<16, false>)<<<grid, kSeqThreads, 0, stream>>>(*a);
+          const bool half = a->y_dtype == QM_DTYPE_FLOAT16;
+          auto kernel = a->z ? (half ? scan_seq_kernel<16, true, __half> : scan_seq_kernel<16, true, float>)
+                             : (half ? scan_seq_kernel<16, false, __half> : scan_seq_kernel<16, false, float>);
+          kernel<<<grid, kSeqThreads, 0, stream>>>(*a);
           QM_CHECK_LAUNCH(fn);
           return QM_OK;
         }

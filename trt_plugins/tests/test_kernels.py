@@ -308,6 +308,35 @@ def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):
 
 @needs_gpu
 @pytest.mark.gpu
+# the one-thread-per-channel kernel moves A and the initial / final state through shared memory in 16-byte pieces:
+# without an initial state, and with A, the initial and the final state one float off 16-byte alignment (the
+# launcher then takes the chunked kernel); (6, 37, 5600) ends in a partial block
+@pytest.mark.parametrize(("b", "l", "d"), [(6, 37, 5600), (4, 70, 4096)])
+@pytest.mark.parametrize("case", ["no_initial_state", "rows_one_float_off"])
+def test_scan_state_rows_match_reference(k, b, l, d, case):
+    ins, h0, scales = _scan_inputs(b, l, d, 16, b + l + d + len(case), True)
+    u, mask, dt, bm, cm, z, A, D, dtb = ins
+
+    def shifted(x: torch.Tensor) -> torch.Tensor:
+        flat = torch.full((x.numel() + 1,), float("nan"), dtype=x.dtype, device=x.device)
+        flat[1:] = x.flatten()
+        return flat[1:].view(x.shape)
+
+    if case == "no_initial_state":
+        y, h = k.dual_scale_selective_scan(*ins, **scales)
+        wy, wh = ref.dual_scale_selective_scan(*ins, **scales)
+    else:
+        a_s, h0_s, fs = shifted(A), shifted(h0), shifted(torch.empty_like(h0))
+        assert a_s.data_ptr() % 16 and h0_s.data_ptr() % 16 and fs.data_ptr() % 16
+        y, h = k.dual_scale_selective_scan(u, mask, dt, bm, cm, z, a_s, D, dtb, initial_state=h0_s, final_state=fs,
+                                           **scales)
+        assert h.data_ptr() == fs.data_ptr()
+        wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
+    assert rel(y, wy) <= 1e-5 and rel(h, wh) <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 600, 1536), (2, 300, 768), (1, 1100, 2048)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_without_gate_matches_reference(k, b, l, d, dual):

@@ -649,8 +649,6 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = qm::code_float(w[q / 4], q % 4) * sc;
     }
   };
-  int4 r[PER], rbc;
-  load(0, r, rbc);  // the first chunk's loads overlap the prologue's
   // The channels' rows of N floats (A, the initial and the final state) cross shared memory in 16-byte pieces, so
   // that a warp's global access covers 512 contiguous bytes instead of 32 rows' words 64 bytes apart (NOTES.md,
   // session 21). The XOR spreads a quarter warp's 16-byte accesses to 8 rows over all 32 banks.
@@ -682,6 +680,8 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
   const float dskip = active && a.Dskip ? a.Dskip[d] : 0.f;
   const float bias = active && a.dt_bias ? a.dt_bias[d] : 0.f;
   const float s_in = a.u_scale, s_out = a.dual_scale ? a.u_outlier_scale : a.u_scale;
+  int4 r[PER], rbc;
+  load(0, r, rbc);
   for (int t0 = 0; t0 < L; t0 += KC) {
     __syncthreads();  // the previous chunk is no longer read
     store(r, rbc);

@@ -593,15 +593,16 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)
 }
 
 
-// Prefill for many channels (int8 inputs, N = 16, D % 16 == 0, 16-byte aligned inputs): one thread per channel walks
-// time with its N states in registers, so there is no scan across lanes and no second pass: per (t, d, n) one exp
-// and three multiply-adds. A block of 128 channels of one batch row stages chunks of kSeqChunk steps (u, dt, z,
-// mask bytes; B and C dequantized) in shared memory; the next chunk's bytes are loaded into registers while the
-// current one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time goes by the
-// blocks per SM (H100, L2048: one 0.268 ms, two 0.432, three 0.634) where the lanes kernel's grows with the channels
-// (0.237 ms at B8 D1536, 0.373 at B13 D1024), so the launcher picks it from kSeqMinChannels (13312; session 20).
-// kZ: z present, a template argument so that the step loop has no branch (a branch splits its schedule). Blocks of
-// 64 channels, which balance the SMs better at B8 D5120, measured no faster (session 20).
+// Prefill for many channels (int8 inputs, N = 16, D % 16 == 0, 16-byte aligned inputs and final state): one thread per
+// channel walks time with its N states in registers, so there is no scan across lanes and no second pass: per (t, d, n)
+// one exp and three multiply-adds. A block of 128 channels of one batch row stages chunks of kSeqChunk steps (u, dt, z,
+// mask bytes; B and C dequantized) in shared memory; the next chunk's bytes are loaded into registers while the current
+// one is computed. It needs many channels to fill the GPU (1 warp per 32 channels): its time goes by the blocks per SM
+// (H100, L2048: one 0.260 ms, two 0.420, three 0.610) where the lanes kernel's grows with the channels (0.237 ms at B8
+// D1536, 0.373 at B13 D1024), so the launcher picks it from kSeqMinChannels (13312; session 20). kZ: z present, and Y:
+// y's type, template arguments so that the step loop has no branch (a branch splits its schedule) and one store per
+// step (both stores, predicated, with their addresses took ~11 instructions of ~141 per step: -3.5%, NOTES.md, session
+// 21). Blocks of 64 channels, which balance the SMs better at B8 D5120, measured no faster (session 20).
 constexpr int kSeqThreads = 128, kSeqChunk = 32;
 #ifndef QM_SCAN_SEQ_MIN_CHANNELS
 #define QM_SCAN_SEQ_MIN_CHANNELS 13312
@@ -649,34 +650,13 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       for (int q = 0; q < 16; ++q) (&sBC[bm][0][0])[bi + q] = qm::code_float(w[q / 4], q % 4) * sc;
     }
   };
-  // The channels' rows of N floats (A, the initial and the final state) cross shared memory in 16-byte pieces, so
-  // that a warp's global access covers 512 contiguous bytes instead of 32 rows' words 64 bytes apart (NOTES.md,
-  // session 21). The XOR spreads a quarter warp's 16-byte accesses to 8 rows over all 32 banks.
-  constexpr int RP = N / 4;  // 16-byte pieces per row
-  static_assert(sizeof(sIn) >= sizeof(float) * kSeqThreads * N, "the rows fit in the staging buffer");
-  float* const rows = reinterpret_cast<float*>(&sIn[0][0][0]);
-  const auto slot = [](int row, int q) { return row * N + 4 * (q ^ ((row >> 1) & 3)); };
-  const int64_t first_row = static_cast<int64_t>(b) * D + d0;  // the block's first (b, d) row
-  const auto rows_in = [&](const float* src, float (&dst)[N]) {  // src: the block's first row
+  float h[N], A2[N];
+  const int64_t sbase = (static_cast<int64_t>(b) * D + (active ? d : 0)) * N;
 #pragma unroll
-    for (int k = 0; k < RP; ++k) {  // piece i of the block's rows: row i / RP, 16 bytes i % RP
-      const int i = tid + k * kSeqThreads;
-      *reinterpret_cast<float4*>(rows + slot(i / RP, i % RP)) =
-          d0 + i / RP < D ? reinterpret_cast<const float4*>(src)[i] : float4{};
-    }
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < RP; ++q) {
-      const float4 v = *reinterpret_cast<const float4*>(rows + slot(tid, q));
-      dst[4 * q] = v.x, dst[4 * q + 1] = v.y, dst[4 * q + 2] = v.z, dst[4 * q + 3] = v.w;
-    }
-    __syncthreads();  // read before the buffer is written again
-  };
-  float h[N] = {}, A2[N];
-  rows_in(a.A + static_cast<int64_t>(d0) * N, A2);
-#pragma unroll
-  for (int n = 0; n < N; ++n) A2[n] *= kLog2e;
-  if (a.initial_state) rows_in(a.initial_state + first_row * N, h);
+  for (int n = 0; n < N; ++n) {
+    h[n] = active && a.initial_state ? a.initial_state[sbase + n] : 0.f;
+    A2[n] = active ? a.A[static_cast<int64_t>(d) * N + n] * kLog2e : 0.f;
+  }
   const float dskip = active && a.Dskip ? a.Dskip[d] : 0.f;
   const float bias = active && a.dt_bias ? a.dt_bias[d] : 0.f;
   const float s_in = a.u_scale, s_out = a.dual_scale ? a.u_outlier_scale : a.u_scale;
@@ -718,13 +698,21 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       yp += D;
     }
   }
+  // The final state crosses shared memory in 16-byte pieces, so that a warp writes 512 contiguous bytes: written
+  // from registers, each store instruction hit 32 rows 64 bytes apart with partial-sector writes, ~5 us per call
+  // (B8 D4096 L32 0.0152 -> 0.0102 ms; A and the initial state the same way changed the step loop's schedule and lost
+  // more than they saved: NOTES.md, session 21). The XOR spreads a quarter warp's accesses to 8 rows over all banks.
   if (a.final_state) {
+    constexpr int RP = N / 4;  // 16-byte pieces per row
+    static_assert(sizeof(sIn) >= sizeof(float) * kSeqThreads * N, "the rows fit in the staging buffer");
+    float* const rows = reinterpret_cast<float*>(&sIn[0][0][0]);
+    const auto slot = [](int row, int q) { return row * N + 4 * (q ^ ((row >> 1) & 3)); };
     __syncthreads();  // the last chunk's codes are read
 #pragma unroll
     for (int q = 0; q < RP; ++q)
       *reinterpret_cast<float4*>(rows + slot(tid, q)) = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
     __syncthreads();
-    float4* dst = reinterpret_cast<float4*>(a.final_state + first_row * N);
+    float4* dst = reinterpret_cast<float4*>(a.final_state + (static_cast<int64_t>(b) * D + d0) * N);
 #pragma unroll
     for (int k = 0; k < RP; ++k) {
       const int i = tid + k * kSeqThreads;
@@ -737,7 +725,7 @@ template <int N>
 bool seq_applies(const qm_scan_args* a) {  // it reads u, dt, z, mask as [B, L, D] only
   return !a->channel_major && static_cast<int64_t>(a->batch) * a->dim >= kSeqMinChannels && a->dim % 16 == 0 &&
          aligned(a->u) && aligned(a->dt) && (!a->z || aligned(a->z)) && (!a->dual_scale || aligned(a->u_mask)) &&
-         aligned(a->B) && aligned(a->C) && aligned(a->A) && aligned(a->initial_state) && aligned(a->final_state);
+         aligned(a->B) && aligned(a->C) && aligned(a->final_state);
 }
 
 // Decode (L = 1): one thread per 4 states of a (b, d); the body is state_update_row (state_update.cuh), shared with

@@ -308,9 +308,9 @@ def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):
 
 @needs_gpu
 @pytest.mark.gpu
-# the one-thread-per-channel kernel moves A and the initial / final state through shared memory in 16-byte pieces:
-# without an initial state, and with A, the initial and the final state one float off 16-byte alignment (the
-# launcher then takes the chunked kernel); (6, 37, 5600) ends in a partial block
+# the one-thread-per-channel kernel writes the final state through shared memory in 16-byte pieces: without an
+# initial state, and with A, the initial and the final state one float off 16-byte alignment (the launcher then
+# takes the chunked kernel); (6, 37, 5600) ends in a partial block
 @pytest.mark.parametrize(("b", "l", "d"), [(6, 37, 5600), (4, 70, 4096)])
 @pytest.mark.parametrize("case", ["no_initial_state", "rows_one_float_off"])
 def test_scan_state_rows_match_reference(k, b, l, d, case):

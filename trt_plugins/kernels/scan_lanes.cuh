@@ -159,7 +159,8 @@ __device__ __forceinline__ void reduce_scatter(float (&p)[TC], int g) {
   }
 }
 
-template <class C, bool kCM>
+// Y: y's type (a template argument: one store per step, not both predicated; NOTES.md, session 21)
+template <class C, bool kCM, class Y>
 __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, bool vec) {
   constexpr int S = C::S, LPC = C::LPC, TC = C::TC, R = C::R;
   static_assert(sizeof(Smem<C>) <= 48 * 1024, "static shared memory");
@@ -246,11 +247,11 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
         const int t = t0 + tl + i + j;
         if (!active || t >= L) continue;
         const float out = __fmaf_rn(p[i + j], a.C_scale, sks[j]) * gts[j];
-        const int64_t e = (static_cast<int64_t>(b) * L + t) * D + d;
-        if (a.y_dtype == QM_DTYPE_FLOAT16)
-          static_cast<__half*>(a.y)[e] = __float2half_rn(out);
+        Y* const y = static_cast<Y*>(a.y) + (static_cast<int64_t>(b) * L + t) * D + d;
+        if constexpr (std::is_same_v<Y, __half>)
+          *y = __float2half_rn(out);
         else
-          static_cast<float*>(a.y)[e] = out;
+          *y = out;
       }
     }
     __syncthreads();  // the chunk's rows are read before the next chunk's are stored
@@ -270,7 +271,9 @@ int launch(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   const dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
   const bool vec = (a->channel_major ? a->seqlen % 4 == 0 : a->dim % 4 == 0) && qm::aligned(a->u, 4) &&
                    qm::aligned(a->dt, 4) && (!a->z || qm::aligned(a->z, 4)) && (!a->dual_scale || qm::aligned(a->u_mask, 4));
-  auto kernel = a->channel_major ? scan_lanes_kernel<C, true> : scan_lanes_kernel<C, false>;
+  const bool half = a->y_dtype == QM_DTYPE_FLOAT16;
+  auto kernel = a->channel_major ? (half ? scan_lanes_kernel<C, true, __half> : scan_lanes_kernel<C, true, float>)
+                                 : (half ? scan_lanes_kernel<C, false, __half> : scan_lanes_kernel<C, false, float>);
   kernel<<<grid, C::THREADS, 0, stream>>>(*a, vec);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;

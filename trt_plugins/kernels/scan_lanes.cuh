@@ -267,16 +267,65 @@ inline bool applies(const qm_scan_args* a) {
 }
 
 template <class C>
+using KernelFn = void (*)(qm_scan_args, bool);
+
+template <class C>
+KernelFn<C> kernel_for(const qm_scan_args* a) {
+  const bool half = a->y_dtype == QM_DTYPE_FLOAT16;
+  return a->channel_major ? (half ? scan_lanes_kernel<C, true, __half> : scan_lanes_kernel<C, true, float>)
+                          : (half ? scan_lanes_kernel<C, false, __half> : scan_lanes_kernel<C, false, float>);
+}
+
+template <class C>
+int64_t blocks_of(const qm_scan_args* a) {
+  return (static_cast<int64_t>(a->dim) + C::CPB - 1) / C::CPB * a->batch;
+}
+
+template <class C>
 int launch(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
   const dim3 grid(static_cast<unsigned>((a->dim + C::CPB - 1) / C::CPB), static_cast<unsigned>(a->batch));
   const bool vec = (a->channel_major ? a->seqlen % 4 == 0 : a->dim % 4 == 0) && qm::aligned(a->u, 4) &&
                    qm::aligned(a->dt, 4) && (!a->z || qm::aligned(a->z, 4)) && (!a->dual_scale || qm::aligned(a->u_mask, 4));
-  const bool half = a->y_dtype == QM_DTYPE_FLOAT16;
-  auto kernel = a->channel_major ? (half ? scan_lanes_kernel<C, true, __half> : scan_lanes_kernel<C, true, float>)
-                                 : (half ? scan_lanes_kernel<C, false, __half> : scan_lanes_kernel<C, false, float>);
-  kernel<<<grid, C::THREADS, 0, stream>>>(*a, vec);
+  kernel_for<C>(a)<<<grid, C::THREADS, 0, stream>>>(*a, vec);
   QM_CHECK_LAUNCH(fn);
   return QM_OK;
+}
+
+// Blocks of this kernel resident per SM on the current device (occupancy; cached per device).
+template <class C>
+int resident_blocks(const qm_scan_args* a) {
+  static int n[64][4] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  int& r = n[dev][2 * a->channel_major + (a->y_dtype == QM_DTYPE_FLOAT16)];
+  if (r == 0 && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel_for<C>(a), C::THREADS, 0) != cudaSuccess ||
+                 r < 1))
+    r = 1;
+  return r;
+}
+
+// Warps the busiest SM runs when every block is resident at once (blocks spread evenly over the SMs), or -1 where
+// they do not all fit in one wave.
+template <class C>
+int64_t busiest_sm_warps(const qm_scan_args* a) {
+  const int64_t per_sm = (blocks_of<C>(a) + qm::sm_count() - 1) / qm::sm_count();
+  return per_sm <= resident_blocks<C>(a) ? per_sm * C::W : -1;
+}
+
+// Two states per lane (3072 to 12287 channels: 1-2 warps per SM sub-partition, latency-bound): the block size (2, 4
+// or 8 warps) whose blocks leave the busiest SM the fewest warps, in one wave; on a tie the larger blocks (fewer
+// copies of the chunk's B and C rows). H100, L2048, ms against 4 warps everywhere: B1 D3072 (2 warps) 0.124 ->
+// 0.107, B1 D5120 (2) 0.170 -> 0.152, B1 D4096 (8) 0.118 -> 0.114, B2 D4096 (8) 0.192 -> 0.183 (NOTES.md, session
+// 21). Four states per lane keep 4 warps (2 measured 2% slower at 12288 channels, 8 take one block per SM).
+inline int launch_two_states(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
+  using W8 = Cfg<2, 8, 32>;
+  using W4 = Cfg<2, 4, 32>;
+  using W2 = Cfg<2, 2, 32>;
+  const int64_t w8 = busiest_sm_warps<W8>(a), w4 = busiest_sm_warps<W4>(a), w2 = busiest_sm_warps<W2>(a);
+  auto better = [](int64_t x, int64_t than) { return x > 0 && (than < 0 || x < than); };
+  if (w8 > 0 && !better(w4, w8) && !better(w2, w8)) return launch<W8>(a, stream, fn);
+  if (w2 > 0 && better(w2, w4)) return launch<W2>(a, stream, fn);
+  return launch<W4>(a, stream, fn);
 }
 
 }  // namespace lanes

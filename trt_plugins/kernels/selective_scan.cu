@@ -879,7 +879,7 @@ int launch_scan(const qm_scan_args* a, cudaStream_t stream, const char* fn) {
         // channel-major inputs above kSeqMinChannels too (scan_seq_kernel reads token-major only)
         if (channels >= QM_SCAN_LANES_MIN_CHANNELS && (channels < kSeqMinChannels || a->channel_major) &&
             lanes::applies(a))
-          return channels < QM_SCAN_LANES_S4_CHANNELS ? lanes::launch<lanes::Cfg<2, 4, 32>>(a, stream, fn)
+          return channels < QM_SCAN_LANES_S4_CHANNELS ? lanes::launch_two_states(a, stream, fn)
                                                       : lanes::launch<lanes::Cfg<4, 4, 32>>(a, stream, fn);
         if (channels > 2048) return launch_chunked<16, kInt8, ScanCfg<16, kInt8, 8, 16, 8>>(a, stream, fn);
         if (fills_one_wave(channels, ScanCfg<16, kInt8, 8, 32, 24, 2>::CPB))

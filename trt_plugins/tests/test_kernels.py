@@ -262,8 +262,9 @@ def _scan_inputs(b, l, d, n, seed, dual):
 # vector path and a last block of one channel, (3, 37, 500) partial blocks in every batch row, (1, 1537, 1536) is
 # mamba-130m's d_inner with a one-step last chunk, (3, 600, 512) two chunks per batch row with a partial second one.
 # 3072 <= B*D < 13312 takes lanes along the states (scan_lanes.cuh), 4 states per lane from 12288: (8, 300, 1536) a
-# partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane:
-# (2, 300, 2500) partial block and chunk, (1, 70, 4099) byte loads. The 12-channel blocks with D % 16 == 0 stage by
+# partial last chunk, (3, 77, 4100) a partial last block, (3, 45, 4099) byte loads (D % 4 != 0); 2 states per lane,
+# in blocks of 2, 4 or 8 warps by the channel count (on 132 SMs): (2, 300, 2500) 2 warps, partial block and chunk,
+# (2, 45, 3072) 4 warps, (1, 70, 4099) 8 warps, byte loads. The 12-channel blocks with D % 16 == 0 stage by
 # the TMA on sm_90 (scan_tma.cuh): (1, 1537, 1536), (3, 600, 512), (2, 700, 768) (a box's rows run into the next
 # sequence), (1, 520, 1536) (a second chunk of 8 steps).
 @pytest.mark.parametrize(("b", "l", "d"), [(1, 1, 768), (3, 2, 768), (3, 7, 768), (1, 2048, 768), (3, 2049, 256),
@@ -271,7 +272,7 @@ def _scan_inputs(b, l, d, n, seed, dual):
                                            (5, 2049, 4096), (4, 37, 5600), (6, 37, 5600), (8, 37, 4096),
                                            (3, 40, 5120), (1, 600, 1501), (3, 37, 500),
                                            (1, 1537, 1536), (3, 600, 512), (8, 300, 1536), (3, 77, 4100),
-                                           (3, 45, 4099), (2, 300, 2500), (1, 70, 4099), (2, 700, 768),
+                                           (3, 45, 4099), (2, 300, 2500), (2, 45, 3072), (1, 70, 4099), (2, 700, 768),
                                            (1, 520, 1536)])
 @pytest.mark.parametrize("dual", [False, True])
 def test_scan_matches_reference(k, b, l, d, dual):

@@ -266,11 +266,11 @@ inline bool applies(const qm_scan_args* a) {
   return a->input_dtype == QM_DTYPE_INT8 && a->dstate == N && qm::aligned(a->B) && qm::aligned(a->C);
 }
 
-template <class C>
 using KernelFn = void (*)(qm_scan_args, bool);
 
+// The instantiation for these arguments' layout and y type.
 template <class C>
-KernelFn<C> kernel_for(const qm_scan_args* a) {
+KernelFn kernel_for(const qm_scan_args* a) {
   const bool half = a->y_dtype == QM_DTYPE_FLOAT16;
   return a->channel_major ? (half ? scan_lanes_kernel<C, true, __half> : scan_lanes_kernel<C, true, float>)
                           : (half ? scan_lanes_kernel<C, false, __half> : scan_lanes_kernel<C, false, float>);

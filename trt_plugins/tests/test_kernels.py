@@ -285,6 +285,14 @@ def test_scan_matches_reference(k, b, l, d, dual):
     assert rel(y16.float(), wy) <= 2e-3  # fp16 output rounding
 
 
+def _offset_copy(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x's values in a buffer that starts `offset` elements past its allocation (off 16-byte alignment for offset >
+    0), for the kernels' alignment fallbacks."""
+    flat = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device)
+    flat[offset:] = x.flatten()
+    return flat[offset:].view(x.shape)
+
+
 @needs_gpu
 @pytest.mark.gpu
 # the 12-channel blocks (132 SMs) whose u, dt, z, mask rows come by the TMA, with B and C 16-byte aligned (vector
@@ -294,13 +302,7 @@ def test_scan_matches_reference(k, b, l, d, dual):
 def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b + l + d + offset, True)
     u, mask, dt, bm, cm, z, A, D, dtb = ins
-
-    def shifted(x: torch.Tensor) -> torch.Tensor:
-        flat = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device)
-        flat[offset:] = x.flatten()
-        return flat[offset:].view(x.shape)
-
-    bs, cs = shifted(bm), shifted(cm)
+    bs, cs = _offset_copy(bm, offset), _offset_copy(cm, offset)
     assert (bs.data_ptr() % 16 != 0) == bool(offset) and (cs.data_ptr() % 16 != 0) == bool(offset)
     y, h = k.dual_scale_selective_scan(u, mask, dt, bs, cs, z, A, D, dtb, initial_state=h0, **scales)
     wy, wh = ref.dual_scale_selective_scan(*ins, initial_state=h0, **scales)
@@ -317,17 +319,12 @@ def test_scan_bc_alignment_matches_reference(k, b, l, d, offset):
 def test_scan_state_rows_match_reference(k, b, l, d, case):
     ins, h0, scales = _scan_inputs(b, l, d, 16, b + l + d + len(case), True)
     u, mask, dt, bm, cm, z, A, D, dtb = ins
-
-    def shifted(x: torch.Tensor) -> torch.Tensor:
-        flat = torch.full((x.numel() + 1,), float("nan"), dtype=x.dtype, device=x.device)
-        flat[1:] = x.flatten()
-        return flat[1:].view(x.shape)
-
     if case == "no_initial_state":
         y, h = k.dual_scale_selective_scan(*ins, **scales)
         wy, wh = ref.dual_scale_selective_scan(*ins, **scales)
     else:
-        a_s, h0_s, fs = shifted(A), shifted(h0), shifted(torch.empty_like(h0))
+        a_s, h0_s = _offset_copy(A, 1), _offset_copy(h0, 1)
+        fs = _offset_copy(torch.full_like(h0, float("nan")), 1)  # poisoned: every element must be written
         assert a_s.data_ptr() % 16 and h0_s.data_ptr() % 16 and fs.data_ptr() % 16
         y, h = k.dual_scale_selective_scan(u, mask, dt, bm, cm, z, a_s, D, dtb, initial_state=h0_s, final_state=fs,
                                            **scales)

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <type_traits>
+
 #include "qmamba_kernels.h"
 
 namespace qm {
@@ -69,6 +71,15 @@ __device__ __forceinline__ float code_float(uint8_t b) {
 // The same for byte i of a word of 4 codes (one byte permutation per code).
 __device__ __forceinline__ float code_float(uint32_t w, int i) {
   return __int_as_float(__byte_perm(w ^ 0x80808080u, 0x4B000000u, 0x7650 + i)) - 8388736.f;
+}
+
+// A float result in the output type a kernel is instantiated for (fp16 by round to nearest even, or fp32).
+template <class Y>
+__device__ __forceinline__ Y out_value(float v) {
+  if constexpr (std::is_same_v<Y, __half>)
+    return __float2half_rn(v);
+  else
+    return v;
 }
 
 // MUFU.EX2 / MUFU.RCP alone (2 ulp / 1 ulp; .ftz: subnormal inputs and results flush to 0), without the range

@@ -247,11 +247,7 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
         const int t = t0 + tl + i + j;
         if (!active || t >= L) continue;
         const float out = __fmaf_rn(p[i + j], a.C_scale, sks[j]) * gts[j];
-        Y* const y = static_cast<Y*>(a.y) + (static_cast<int64_t>(b) * L + t) * D + d;
-        if constexpr (std::is_same_v<Y, __half>)
-          *y = __float2half_rn(out);
-        else
-          *y = out;
+        static_cast<Y*>(a.y)[(static_cast<int64_t>(b) * L + t) * D + d] = qm::out_value<Y>(out);
       }
     }
     __syncthreads();  // the chunk's rows are read before the next chunk's are stored

@@ -691,10 +691,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_seq_kernel(qm_scan_args a) {
       }
       float yv = (y[0] + y[1]) + (y[2] + y[3]);
       if constexpr (kZ) yv *= silu_fast(qm::code_float(sIn[2][t][tid]) * a.z_scale);
-      if constexpr (std::is_same_v<Y, __half>)
-        *yp = __float2half_rn(yv);
-      else
-        *yp = yv;
+      *yp = qm::out_value<Y>(yv);
       yp += D;
     }
   }

@@ -237,6 +237,11 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
     }
     reduce_scatter<LPC / 2, TC>(p, g);  // p[i]: y of step g * R + i before D*u and the gate
     const int tl = g * R;
+    // The lane's R steps from t0 + tl, by a pointer advanced D per step; the steps from nvalid on (past L in the last
+    // chunk, or all of them for a channel past D) store nothing. One predicated store per step: with the address
+    // computed per step and a branch around each store, this loop was ~16 instructions per y (NOTES.md, session 22).
+    const int nvalid = active ? min(R, L - (t0 + tl)) : 0;
+    Y* y = static_cast<Y*>(a.y) + (static_cast<int64_t>(b) * L + t0 + tl) * D + (active ? d : 0);
 #pragma unroll
     for (int i = 0; i < R; i += 4) {
       const float4 sk = *reinterpret_cast<const float4*>(&sm.skip[ch][C::col(ch, tl + i)]);
@@ -244,10 +249,9 @@ __global__ void __launch_bounds__(C::THREADS) scan_lanes_kernel(qm_scan_args a, 
       const float sks[4] = {sk.x, sk.y, sk.z, sk.w}, gts[4] = {gt.x, gt.y, gt.z, gt.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int t = t0 + tl + i + j;
-        if (!active || t >= L) continue;
         const float out = __fmaf_rn(p[i + j], a.C_scale, sks[j]) * gts[j];
-        static_cast<Y*>(a.y)[(static_cast<int64_t>(b) * L + t) * D + d] = qm::out_value<Y>(out);
+        if (i + j < nvalid) *y = qm::out_value<Y>(out);
+        y += D;
       }
     }
     __syncthreads();  // the chunk's rows are read before the next chunk's are stored

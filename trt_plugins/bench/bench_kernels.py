@@ -1,7 +1,7 @@
 """Kernel benchmarks on a CUDA GPU (not a test). Writes a markdown table to stdout and --out.
 
-Times (CUDA events, warm-up, rotating input sets, median of --reps) the qmamba kernels, the PyTorch
-reference where it is affordable, and reports the fraction of the floor:
+Times (CUDA events, warm-up, rotating input sets, median of --reps) the qmamba kernels and the PyTorch reference
+(qmamba.ops.ref, eager: see ref_ms), and reports the fraction of the floor:
 floor = max(bytes moved once / measured HBM bandwidth, B*D*L*N exponentials / exp throughput).
 """
 
@@ -52,6 +52,14 @@ def timeit(fn, sets, reps=30, warmup=5, calls=10, graph: bool = True) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / (calls if graph is not None else 1))
     return statistics.median(times)
+
+
+def ref_ms(fn, sets, seqlen: int) -> str:
+    """The PyTorch reference's time for a table row, in ms: eager calls timed with events (Python and launches
+    included: it is how the reference runs), median of 3 after one warm-up; one call without warm-up from L = 2048,
+    where its per-step Python loop takes seconds."""
+    long = seqlen >= 2048
+    return f"{timeit(fn, sets, 1 if long else 3, 0 if long else 1, graph=False):.2f}"
 
 
 def hbm_bandwidth() -> float:
@@ -193,7 +201,9 @@ def main() -> None:
              f"{bw / 1e12:.2f} TB/s (read + write); exp2 throughput {args.exp_rate / 1e12:.2f} T/s "
              f"({'measured: exp_throughput.cu, best of 10' if measured_exp else 'given with --exp-rate'}); "
              f"launch floor {launch_ms * 1e3:.2f} us (a 4-byte kernel in the same harness); "
-             f"mamba_ssm: {'selective_scan_cuda.fwd, fp16, z + delta_bias + softplus' if mssm else why}", "",
+             f"mamba_ssm: {'selective_scan_cuda.fwd, fp16, z + delta_bias + softplus' if mssm else why}; "
+             "PyTorch ref: qmamba.ops.ref run eagerly (Python and launches included), median of 3, one call from "
+             "L = 2048", "",
              "| op | shape | ours ms | floor ms | % of floor | mamba_ssm fp16 ms | speed-up | PyTorch ref ms |",
              "|---|---|---|---|---|---|---|---|"]
     scan_lines = ["", "Scan inputs u, dt, z, mask channel-major ([B, D, L], `channel_major=True`: mamba_ssm's own "
@@ -210,10 +220,8 @@ def main() -> None:
                             args.reps)
                 by = b * l * d * (1 + 1 + 1 + 1 + 2) + 2 * b * l * n + b * d * n * 4 * 2 + d * n * 4
                 floor = max(by / bw, b * d * l * n / args.exp_rate) * 1e3
-                refms = mms = speed = ""
-                if l <= 1 or (l <= 512 and b == 1 and d == 1536):
-                    r = timeit(lambda *a: ref.dual_scale_selective_scan(*a, **SCALES), sets, 3, 1, graph=False)
-                    refms = f"{r:.2f}"
+                mms = speed = ""
+                refms = ref_ms(lambda *a: ref.dual_scale_selective_scan(*a, **SCALES), sets, l)
                 if mssm is not None:
                     m = timeit(lambda *a: mssm.fwd(*a, True), mamba_ssm_sets(sets), args.reps)
                     mms, speed = f"{m:.4f}", f"{m / ms:.2f}x"
@@ -232,9 +240,10 @@ def main() -> None:
         # one state per input set, 3 sets: at B64 D5120 they (63 MB) exceed the 50 MB L2, as in serving
         sets = [(torch.randn(b, d, n, device="cuda"), *s) for s in scan_sets(b, 1, d, n, 3)]
         ms = timeit(lambda st, *a: k.selective_state_update(st, *a, in_place=True, **SCALES), sets, args.reps)
+        refms = ref_ms(lambda st, *a: ref.selective_state_update(st, *a, **SCALES), sets, 1)
         by = b * d * 6 + b * 2 * n + b * d * n * 4 * 2 + d * n * 4
         lines.append(f"| state update (decode) | B{b} D{d} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
+                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | {refms} |")
         print(lines[-1], flush=True)
     for b, l, d in ((1, 2048, 1536), (8, 2048, 1536), (8, 2048, 4096), (8, 2048, 5120)):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -245,17 +254,20 @@ def main() -> None:
             ws, bias = torch.rand(d, device="cuda") * 0.01, torch.randn(d, device="cuda")
             ms = timeit(lambda x_, w=w, ws=ws, bias=bias: k.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None,
                                                                                 0.05), xs, args.reps)
+            refms = ref_ms(lambda x_, w=w, ws=ws, bias=bias: ref.quant_causal_conv1d(x_, w, ws, bias, 0.03, 0.01, None,
+                                                                                     0.05), xs, 1)
             by = b * l * d * 3  # int8 x in, int8 u + uint8 mask out
             lines.append(f"| conv1d + SiLU + dual-scale quant | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                         f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
+                         f"{100 * by / bw * 1e3 / ms:.0f}% | | | {refms} |")
             print(lines[-1], flush=True)
         if "hadamard" not in ops:
             continue
         ys = [(torch.randn(b, l, d, device="cuda", dtype=torch.float16),) for _ in range(3)]
         ms = timeit(lambda y_: k.hadamard_quant(y_, 0.01), ys, args.reps)
+        refms = ref_ms(lambda y_: ref.hadamard_quant(y_, 0.01), ys, 1)
         by = b * l * d * 3
         lines.append(f"| Hadamard + quant (fp16 in) | B{b} D{d} L{l} | {ms:.4f} | {by / bw * 1e3:.4f} | "
-                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | |")
+                     f"{100 * by / bw * 1e3 / ms:.0f}% | | | {refms} |")
         print(lines[-1], flush=True)
     if "linear" in ops or "logits" in ops:
         lines += decode_linears(ops, bw, args.reps)

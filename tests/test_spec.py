@@ -107,6 +107,19 @@ def test_hadamard_is_the_normalized_kronecker_transform(d):
     assert torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the reference on a GPU is tested on the H100")
+@pytest.mark.parametrize("d", [1536, 5120, 3584, 4096])
+def test_hadamard_reference_runs_on_the_inputs_device(d):
+    # m > 1 (1536 = 12 x 128, 5120 = 20 x 256, 3584 = 28 x 128) mixes with H_m, which is built on the CPU: the
+    # PyTorch model on a GPU (qmamba serve --device cuda) needs it on y's device
+    y = torch.randn(3, 7, d, generator=torch.Generator().manual_seed(d)) * 2
+    got = hadamard_transform(y.cuda())
+    assert got.device.type == "cuda"
+    assert torch.allclose(got.cpu(), hadamard_transform(y), rtol=1e-6, atol=1e-6)
+    assert torch.equal(ref.hadamard_quant(y.cuda(), 0.01).cpu(), ref.hadamard_quant(y, 0.01))
+
+
 def test_hadamard_rejects_unsupported_sizes():
     with pytest.raises(ValueError, match="no Hadamard transform"):
         factor(3 * 7)

@@ -110,7 +110,7 @@ def hadamard_transform(y: torch.Tensor) -> torch.Tensor:
     lead = y.shape[:-1]
     t = fwht_(y.float().reshape(*lead, m, p))
     if m > 1:
-        s = hadamard_m(m).to(torch.float32)
+        s = hadamard_m(m).to(device=y.device, dtype=torch.float32)  # the small H_m is built on the CPU
         out = s[:, 0, None] * t[..., 0:1, :]
         for b in range(1, m):
             out = out + s[:, b, None] * t[..., b : b + 1, :]

@@ -120,6 +120,33 @@ def test_hadamard_reference_runs_on_the_inputs_device(d):
     assert torch.equal(ref.hadamard_quant(y.cuda(), 0.01).cpu(), ref.hadamard_quant(y, 0.01))
 
 
+def _near_ties(scale: float) -> torch.Tensor:
+    """float32 values within 4 ulps of (k + 0.5) * scale for every code k: where x / s (IEEE) and x * fl(1 / s) can
+    round to different codes."""
+    x = (torch.arange(-128, 128, dtype=torch.float32) + 0.5) * torch.tensor(scale, dtype=torch.float32)
+    out, up, down = [x], x, x
+    for _ in range(4):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        out += [up, down]
+    return torch.cat(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the reference on a GPU is tested on the H100")
+@pytest.mark.parametrize("s", [0.01, 0.03])
+def test_quantizers_divide_on_a_gpu_as_on_the_cpu(s):
+    # spec: x / s is an IEEE float32 division; PyTorch's CUDA division by a CPU scalar multiplies by fl(1 / s)
+    x = _near_ties(s)
+    st = torch.tensor(s, dtype=torch.float32)
+    assert (torch.round(x / st) != torch.round(x * (1 / st))).any()  # these values tell the two apart
+    xc = x.cuda()
+    assert torch.equal(quantize(xc, s).cpu(), quantize(x, s))
+    assert torch.equal(fake_quant(xc, s).cpu(), fake_quant(x, s))
+    assert torch.equal(codes_of(xc, s).cpu(), codes_of(x, s))
+    for got, want in zip(ref.quantize_dual(xc, s, 8 * s), ref.quantize_dual(x, s, 8 * s), strict=True):
+        assert torch.equal(got.cpu(), want)
+
+
 def test_hadamard_rejects_unsupported_sizes():
     with pytest.raises(ValueError, match="no Hadamard transform"):
         factor(3 * 7)

@@ -25,6 +25,7 @@ from qmamba.ops.specmath import (
     QMAX,
     QMIN,
     dequantize,
+    divisor,
     exp_r,
     quantize,
     rmsnorm,
@@ -93,9 +94,9 @@ def quantize_dual(
     u: torch.Tensor, inlier_scale: float, outlier_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual-scale quantization: (int8 codes, uint8 mask). Outlier where round(u/s_in) is outside int8."""
-    q_in = torch.round(u.float() / torch.tensor(inlier_scale, dtype=torch.float32))
+    q_in = torch.round(u.float() / divisor(inlier_scale, u))
     mask = (q_in < QMIN) | (q_in > QMAX)
-    q = torch.where(mask, torch.round(u.float() / torch.tensor(outlier_scale, dtype=torch.float32)), q_in)
+    q = torch.where(mask, torch.round(u.float() / divisor(outlier_scale, u)), q_in)
     return q.clamp_(QMIN, QMAX).to(torch.int8), mask.to(torch.uint8)
 
 

@@ -21,9 +21,16 @@ QMAX = 127
 SPEC_VERSION = "1.1"
 
 
+def divisor(scale: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """scale as a float32 tensor on like's device, for dividing by it: with a CPU scalar divisor PyTorch's CUDA
+    division multiplies by the divisor's reciprocal instead (up to 1 ulp off the IEEE quotient, so a code can flip),
+    where its CPU division divides."""
+    return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
+
+
 def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """q = clamp(round_half_even(x / s), -128, 127) as int8; x / s is an IEEE float32 division."""
-    q = torch.round(x.float() / torch.as_tensor(scale, dtype=torch.float32))
+    q = torch.round(x.float() / divisor(scale, x))
     return q.clamp_(QMIN, QMAX).to(torch.int8)
 
 
@@ -34,7 +41,7 @@ def dequantize(q: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """dequantize(quantize(x)) as one float32 tensor: the simulated path's representation."""
-    s = torch.as_tensor(scale, dtype=torch.float32)
+    s = divisor(scale, x)
     return torch.round(x.float() / s).clamp_(QMIN, QMAX) * s
 
 
@@ -43,7 +50,7 @@ def codes_of(x_fq: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
 
     Exact: fl(q*s) = q*s*(1+e), |e| <= 2^-24, so fl(fl(q*s)/s) is within 127*2^-23 of q and rounds to q.
     """
-    return torch.round(x_fq / torch.as_tensor(scale, dtype=torch.float32))
+    return torch.round(x_fq / divisor(scale, x_fq))
 
 
 def scale_product(a: float | torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from qmamba.ops.specmath import (
     QMIN,
     a_from_a_log,
     codes_of,
+    divisor,
     fake_quant,
     quantize,
     rmsnorm,
@@ -273,7 +274,7 @@ class SimOps(_ComposedStages):
         new_state = xt[:, seqlen:].transpose(1, 2).contiguous()
         if s_out is None:
             return Act(fake_quant(u, s_u), s_u), new_state
-        q_in = torch.round(u / torch.tensor(s_u))
+        q_in = torch.round(u / divisor(s_u, u))
         mask = (q_in < QMIN) | (q_in > QMAX)
         u_fq = torch.where(mask, fake_quant(u, s_out), q_in * torch.tensor(s_u))
         return Act(u_fq, s_u, mask.float(), s_out), new_state

@@ -147,6 +147,58 @@ def test_quantizers_divide_on_a_gpu_as_on_the_cpu(s):
         assert torch.equal(got.cpu(), want)
 
 
+def _ref_op_cases() -> dict:
+    """Each reference op with inputs (CPU) and the tolerance of its outputs across devices: 0 (the same values)
+    for integer outputs and the spec's exact float results; the float tolerance where the spec allows any
+    summation order (the scan's y and state, tied logits)."""
+    g = torch.Generator().manual_seed(11)
+    i8 = lambda *shape: torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)  # noqa: E731
+    b, l, d, n, k, c = 2, 33, 96, 16, 64, 48
+    mask = (torch.rand(b, l, k, generator=g) < 0.05).to(torch.uint8)
+    ws = torch.rand(c, generator=g) * 0.01 + 1e-3
+    scan = (i8(b, l, d), (torch.rand(b, l, d, generator=g) < 0.01).to(torch.uint8), i8(b, l, d), i8(b, l, n),
+            i8(b, l, n), i8(b, l, d), -torch.rand(d, n, generator=g) - 0.1, torch.randn(d, generator=g),
+            torch.rand(d, generator=g) * -4 - 2)
+    scan_scales = dict(u_scale=0.02, u_outlier_scale=0.3, dt_scale=0.03, B_scale=0.01, C_scale=0.01, z_scale=0.02)
+    e_q, e_s = i8(50, k), torch.rand(50, generator=g) * 0.01
+    return {
+        "rms_norm_quant": (ref.rms_norm_quant, (torch.randn(b, l, k, generator=g), torch.rand(k, generator=g) + 0.5,
+                                                1e-5, 0.03), {}, 0.0),
+        "quant_linear int8 out": (ref.quant_linear, (i8(b, l, k), i8(c, k), 0.02, ws, 0.05), {}, 0.0),
+        "quant_linear float out": (ref.quant_linear, (i8(b, l, k), i8(c, k), 0.02, ws), {}, 0.0),
+        "quant_linear dual-scale in": (ref.quant_linear, (i8(b, l, k), i8(c, k), 0.02, ws, 0.05, mask, 0.4), {}, 0.0),
+        "quant_causal_conv1d": (ref.quant_causal_conv1d, (i8(b, l, k), i8(k, 4), torch.rand(k, generator=g) * 0.01,
+                                                          torch.randn(k, generator=g), 0.03, 0.01, i8(b, k, 3), 0.05),
+                                {}, 0.0),
+        "dual_scale_selective_scan": (ref.dual_scale_selective_scan, scan,
+                                      dict(scan_scales, initial_state=torch.randn(b, d, n, generator=g)), 1e-6),
+        "hadamard_quant": (ref.hadamard_quant, (torch.randn(b, l, 1536, generator=g), 0.01), {}, 0.0),
+        "embedding_lookup": (ref.embedding_lookup, (torch.randint(0, 50, (b, l), generator=g), e_q, e_s), {}, 0.0),
+        "tied_logits": (ref.tied_logits, (torch.randn(b, l, k, generator=g), e_q, e_s), {}, 1e-5),
+    }
+
+
+def _outputs(r) -> list[torch.Tensor]:
+    return [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the reference on a GPU is tested on the H100")
+@pytest.mark.parametrize("op", list(_ref_op_cases()))
+def test_reference_ops_give_the_cpu_results_on_a_gpu(op):
+    fn, args, kwargs, tol = _ref_op_cases()[op]
+    on = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    want = _outputs(fn(*args, **kwargs))
+    got = _outputs(fn(*(on(a) for a in args), **{key: on(v) for key, v in kwargs.items()}))
+    assert len(got) == len(want)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.device.type == "cuda" and g_.dtype == w.dtype and g_.shape == w.shape
+        if tol == 0.0:
+            assert torch.equal(g_.cpu(), w)
+        else:
+            assert ((g_.cpu().double() - w.double()).norm() / w.double().norm()).item() <= tol
+
+
 def test_hadamard_rejects_unsupported_sizes():
     with pytest.raises(ValueError, match="no Hadamard transform"):
         factor(3 * 7)

@@ -55,7 +55,11 @@ def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> to
 def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 accumulator sum_k x[..,k] * w[c,k]."""
     lead = x_q.shape[:-1]
-    acc = x_q.reshape(-1, x_q.shape[-1]).to(torch.int32) @ w_q.to(torch.int32).T
+    x2 = x_q.reshape(-1, x_q.shape[-1])
+    if x2.is_cuda:  # no integer matmul on CUDA: float64 is exact here (every partial sum is an integer < 2^53)
+        acc = (x2.double() @ w_q.double().T).to(torch.int32)
+    else:
+        acc = x2.to(torch.int32) @ w_q.to(torch.int32).T
     return acc.reshape(*lead, w_q.shape[0])
 
 

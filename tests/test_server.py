@@ -10,13 +10,17 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
-import uvicorn
 
-from qmamba.runtime import ByteTokenizer, Generator, SamplingParams, load_backend
-from qmamba.server.app import create_app
-from qmamba.server.engine import Engine
+for _mod in ("fastapi", "uvicorn", "httpx"):  # a skip with the reason, not a collection error
+    pytest.importorskip(_mod, reason=f"{_mod} is not installed: the server extra is needed for these tests")
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from qmamba.runtime import ByteTokenizer, Generator, SamplingParams, load_backend  # noqa: E402
+from qmamba.server.app import create_app  # noqa: E402
+from qmamba.server.engine import Engine  # noqa: E402
 
 
 def _free_port() -> int:

@@ -213,3 +213,22 @@ def test_server_on_the_gpu_backend_batches_concurrent_streams(qmodel):
             got = list(pool.map(lambda p: _read_stream(url, p, 16)[0], prompts))
         assert got == [c.text for c in want]
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_float_model_on_the_gpu_matches_the_cpu(tiny_model_dir):
+    """`qmamba serve --backend torch --device cuda` with a float model: TorchBackend on the GPU, traced (so the
+    Hadamard stage runs the reference transform there), prefill and a decode step within float tolerance of the
+    CPU's (cuDNN may run the depthwise conv in TF32)."""
+    ids = rand_ids(2, 9, seed=3)
+    cpu, gpu = TorchBackend(load_model(tiny_model_dir)), TorchBackend(load_model(tiny_model_dir), "cuda")
+    with trace.trace() as t_cpu:
+        logits_cpu, states_cpu = cpu.prefill(ids)
+    with trace.trace() as t_gpu:
+        logits_gpu, states_gpu = gpu.prefill(ids)
+    assert states_gpu[0].ssm.device.type == "cuda"  # the tracer and the backend hand values back on the CPU
+    assert rel(logits_gpu, logits_cpu) <= 2e-3  # the last position's logits
+    assert rel(t_gpu.float_dict()["layers.0.hadamard"], t_cpu.float_dict()["layers.0.hadamard"]) <= 2e-3
+    nxt = logits_cpu.argmax(-1)
+    step_cpu, _ = cpu.decode(nxt, states_cpu)
+    step_gpu, _ = gpu.decode(nxt, states_gpu)
+    assert rel(step_gpu, step_cpu) <= 2e-3

@@ -24,8 +24,11 @@ SPEC_VERSION = "1.1"
 def divisor(scale: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """scale as a float32 tensor on like's device, for dividing by it: with a CPU scalar divisor PyTorch's CUDA
     division multiplies by the divisor's reciprocal instead (up to 1 ulp off the IEEE quotient, so a code can flip),
-    where its CPU division divides."""
-    return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
+    where its CPU division divides. A number is filled on that device rather than copied from the host (no copy per
+    call, and a copy is not allowed inside CUDA-graph capture); a tensor of scales is moved there."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=like.device, dtype=torch.float32)
+    return torch.full((), float(scale), dtype=torch.float32, device=like.device)
 
 
 def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -102,9 +105,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     x = x.float()
     d = x.shape[-1]
-    # the divisor a tensor on x's device (a CPU scalar divisor makes PyTorch's CUDA path multiply by its reciprocal),
-    # filled there rather than copied from the host (a copy is not allowed inside CUDA-graph capture)
-    ms = sum_r(x * x, -1) / x.new_full((), float(d))
+    ms = sum_r(x * x, -1) / divisor(d, x)
     r = 1.0 / sqrt_r(ms + x.new_full((), eps))
     return (x * r.unsqueeze(-1)) * weight.float()
 

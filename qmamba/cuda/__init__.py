@@ -7,6 +7,7 @@ builds it with trt_plugins/kernels/build.sh when nvcc is available.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import subprocess
@@ -135,6 +136,19 @@ def load_library(path: str | Path | None = None, build: bool = True) -> ctypes.C
     if path is None:
         _lib = lib
     return lib
+
+
+@contextlib.contextmanager
+def use_library(lib: ctypes.CDLL):
+    """Route this module's calls to `lib` (another build of the same C ABI, from load_library(path)) inside the
+    block, then back to the library before it: for timing builds against each other in one process."""
+    global _lib
+    before = _lib
+    _lib = lib
+    try:
+        yield lib
+    finally:
+        _lib = before
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # bench_kernels, and qmamba from this checkout
 from bench_kernels import SCALES, channel_major_sets, scan_sets, timeit  # noqa: E402
 
 from qmamba import cuda as k  # noqa: E402

@@ -11,9 +11,9 @@ import torch
 
 from export.builder import OPSET
 from export.graph import ExportOptions, build_model
+from export.plugin_limits import check_plugin_limits
 from qmamba.errors import UserError
 from qmamba.model.checkpoint import atomic_dir, commit_dir, load_model
-from qmamba.ops.hadamard import factor
 from qmamba.ops.specmath import SPEC_VERSION
 from qmamba.quant.checkpoint import is_qdir, load_quantized
 from qmamba.quant.recipes import get_recipe
@@ -52,7 +52,9 @@ def export(src: Path, out: Path, recipe: str | None = None, layers: str | None =
            max_batch: int = 64, max_len: int = 8192, force: bool = True) -> dict:
     model = load_for_export(src, recipe)
     cfg = model.cfg
-    factor(cfg.d_inner)
+    recipe_of = getattr(model, "recipe", None)  # None: a float model, exported as fp16
+    check_plugin_limits(cfg, quantized=bool(recipe_of and recipe_of.quantized),
+                        int8_ssm=bool(recipe_of and recipe_of.int8_ssm))
     sel = parse_layers(layers, cfg.n_layer)
     if max_batch < 1 or max_len < 1:
         raise UserError("--max-batch and --max-len must be positive")

@@ -199,3 +199,53 @@ def test_export_rejects_bad_sources_and_writes_nothing(exported, tiny_model_dir,
     assert main(["export", str(ref), "--layers", "0,2", "--out", str(tmp_path / "c")]) == 2
     assert "consecutive" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_export_refuses_a_model_the_plugins_cannot_run_and_writes_nothing(tmp_path, capsys):
+    from qmamba.config import MambaConfig
+    from qmamba.model.checkpoint import save_model
+    from qmamba.model.mamba import MambaLM
+
+    src = tmp_path / "n12"
+    save_model(MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=64, d_state=12, dt_rank=4)).init_weights(0),
+               src)
+    assert main(["export", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "d_state=12" in err and "(8, 16, 32, 64)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n12"]
+
+
+def test_plugin_limits_name_every_broken_limit_and_only_for_the_ops_in_the_graph():
+    from export.plugin_limits import check_plugin_limits
+    from qmamba.config import MambaConfig
+    from qmamba.errors import UserError
+
+    bad = MambaConfig(d_model=500, n_layer=1, vocab_size=64, d_conv=9, rms_norm_eps=2.0, dt_rank=4)  # d_inner 1000
+    with pytest.raises(UserError) as e:
+        check_plugin_limits(bad, quantized=True, int8_ssm=True)
+    msg = str(e.value)
+    assert "d_conv=9" in msg and "2..8" in msg and "rms_norm_eps=2.0" in msg and "d_inner=1000" in msg, msg
+    with pytest.raises(UserError) as e:  # w8a8-fpssm: a float conv, so any d_conv
+        check_plugin_limits(bad, quantized=True, int8_ssm=False)
+    assert "d_conv" not in str(e.value) and "rms_norm_eps" in str(e.value)
+    check_plugin_limits(bad, quantized=False, int8_ssm=False)  # fp16: no conv, norm or Hadamard plugin
+    check_plugin_limits(MambaConfig(d_model=768, n_layer=1, vocab_size=64), quantized=True, int8_ssm=True)
+
+
+def test_plugin_limits_are_the_plugins_own():
+    import re
+    from pathlib import Path
+
+    from export import plugin_limits as pl
+
+    plugins = Path(__file__).resolve().parents[1] / "trt_plugins" / "plugins"
+    conv = (plugins / "quantCausalConv1d" / "quantCausalConv1dPlugin.cpp").read_text()
+    norm = (plugins / "rmsNormQuant" / "rmsNormQuantPlugin.cpp").read_text()
+    scan = (plugins / "common" / "scanPlugin.cpp").read_text()
+    k = re.search(r'\{"kernel_size", PluginFieldType::kINT32, (\d+), (\d+),', conv)
+    eps = re.search(r'\{"eps", PluginFieldType::kFLOAT32, ([\d.]+), ([\d.e+]+),', norm)
+    n = re.search(r"N == -1((?: \|\| N == \d+)+)", scan)
+    assert k and eps and n, "a plugin's field table or shape check moved: update export/plugin_limits.py's pattern"
+    assert (int(k[1]), int(k[2])) == pl.CONV_KERNEL_SIZES
+    assert float(eps[1]) == 0.0 and float(eps[2]) == pl.MAX_RMS_NORM_EPS
+    assert tuple(int(x) for x in re.findall(r"\d+", n[1])) == pl.SCAN_STATE_SIZES

@@ -206,7 +206,17 @@ extern "C" int qm_hadamard_quant(const void* x, int x_dtype, int8_t* y, int64_t 
   }
   size_t smem = 2 * sizeof(float) * static_cast<size_t>(dim);
   if (smem > 48 * 1024) {
-    cudaError_t e = x_dtype == QM_DTYPE_FLOAT32
+    // the row kernel holds a row in shared memory: refuse, with the limit, a dim this GPU cannot hold
+    int dev = 0, optin = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: device attributes", e);
+    if (smem > static_cast<size_t>(optin)) {
+      qm::set_error("qm_hadamard_quant: dim=%d needs %zu bytes of shared memory per block and this GPU allows %d: "
+                    "dim <= %d here", dim, smem, optin, optin / static_cast<int>(2 * sizeof(float)));
+      return QM_ERR_UNSUPPORTED;
+    }
+    e = x_dtype == QM_DTYPE_FLOAT32
         ? cudaFuncSetAttribute(hadamard_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)
         : cudaFuncSetAttribute(hadamard_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return qm::fail_cuda("qm_hadamard_quant: shared memory", e);

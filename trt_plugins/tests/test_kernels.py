@@ -489,6 +489,8 @@ def test_invalid_arguments_are_reported(k):
         k.hadamard_quant(y, 0.1)
     with pytest.raises(k.KernelError, match="scale must be positive"):
         k.hadamard_quant(torch.randn(2, 16, device="cuda"), -1.0)
+    with pytest.raises(k.KernelError, match=r"unsupported: .*dim=57344 needs 458752 bytes of shared memory"):
+        k.hadamard_quant(torch.randn(1, 28 * 2048, device="cuda"), 0.1)  # a valid order, but no GPU holds its row
     x = torch.randint(-128, 128, (1, 4, 8), dtype=torch.int8, device="cuda")
     w = torch.randint(-128, 128, (8, 9), dtype=torch.int8, device="cuda")
     with pytest.raises(k.KernelError, match="kernel_size=9"):

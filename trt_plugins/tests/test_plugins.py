@@ -182,6 +182,9 @@ def test_bad_fields_and_shapes_are_refused_with_the_reason(harness):
     fields, ins, _, _ = case("DualScaleSelectiveScan", "dual")
     r = harness.run("DualScaleSelectiveScan", {**fields, "y_dtype": 7}, ins, 2)
     assert r.status == -3 and "y_dtype must be 1 (float32) or 10 (float16)" in r.message
+    wide_mask = [ins[0], ins[1].unsqueeze(-1).repeat(1, 1, 1, 2), *ins[2:]]  # [B, L, D, 2]: not U's shape
+    r = harness.run("DualScaleSelectiveScan", fields, wide_mask, 2)
+    assert r.status == -9 and "U_mask [B, L, D]" in r.message and "U_mask [" in r.message.split("got")[1], r.message
     fields, ins, _, _ = case("SelectiveStateUpdate", "dual", l=1)
     long = [t.repeat(1, 3, 1) if t.dim() == 3 and t.shape[1] == 1 else t for t in ins]
     r = harness.run("SelectiveStateUpdate", fields, long, 2)

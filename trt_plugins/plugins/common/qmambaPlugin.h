@@ -7,6 +7,7 @@
 #include <NvInferRuntime.h>
 
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -103,14 +104,17 @@ class PluginBase : public IPluginV3, public IPluginV3OneCore, public IPluginV3On
   float fieldF(size_t i) const noexcept { return static_cast<float>(mValues[i]); }
   int32_t fieldI(size_t i) const noexcept { return static_cast<int32_t>(mValues[i]); }
   int32_t fail(std::string const& why) const noexcept;  // logs "<op>: why", returns -1
-  // clone() of every op: a new plugin with the same field values (nullptr if allocation fails)
+  // clone() of every op: a new plugin with the same field values (nullptr, with the reason logged, if that fails)
   template <class P>
   static IPluginV3* cloneAs(P const& self) noexcept {
     try {
       return new P(self.mValues);
+    } catch (std::exception const& e) {
+      static_cast<PluginBase const&>(self).fail(std::string("clone failed: ") + e.what());
     } catch (...) {
-      return nullptr;
+      static_cast<PluginBase const&>(self).fail("clone failed");
     }
+    return nullptr;
   }
 
   OpInfo const& mInfo;

@@ -59,7 +59,8 @@ bool ScanPlugin::checkShapes(Dims const* in, Dims const* out, std::string& why) 
   Dims const &u = in[0], &dt = in[1 + o], &bm = in[2 + o], &cm = in[3 + o], &z = in[4 + o], &a = in[5 + o],
              &dsk = in[6 + o], &bias = in[7 + o], &st = in[8 + o];
   bool ok = rankIs(u, 3) && rankIs(dt, 3) && rankIs(bm, 3) && rankIs(cm, 3) && rankIs(z, 3) && rankIs(a, 2) &&
-            rankIs(dsk, 1) && rankIs(bias, 1) && rankIs(st, 3) && rankIs(out[0], 3) && rankIs(out[1], 3);
+            rankIs(dsk, 1) && rankIs(bias, 1) && rankIs(st, 3) && rankIs(out[0], 3) && rankIs(out[1], 3) &&
+            (!dual() || rankIs(in[1], 3));
   if (ok) {
     const int64_t B = u.d[0], L = u.d[1], D = u.d[2], N = a.d[1];
     for (Dims const* x : {&dt, &z}) ok = ok && dimOk(x->d[0], B) && dimOk(x->d[1], L) && dimOk(x->d[2], D);
@@ -72,7 +73,8 @@ bool ScanPlugin::checkShapes(Dims const* in, Dims const* out, std::string& why) 
   if (!ok)
     why = std::string("expected U, dt, Z [B, L, D]") + (dual() ? ", U_mask [B, L, D]" : "") +
           ", Bmat/Cmat [B, L, N], A [D, N] with N in {8, 16, 32, 64}, Dskip/dt_bias [D], state [B, D, N]" +
-          (mDecode ? ", L = 1" : "") + "; got U " + dimsStr(u) + ", Bmat " + dimsStr(bm) + ", A " + dimsStr(a) +
+          (mDecode ? ", L = 1" : "") + "; got U " + dimsStr(u) + (dual() ? ", U_mask " + dimsStr(in[1]) : "") +
+          ", Bmat " + dimsStr(bm) + ", A " + dimsStr(a) +
           ", state " + dimsStr(st);
   return ok;
 }

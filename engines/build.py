@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from qmamba.errors import UserError
+from qmamba.model.checkpoint import commit_dir
 
 GRAPHS = ("prefill", "decode")
 
@@ -87,10 +87,20 @@ class _Logger:
         self.logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
 
 
+def check_out_dir(onnx_dir: Path, out_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that would replace what exists without --force, or the ONNX graphs."""
+    src, dst = onnx_dir.resolve(), out_dir.resolve()
+    if dst == src or dst in src.parents:
+        raise EngineError(f"--out {out_dir} would replace the ONNX directory {onnx_dir} the engines are built from")
+    if out_dir.exists() and not force:
+        raise EngineError(f"{out_dir} exists; pass --force to replace it")
+
+
 def build_engine(onnx_dir: Path, plugins: Path, out_dir: Path, profiles: Profiles = Profiles(),
-                 timing_cache: Path | None = None, verbose: bool = False) -> dict:
-    trt = _trt()
+                 timing_cache: Path | None = None, verbose: bool = False, force: bool = False) -> dict:
     onnx_dir, plugins, out_dir = Path(onnx_dir), Path(plugins), Path(out_dir)
+    check_out_dir(onnx_dir, out_dir, force)
+    trt = _trt()
     if not plugins.is_file():
         raise EngineError(f"plugin library {plugins} not found (build trt_plugins first)")
     graphs = [g for g in GRAPHS if (onnx_dir / f"{g}.onnx").is_file()]
@@ -102,8 +112,8 @@ def build_engine(onnx_dir: Path, plugins: Path, out_dir: Path, profiles: Profile
         raise EngineError(f"TensorRT could not load the plugin library {plugins}")
     timing_cache = timing_cache or out_dir.parent / "timing.cache"
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent if out_dir.parent.exists()
-                                else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp dir goes beside it: os.replace stays on one disk
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     meta = {
         "tensorrt_version": trt.__version__,
         "gpu": gpu_name(),
@@ -145,9 +155,7 @@ def build_engine(onnx_dir: Path, plugins: Path, out_dir: Path, profiles: Profile
             meta["graphs"][g] = {"inputs": shapes, "sha256": file_sha256(tmp / f"{g}.engine")}
         (tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
         timing_cache.write_bytes(cache_bytes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        commit_dir(tmp, out_dir, overwrite=force)  # the old engines go only once the new ones are in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +22,7 @@ import torch
 from qmamba import trace
 from qmamba.compare import metrics, write_report
 from qmamba.errors import UserError
+from qmamba.model.checkpoint import atomic_dir
 from qmamba.ops.ref import embedding_lookup
 
 
@@ -113,6 +116,8 @@ def make_inputs(meta: dict, batch: int, seq_len: int, seed: int, input_ids: Path
             raise UserError(f"--input-ids has ids outside [0, {vocab})")
         ids = torch.from_numpy(arr.astype(np.int64))
     else:
+        if batch < 1 or seq_len < 1:
+            raise UserError(f"--batch {batch} and --seq-len {seq_len} must both be positive")
         ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     b, l = ids.shape
     if not 1 <= b <= meta["max_batch"]:
@@ -196,6 +201,10 @@ def check(model: Path, reference: Path, backend: str, batch: int = 2, seq_len: i
     missing = [n for n in feed if n not in be.input_names()]
     if missing:
         raise UserError(f"{model} has no input {missing[0]!r}; it expects {be.input_names()}")
+    unfed = [n for n in be.input_names() if n not in feed]
+    if unfed:
+        raise UserError(f"{model} also takes {unfed}, which a {graph} check does not feed: check runs the prefill "
+                        "graph (prefill.onnx) or a block graph, not decode.onnx")
     got = be.run(feed)
     names = sorted((set(ref) & set(got)) - {"logits"}, key=_order_key) + (["logits"] if "logits" in got else [])
     if not any(n.startswith("layers.") for n in names):
@@ -213,7 +222,8 @@ def check(model: Path, reference: Path, backend: str, batch: int = 2, seq_len: i
     got = {n: np.ascontiguousarray(got[n].astype(ref[n].dtype, copy=False)) for n in names}
     results.append(("pytorch", [IterationResult(dict(ref), runner_name="pytorch")]))
     results.append((be.name, [IterationResult(dict(got), runner_name=be.name)]))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory")
     try:
         from polygraphy.comparator import SimpleCompareFunc
 
@@ -230,16 +240,30 @@ def check(model: Path, reference: Path, backend: str, batch: int = 2, seq_len: i
             for it in iters:
                 for name, res in it.items():
                     passed[name] = bool(res)
-    save_json([feed], out_dir / "inputs.json")
-    ref_only = RunResults()
-    ref_only.append(results[0])
-    ref_only.save(str(out_dir / "reference_outputs.json"))
-    results.save(str(out_dir / "run_results.json"))
-    if hasattr(accuracy, "save"):
-        accuracy.save(str(out_dir / "accuracy.json"))
-
     rows = [metrics(n, torch.from_numpy(ref[n].astype(np.float64)), torch.from_numpy(got[n].astype(np.float64)))
             for n in names]
+    failed = [r for r in rows if not passed[r.name]]
+    # every file is written beside out_dir first and moved in only when all are complete: a failure (a full disk)
+    # leaves the previous report, not half of a new one; other files in out_dir are left alone
+    tmp = atomic_dir(out_dir)
+    try:
+        save_json([feed], tmp / "inputs.json")
+        ref_only = RunResults()
+        ref_only.append(results[0])
+        ref_only.save(str(tmp / "reference_outputs.json"))
+        results.save(str(tmp / "run_results.json"))
+        if hasattr(accuracy, "save"):
+            accuracy.save(str(tmp / "accuracy.json"))
+        write_report(rows, tmp, f"{be.name} vs PyTorch ({meta['recipe']})",
+                     {"backend": be.name, "passed": {k: v for k, v in passed.items()},
+                      "first_failure": failed[0].name if failed else None,
+                      "tolerance": dataclasses.asdict(tol)})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
     head = f"{'layer':>5}  {'stage':<20} {'dtype':<7} {'pass':<4} {'rel L2':>10} {'max abs':>10} {'SQNR dB':>8}"
     print(f"{be.name} vs PyTorch on {model} (recipe {meta['recipe']}, {graph} graph, input {tuple(ids.shape)})")
     print(head)
@@ -249,11 +273,6 @@ def check(model: Path, reference: Path, backend: str, batch: int = 2, seq_len: i
         layer = "" if r.layer is None else str(r.layer)
         print(f"{layer:>5}  {r.stage:<20} {str(ref[r.name].dtype):<7} {'ok' if passed[r.name] else 'FAIL':<4} "
               f"{r.rel_l2:>10.3e} {r.max_abs:>10.3e} {sq:>8}")
-    failed = [r for r in rows if not passed[r.name]]
-    write_report(rows, out_dir, f"{be.name} vs PyTorch ({meta['recipe']})",
-                 {"backend": be.name, "passed": {k: v for k, v in passed.items()},
-                  "first_failure": failed[0].name if failed else None,
-                  "tolerance": dataclasses.asdict(tol)})
     int_names = [n for n in names if ref[n].dtype.kind in "iu"]
     cmd = ["polygraphy", "run", str(model), "--onnxrt" if be.name == "onnxruntime" else "--trt",
            "--load-inputs", str(out_dir / "inputs.json"), "--load-outputs", str(out_dir / "reference_outputs.json"),

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--stages", action="store_true", help="expose every stage tensor (layers.{i}.{stage})")
     e.add_argument("--max-batch", type=int, default=64, help="largest batch the export is checked for")
     e.add_argument("--max-len", type=int, default=8192, help="longest prompt the export is checked for")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=run_export)
 
     c = sub.add_parser("check", help="compare a backend with the PyTorch reference stage by stage (Polygraphy)")
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from export.exporter import export
 
-    meta = export(args.model, args.out, args.recipe, args.layers, args.stages, args.max_batch, args.max_len)
+    meta = export(args.model, args.out, args.recipe, args.layers, args.stages, args.max_batch, args.max_len,
+                  force=args.force)
     files = ", ".join(meta["graphs"].values())
     print(f"wrote {args.out}: {files} (recipe {meta['recipe']}, opset {meta['opset']}"
           f"{', with stage outputs' if meta['stages'] else ''})")

@@ -41,7 +41,9 @@ def parse_layers(spec: str | None, n_layer: int) -> tuple[int, ...] | None:
         layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
     except ValueError:
         raise UserError(f"--layers takes comma-separated layer indices, got {spec!r}") from None
-    if not layers or layers[0] < 0 or layers[-1] >= n_layer:
+    if not layers:
+        raise UserError(f"--layers {spec!r} names no layer: give comma-separated indices, e.g. 0,1")
+    if layers[0] < 0 or layers[-1] >= n_layer:
         raise UserError(f"--layers {spec!r}: the model has layers 0..{n_layer - 1}")
     if list(layers) != list(range(layers[0], layers[-1] + 1)):
         raise UserError(f"--layers {spec!r}: a block graph needs consecutive layers (the residual flows through)")
@@ -49,7 +51,7 @@ def parse_layers(spec: str | None, n_layer: int) -> tuple[int, ...] | None:
 
 
 def export(src: Path, out: Path, recipe: str | None = None, layers: str | None = None, stages: bool = False,
-           max_batch: int = 64, max_len: int = 8192, force: bool = True) -> dict:
+           max_batch: int = 64, max_len: int = 8192, force: bool = False) -> dict:
     model = load_for_export(src, recipe)
     cfg = model.cfg
     recipe_of = getattr(model, "recipe", None)  # None: a float model, exported as fp16
@@ -59,7 +61,7 @@ def export(src: Path, out: Path, recipe: str | None = None, layers: str | None =
     if max_batch < 1 or max_len < 1:
         raise UserError("--max-batch and --max-len must be positive")
     if out.exists() and not force:
-        raise UserError(f"{out} exists")
+        raise UserError(f"{out} exists; pass --force to replace it")
     graphs = {"block": ExportOptions("block", sel, stages)} if sel is not None else {
         "prefill": ExportOptions("prefill", None, stages), "decode": ExportOptions("decode", None, stages)}
     tmp = atomic_dir(out)
@@ -86,7 +88,7 @@ def export(src: Path, out: Path, recipe: str | None = None, layers: str | None =
             "model_config": cfg.to_hf(),
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, overwrite=force)  # refuses an out that appeared meanwhile, unless forced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

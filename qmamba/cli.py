@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qmamba: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: unwritable paths, full disks (the message names them)
         print(f"qmamba {args.command}: error: {e}", file=sys.stderr)
         return 2
 

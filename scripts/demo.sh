@@ -23,7 +23,7 @@ echo "== 3. held-out perplexity per recipe"
 if "$QMAMBA" export --help >/dev/null 2>&1; then
   echo
   echo "== 4. export to ONNX and check ONNX Runtime against PyTorch, stage by stage"
-  "$QMAMBA" export "$OUT/qdir-w8a8-dualscale" --out "$OUT/onnx" --stages
+  "$QMAMBA" export "$OUT/qdir-w8a8-dualscale" --out "$OUT/onnx" --stages --force
   "$QMAMBA" check "$OUT/onnx/prefill.onnx" --reference "$OUT/qdir-w8a8-dualscale" --backend onnxruntime \
     --out "$OUT/check-onnxruntime"
 fi
@@ -51,7 +51,7 @@ fi
 if [ -z "$trt_skip" ]; then
   echo "== 5. TensorRT engines (prefill + decode) and a per-stage check of the engine against PyTorch"
   "$QMAMBA" build-engine "$OUT/onnx" --plugins "$PLUGINS" --out "$OUT/engine" \
-    --batch 1,2,4 --length 1,64,512 --decode-batch 1,4,16
+    --batch 1,2,4 --length 1,64,512 --decode-batch 1,4,16 --force
   "$QMAMBA" check "$OUT/engine" --reference "$OUT/qdir-w8a8-dualscale" --backend tensorrt --out "$OUT/check-tensorrt"
 else
   echo "== 5. skipped the TensorRT engine build + check: $trt_skip (the docker image has all it needs: docker/README.md)"

@@ -154,6 +154,8 @@ def test_check_rejects_bad_inputs(exported, tmp_path, capsys):
         (["--batch", "5"], "batch 5 is outside what was exported (1..4)"),
         (["--seq-len", "513"], "length 513 is outside what was exported (1..512)"),
         (["--reference", str(exported["w8a8-dualscale"][0])], "holds recipe w8a8-dualscale"),
+        (["--seq-len", "-1"], "--batch 2 and --seq-len -1 must both be positive"),
+        (["--batch", "0"], "--batch 0 and --seq-len 64 must both be positive"),
     ]
     for extra, msg in cases:
         args = ["check", model, "--reference", str(ref), "--out", str(tmp_path / "o")] + extra
@@ -161,6 +163,35 @@ def test_check_rejects_bad_inputs(exported, tmp_path, capsys):
             args = ["check", model, "--out", str(tmp_path / "o")] + extra
         assert main(args) == 2, msg
         assert msg in capsys.readouterr().err
+    decode = str(onnx_dir / "decode.onnx")
+    assert main(["check", decode, "--reference", str(ref), "--out", str(tmp_path / "o")]) == 2
+    assert "not decode.onnx" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["check", model, "--reference", str(ref), "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "file", "r3.npy"]  # nothing written
+
+
+def test_check_writes_its_report_whole_and_leaves_other_files(exported, tmp_path, capsys, monkeypatch):
+    ref, onnx_dir = exported["w8a8"]
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["check", str(onnx_dir / "prefill.onnx"), "--reference", str(ref), "--batch", "1", "--seq-len", "8",
+            "--out", str(out)]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"notes.txt", "inputs.json", "reference_outputs.json", "run_results.json", "compare.json"} <= set(first)
+    import export.check as chk
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chk, "write_report", full_disk)  # the last file of the report fails to write
+    assert main(args + ["--seed", "7"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the previous report, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temp dir left
 
 
 def test_check_fails_loudly_on_a_wrong_model(exported, tmp_path, capsys):

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-batch", type=_triple, default=(1, 8, 64), help="decode batch MIN,OPT,MAX")
     p.add_argument("--timing-cache", type=Path, default=None)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
@@ -31,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from engines.build import Profiles, build_engine
 
     meta = build_engine(args.onnx_dir, args.plugins, args.out, Profiles(args.batch, args.length, args.decode_batch),
-                        args.timing_cache, args.verbose)
+                        args.timing_cache, args.verbose, force=args.force)
     print(json.dumps({k: v for k, v in meta.items() if k != "export"}, indent=2))
     return 0

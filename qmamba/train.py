@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qmamba.config import MambaConfig
-from qmamba.data import DEFAULT_CACHE, encode, load_plays, split
+from qmamba.data import DEFAULT_CACHE, DataError, encode, load_plays, split
 from qmamba.model.checkpoint import save_model
 from qmamba.model.mamba import MambaLM
 
@@ -37,9 +37,12 @@ class TrainOptions:
 def heldout_nll(model, val_ids: torch.Tensor, seq_len: int, windows: int, batch: int = 16,
                 fast: bool = True, device: str = "cpu") -> float:
     """Mean next-byte NLL (nats) over the first `windows` non-overlapping held-out windows."""
+    # checked first: seq_len 0 would divide by zero and windows <= 0 would blame the text's length
+    if seq_len < 1 or windows < 1:
+        raise ValueError(f"window length {seq_len} and window count {windows} must both be at least 1")
     n = min(windows, (len(val_ids) - 1) // seq_len)
     if n <= 0:
-        raise ValueError("held-out text is shorter than one window")
+        raise DataError(f"held-out text has {len(val_ids)} bytes, shorter than one {seq_len}-byte window + 1")
     x = val_ids[: n * seq_len + 1]
     inputs = x[:-1].view(n, seq_len)
     targets = x[1:].view(n, seq_len)

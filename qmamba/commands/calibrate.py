@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from qmamba.data import DEFAULT_CACHE
+from qmamba.data import DEFAULT_CACHE, load_text, sample_windows
+from qmamba.errors import UserError
 
 
 def add_calib_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -27,6 +28,11 @@ def calib_spec(args: argparse.Namespace, prefix: str = ""):
     from qmamba.quant.loading import CalibSpec
 
     pre = prefix.replace("-", "_")
+    # checked here, before any loading, so the message names this command's own option
+    for opt in ("samples", "seq-len"):
+        value = getattr(args, pre + opt.replace("-", "_"))
+        if value < 1:
+            raise UserError(f"--{prefix}{opt} must be at least 1, got {value}")
     return CalibSpec(
         data=getattr(args, f"{pre}data"),
         samples=getattr(args, f"{pre}samples"),
@@ -51,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     from qmamba.model.checkpoint import load_model
     from qmamba.quant.calibrate import calibrate
     from qmamba.quant.checkpoint import save_quantized
-    from qmamba.quant.loading import calibration_ids
     from qmamba.quant.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
@@ -61,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
     spec = calib_spec(args)
     model = load_model(args.model_dir)
-    ids = calibration_ids(spec)
+    # quant.loading.calibration_ids with this command's option names in the errors
+    ids = sample_windows(load_text(spec.data, spec.cache_dir), spec.samples, spec.seq_len, spec.seed,
+                         what=f"--data {spec.data}", samples_opt="--samples", seq_len_opt="--seq-len")
     q = calibrate(model, recipe, ids, spec.options)
     src = os.path.relpath(args.model_dir.resolve(), args.out.resolve().parent)
     extra = {

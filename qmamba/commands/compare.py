@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qmamba.commands.calibrate import add_calib_args, calib_spec
+from qmamba.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,10 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from qmamba.data import load_text, sample_windows
     from qmamba.quant.loading import load_runnable
 
+    # checked before loading or calibrating anything
+    for opt, value in (("--batch", args.batch), ("--length", args.length)):
+        if value < 1:
+            raise UserError(f"{opt} must be at least 1, got {value}")
     spec = calib_spec(args, prefix="calib-")
     ref = load_runnable(args.model, args.reference, spec)
     tgt = load_runnable(args.model, args.target, spec)
-    ids = sample_windows(load_text(args.eval_data, args.cache_dir), args.batch, args.length, args.seed + 1)
+    ids = sample_windows(load_text(args.eval_data, args.cache_dir), args.batch, args.length, args.seed + 1,
+                         what=f"--eval-data {args.eval_data}", samples_opt="--batch", seq_len_opt="--length")
     with trace.trace() as tr_ref:
         ref(ids)
     with trace.trace() as tr_tgt:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from qmamba.commands.calibrate import add_calib_args, calib_spec
+from qmamba.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from qmamba.train import heldout_nll
 
     recipes = [get_recipe(r.strip()).name for r in args.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise UserError(f"--recipes {args.recipes!r} names no recipe: give a comma-separated list, e.g. fp16,w8a8")
+    for opt, value in (("--windows", args.windows), ("--length", args.length)):
+        if value < 1:
+            raise UserError(f"{opt} must be at least 1, got {value}")
     spec = calib_spec(args, prefix="calib-")
     val = encode(load_text(args.eval_data, args.cache_dir))
+    if len(val) < args.length + 1:
+        raise UserError(f"--eval-data {args.eval_data} has {len(val)} bytes, fewer than --length {args.length} + 1")
     rows = []
     base = None
     for name in recipes:

@@ -14,17 +14,27 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qmamba.config import MambaConfig
+from qmamba.errors import UserError
 from qmamba.model.mamba import MambaLM
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config or the model."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is unreadable or does not match its config or the model."""
 
 
 _RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file, with a truncated or foreign file reported as a user error naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -32,17 +42,52 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     if st:
         out: dict[str, torch.Tensor] = {}
         for f in st:
-            out.update(load_file(str(f)))
+            out.update(read_safetensors(f))
         return out
     binf = model_dir / "pytorch_model.bin"
     if binf.is_file():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(binf, map_location="cpu", weights_only=True)
+        # a corrupt pickle/zip fails with many exception types (EOFError, RuntimeError, IndexError, ...)
+        except Exception as e:
+            raise CheckpointError(f"{binf} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{binf} holds a {type(tensors).__name__}, not a dict of named tensors")
+        return tensors
     raise CheckpointError(f"{model_dir}: no *.safetensors or pytorch_model.bin found")
+
+
+_JSON_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a JSON string", bool: "a JSON boolean",
+               int: "a JSON number", float: "a JSON number", type(None): "JSON null"}
+
+
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is ('a JSON array', ...), for error messages."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _load_config(model_dir: Path) -> MambaConfig:
+    """MambaConfig.load, with every way config.json can be broken reported with its path."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a model directory needs config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds {json_kind(d)}, expected a JSON object (a Mamba config)")
+    try:
+        return MambaConfig.from_dict(d)
+    # ConfigError is a ValueError; a field of the wrong type fails as KeyError/TypeError/AttributeError
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path}: not a Mamba-1 config ({detail})") from e
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MambaLM:
     model_dir = Path(model_dir)
-    cfg = MambaConfig.load(model_dir)
+    cfg = _load_config(model_dir)
     tensors = {_RENAMES.get(k, k): v for k, v in _read_tensors(model_dir).items()}
     model = MambaLM(cfg)
     expected = model.state_dict()
@@ -82,6 +127,28 @@ def set_precision(model: MambaLM, dtype: torch.dtype) -> MambaLM:
     return model
 
 
+def _umask() -> int:
+    # /proc avoids os.umask's set-and-restore, which would race with other threads creating files
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode open() would (0666 & ~umask).
+
+    safetensors' save_file writes through a 0600 temp file; left so, a server or container running
+    as another user could not read the weights next to its 0644 config files.
+    """
+    path.chmod(0o666 & ~_umask())
+
+
 def atomic_dir(out_dir: Path):
     """A temp dir next to out_dir; call commit(tmp) to rename it into place (no half-written dirs)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +178,7 @@ def save_model(model: MambaLM, out_dir: str | Path, extra_files: dict[str, str] 
         if model.cfg.tie_embeddings:
             sd.pop("lm_head.weight", None)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        follow_umask(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

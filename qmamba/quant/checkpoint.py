@@ -11,18 +11,29 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qmamba.config import MambaConfig
-from qmamba.model.checkpoint import atomic_dir, commit_dir
+from qmamba.errors import UserError
+from qmamba.model.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    commit_dir,
+    follow_umask,
+    json_kind,
+    read_safetensors,
+)
 from qmamba.ops.specmath import SPEC_VERSION
 from qmamba.quant.qmodel import QLayer, QLinear, QuantMambaLM
 from qmamba.quant.recipes import get_recipe, scale_names
 
 FORMAT = "qmamba-quantized"
+# what load_quantized reads from quant_config.json, with its JSON type (format and spec_version are
+# compared to fixed values); everything else there is kept as metadata
+_REQUIRED_KEYS: dict[str, type] = {"recipe": str, "model_config": dict, "scales": dict}
 
 
-class QuantCheckpointError(ValueError):
+class QuantCheckpointError(UserError, ValueError):
     """A QDIR that is missing, inconsistent with its recipe, or from another spec version."""
 
 
@@ -67,6 +78,7 @@ def save_quantized(model: QuantMambaLM, out_dir: str | Path, extra_meta: dict | 
     tmp = atomic_dir(out_dir)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+        follow_umask(tmp / "model.safetensors")
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         commit_dir(tmp, out_dir)
     except BaseException:
@@ -84,7 +96,12 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
     cfg_path = qdir / "quant_config.json"
     if not cfg_path.is_file():
         raise QuantCheckpointError(f"{qdir} is not a quantized checkpoint: quant_config.json not found")
-    meta = json.loads(cfg_path.read_text())
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantCheckpointError(f"{cfg_path} is not readable JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise QuantCheckpointError(f"{cfg_path} holds {json_kind(meta)}, expected a JSON object")
     if meta.get("format") != FORMAT:
         raise QuantCheckpointError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("spec_version") != SPEC_VERSION:
@@ -93,9 +110,20 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
             "re-run `qmamba calibrate` on the float checkpoint to write this version (docs/quantization.md, "
             "section 8 lists what changed)"
         )
-    recipe = get_recipe(meta.get("recipe", "<missing>"))
-    cfg = MambaConfig.from_dict(meta["model_config"])
-    scales = meta.get("scales", {})
+    missing_keys = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing_keys:
+        raise QuantCheckpointError(f"{cfg_path}: missing keys {missing_keys}")
+    for key, kind in _REQUIRED_KEYS.items():
+        if not isinstance(meta[key], kind):
+            raise QuantCheckpointError(f"{cfg_path}: {key} is {json_kind(meta[key])}, expected {json_kind(kind())}")
+    recipe = get_recipe(meta["recipe"])
+    try:
+        cfg = MambaConfig.from_dict(meta["model_config"])
+    # ConfigError is a ValueError; a field of the wrong type fails as KeyError/TypeError/AttributeError
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise QuantCheckpointError(f"{cfg_path}: model_config is not a Mamba-1 config ({detail})") from e
+    scales = meta["scales"]
     missing = [n for i in range(cfg.n_layer) for n in scale_names(recipe, i) if n not in scales]
     if missing:
         raise QuantCheckpointError(f"{cfg_path}: missing scales for recipe {recipe.name}: {missing[:6]}")
@@ -105,7 +133,10 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
     st = qdir / "model.safetensors"
     if not st.is_file():
         raise QuantCheckpointError(f"{qdir}: model.safetensors not found")
-    t = load_file(str(st))
+    try:
+        t = read_safetensors(st)
+    except CheckpointError as e:
+        raise QuantCheckpointError(str(e)) from e
 
     def get(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if name not in t:

@@ -86,3 +86,18 @@ def test_an_out_below_a_file_is_an_error_message_not_a_traceback(tiny_model_dir,
     assert main(["export", str(tiny_model_dir), "--out", str(f / "onnx")]) == 2
     assert "error:" in capsys.readouterr().err
     assert f.read_text() == "x"
+
+
+def test_calibrate_refuses_an_out_below_a_file_before_calibrating(tiny_model_dir, tmp_path, capsys):
+    f = tmp_path / "x.st"
+    f.write_text("x")
+    assert main(["calibrate", str(tiny_model_dir), "--recipe", "w8a8", "--out", str(f / "q")]) == 2
+    assert f"{f} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_export_force_over_a_file_leaves_no_old_copy(tiny_model_dir, tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    assert main(["export", str(tiny_model_dir), "--out", str(target), "--force"]) == 0
+    assert (target / "prefill.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

@@ -149,8 +149,19 @@ def follow_umask(path: Path) -> None:
     path.chmod(0o666 & ~_umask())
 
 
+def check_out_parent(out_dir: Path) -> None:
+    """Refuse an output path below a file (mkdir's own error names the file as 'exists'); commands call it before
+    their work, so the mistake costs nothing."""
+    for p in out_dir.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise CheckpointError(f"cannot write {out_dir}: {p} is a file, not a directory")
+            return
+
+
 def atomic_dir(out_dir: Path):
     """A temp dir next to out_dir; call commit(tmp) to rename it into place (no half-written dirs)."""
+    check_out_parent(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)
@@ -165,7 +176,10 @@ def commit_dir(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # --force over a file
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out_dir)
 

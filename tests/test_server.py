@@ -207,3 +207,17 @@ def test_queue_full_returns_429_and_server_recovers(tiny_model_dir):
         assert r.status_code == 200
         assert 'outcome="rejected_queue_full"' in httpx.get(f"{url}/metrics").text
         _healthy(url)
+
+
+@pytest.mark.parametrize("kw", [{"max_batch": 0}, {"max_queue": 0}])
+def test_engine_refuses_limits_that_hang_or_unbound_it(tiny_model_dir, kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be at least 1"):
+        Engine(load_backend("torch", tiny_model_dir), ByteTokenizer(), **kw)
+
+
+@pytest.mark.parametrize("kw", [{"max_prompt_tokens": 0}, {"max_tokens_limit": 0}])
+def test_app_refuses_limits_that_reject_every_request(tiny_model_dir, kw):
+    engine = Engine(load_backend("torch", tiny_model_dir), ByteTokenizer())
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} must be at least 1"):
+        create_app(engine, "qmamba-tiny", **kw)

@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qmamba.errors import UserError
+
+if TYPE_CHECKING:
+    from qmamba.runtime.backends import Backend
+    from qmamba.runtime.tokenizer import Tokenizer
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="float model dir or QDIR (torch); export dir (onnxruntime); engine dir")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
-    p.add_argument("--recipe", default=None, help="torch backend with a float model: fp16 or fp32 (default)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--recipe", default=None,
+                   help="float model: fp32 (default) or fp16; a QDIR, export or engine holds its own recipe")
+    p.add_argument("--device", default=None,
+                   help="cpu (torch default) or cuda[:N]; onnxruntime runs on the CPU, tensorrt on the GPU")
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="where tokenizer.json lives (default: model)")
 
 
@@ -39,23 +48,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_serve)
 
 
-def _load(args):
+def _load(args: argparse.Namespace) -> tuple[Backend, Tokenizer]:
     from qmamba.runtime import load_backend, load_tokenizer
+    from qmamba.runtime.tokenizer import tokenizer_file
 
+    if args.tokenizer_dir is not None:  # a wrong path fails before the model loads (load_backend checks the rest)
+        tokenizer_file(args.tokenizer_dir)
     backend = load_backend(args.backend, args.model, args.recipe, args.device)
-    tok_dir = args.tokenizer_dir or args.model
-    return backend, load_tokenizer(tok_dir, backend.vocab_size)
+    return backend, load_tokenizer(args.model, backend.vocab_size, args.tokenizer_dir)
+
+
+def _check_serve_args(args: argparse.Namespace) -> None:
+    """Limits that would start a server that hangs, never bounds its queue or refuses every request."""
+    for opt in ("max_queue", "max_batch", "max_prompt_tokens", "max_tokens_limit"):
+        v = getattr(args, opt)
+        if v < 1:
+            raise UserError(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from qmamba.runtime import Generator, SamplingParams
 
-    backend, tok = _load(args)
     params = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+    if args.stream and len(args.prompt) != 1:
+        raise UserError("--stream takes exactly one --prompt")
+    backend, tok = _load(args)
     gen = Generator(backend, tok)
     if args.stream:
-        if len(args.prompt) != 1:
-            raise ValueError("--stream takes exactly one --prompt")
         sys.stdout.write(args.prompt[0])
         gen.generate(args.prompt, params, on_text=lambda i, t: (sys.stdout.write(t), sys.stdout.flush()) and None)
         sys.stdout.write("\n")
@@ -66,11 +87,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    _check_serve_args(args)
+    try:
+        import uvicorn
 
-    from qmamba.server.app import create_app
-    from qmamba.server.engine import Engine
-
+        from qmamba.server.app import create_app
+        from qmamba.server.engine import Engine
+    except ImportError as e:
+        raise UserError(f"qmamba serve needs the serve extra, which is not installed ({e}): "
+                        "pip install -e '.[serve]'") from e
     backend, tok = _load(args)
     engine = Engine(backend, tok, max_queue=args.max_queue, max_batch=args.max_batch)
     app = create_app(engine, args.model.name, args.max_prompt_tokens, args.max_tokens_limit)

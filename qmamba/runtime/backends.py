@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from qmamba.errors import UserError
 from qmamba.model.mamba import LayerState
+from qmamba.runtime.graph_backend import GraphBackend
 
 
 class Backend(Protocol):
@@ -63,27 +65,86 @@ class TorchBackend:
         return [LayerState(s.conv[idx.to(s.conv.device)], s.ssm[idx.to(s.ssm.device)]) for s in states]
 
 
-def load_backend(kind: str, model: str | Path, recipe: str | None = None, device: str = "cpu") -> Backend:
-    """kind: torch | onnxruntime | tensorrt. model: a float model dir, a QDIR, or an export/engine dir."""
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # --recipe for a float model on the torch backend
+
+
+def known_recipes() -> list[str]:
+    from qmamba.quant.recipes import RECIPES
+
+    return ["fp32", *RECIPES]
+
+
+def check_recipe_name(recipe: str | None) -> None:
+    """An unknown recipe is an error, not a silent fp32 run."""
+    if recipe is not None and recipe not in known_recipes():
+        raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(known_recipes())}")
+
+
+def _check_recipe_matches(recipe: str | None, holds: str | None, what: str) -> None:
+    """The recipe is fixed by what the model directory holds: --recipe may only restate it."""
+    if recipe is not None and holds is not None and recipe != holds:
+        raise UserError(f"--recipe {recipe} does not match {what}, which holds recipe {holds} "
+                        "(leave --recipe out to use it as it is)")
+
+
+def check_device(kind: str, device: str | None) -> torch.device | None:
+    """The device a backend runs on; None: the backend's own (cpu for torch, the CUDA GPU for tensorrt)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {device!r} is not a device: use cpu or cuda[:N]") from None
+    if kind == "onnxruntime" and dev.type != "cpu":
+        raise UserError(f"the onnxruntime backend runs on the CPU only, not on {device!r} (use --device cpu)")
+    if kind == "tensorrt" and (dev.type != "cuda" or dev.index not in (None, 0)):
+        raise UserError(f"the tensorrt backend runs on the current CUDA GPU (--device cuda), not on {device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r}: the torch backend runs on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "none is visible"
+            raise UserError(f"device {device!r} needs a CUDA GPU: {why} (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return dev
+
+
+def load_backend(kind: str, model: str | Path, recipe: str | None = None, device: str | None = None) -> Backend:
+    """kind: torch | onnxruntime | tensorrt. model: a float model dir, a QDIR, or an export/engine dir.
+
+    recipe: for a float model fp32 (default) or fp16; for a QDIR, an export or an engine it may only name the recipe
+    they hold. device: None is the backend's own (see check_device). Bad values raise UserError."""
     kind = kind.lower()
+    if kind not in ("torch", "onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {kind!r}: choose torch, onnxruntime or tensorrt")
+    check_recipe_name(recipe)
+    dev = check_device(kind, device)
     if kind == "torch":
         from qmamba.model.checkpoint import load_model
         from qmamba.quant.checkpoint import is_qdir, load_quantized
 
+        dev = dev or torch.device("cpu")
         if is_qdir(model):
-            if torch.device(device).type == "cuda":  # kernels + int8 GEMMs + CUDA-graph decode
+            q = load_quantized(model)
+            _check_recipe_matches(recipe, q.recipe.name, f"the quantized checkpoint {model}")
+            if dev.type == "cuda":  # kernels + int8 GEMMs + CUDA-graph decode
                 from qmamba.runtime.cuda_model import CudaBackend
 
-                return CudaBackend(load_quantized(model), device)
-            return TorchBackend(load_quantized(model), device)
-        dtype = torch.float16 if recipe == "fp16" else torch.float32
-        return TorchBackend(load_model(model, dtype), device)
+                return CudaBackend(q, str(dev))
+            return TorchBackend(q, str(dev))
+        if recipe is not None and recipe not in FLOAT_DTYPES:
+            raise UserError(f"--recipe {recipe} needs a quantized checkpoint, and {model} is a float model: "
+                            f"make one with `qmamba calibrate {model} --recipe {recipe} --out QDIR`, "
+                            "or use --recipe fp32 / fp16")
+        return TorchBackend(load_model(model, FLOAT_DTYPES[recipe or "fp32"]), str(dev))
     if kind == "onnxruntime":
         from qmamba.runtime.ort_backend import OrtBackend
 
-        return OrtBackend(Path(model))
-    if kind == "tensorrt":
+        backend: GraphBackend = OrtBackend(Path(model))
+    else:
         from qmamba.runtime.trt_backend import TrtBackend
 
-        return TrtBackend(Path(model))
-    raise ValueError(f"unknown backend {kind!r}: choose torch, onnxruntime or tensorrt")
+        backend = TrtBackend(Path(model))
+    _check_recipe_matches(recipe, backend.recipe, f"the {kind} model in {model}")
+    return backend

@@ -1,9 +1,11 @@
 """Shared logic of the exported-graph backends (onnxruntime, tensorrt).
 
 Both run `prefill` (input_ids [B, L] -> logits [B, L, V] + per-layer states) and `decode`
-(input_ids [B, 1] + states -> logits + new states). States are matched by position: the prefill
-graph's non-logits outputs, the decode graph's non-input_ids inputs and its non-logits outputs
-list the per-layer states in the same order (export/ guarantees it).
+(input_ids [B, 1] + states -> logits + new states). States are matched by name, as export/graph.py
+writes them: the decode graph's inputs `conv_state.{i}` / `ssm_state.{i}` are the prefill graph's
+outputs of the same names and the decode graph's outputs `conv_state_out.{i}` / `ssm_state_out.{i}`.
+Any other output (the per-stage outputs of an export made with --stages, `layers.*` and `norm_f`)
+is not a state and is not read.
 """
 
 from __future__ import annotations
@@ -11,25 +13,50 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qmamba.errors import UserError
+
+GRAPHS = ("prefill", "decode")
+
+
+def state_output_names(graph: str, state_inputs: list[str]) -> list[str]:
+    """The graph's state outputs in the order of the decode graph's state inputs."""
+    if graph == "prefill":
+        return list(state_inputs)
+    outs = []
+    for name in state_inputs:
+        kind, dot, layer = name.partition(".")
+        outs.append(f"{kind}_out{dot}{layer}")
+    return outs
+
 
 class GraphBackend:
     name = "graph"
     vocab_size: int
+    recipe: str | None = None  # the recipe the graphs were exported with, where their metadata says
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """The named outputs of one graph, in that order."""
         raise NotImplementedError
 
     def _state_inputs(self) -> list[str]:
         raise NotImplementedError
 
-    def _split(self, outs: list[np.ndarray], names: list[str]) -> tuple[torch.Tensor, list[np.ndarray]]:
-        li = names.index("logits")
-        logits = torch.from_numpy(np.ascontiguousarray(outs[li][:, -1])).float()
-        return logits, [o for i, o in enumerate(outs) if i != li]
+    def _check_outputs(self, graph: str, have: list[str], where: str) -> None:
+        """A graph lacking logits or a state output is not a prefill/decode export: say so at load time."""
+        want = ["logits", *state_output_names(graph, self._state_inputs())]
+        missing = [n for n in want if n not in have]
+        if missing or len(want) == 1:
+            what = f"lacks the outputs {missing[:4]}" if missing else "has no state inputs"
+            raise UserError(f"{where}: the {graph} graph {what}; not a qmamba prefill/decode export "
+                            "(re-run qmamba export)")
+
+    def _logits_and_states(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
+        outs = self._run(graph, feeds, ["logits", *state_output_names(graph, self._state_inputs())])
+        logits = torch.from_numpy(np.ascontiguousarray(outs[0][:, -1])).float()
+        return logits, outs[1:]
 
     def prefill(self, ids: torch.Tensor):
-        outs, names = self._run("prefill", {"input_ids": ids.numpy().astype(np.int64)})
-        return self._split(outs, names)
+        return self._logits_and_states("prefill", {"input_ids": ids.numpy().astype(np.int64)})
 
     def decode(self, tokens: torch.Tensor, states: list[np.ndarray]):
         feeds = {"input_ids": tokens.view(-1, 1).numpy().astype(np.int64)}
@@ -37,8 +64,7 @@ class GraphBackend:
         if len(names) != len(states):
             raise RuntimeError(f"decode graph takes {len(names)} states, got {len(states)}")
         feeds.update(zip(names, states, strict=True))
-        outs, onames = self._run("decode", feeds)
-        return self._split(outs, onames)
+        return self._logits_and_states("decode", feeds)
 
     def cat_states(self, states: list[list[np.ndarray]]) -> list[np.ndarray]:
         return [np.concatenate([s[i] for s in states]) for i in range(len(states[0]))]

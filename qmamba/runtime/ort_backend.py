@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmamba.runtime.graph_backend import GraphBackend
+from qmamba.errors import UserError
+from qmamba.runtime.graph_backend import GRAPHS, GraphBackend
 
 
 class OrtBackend(GraphBackend):
@@ -17,10 +18,23 @@ class OrtBackend(GraphBackend):
         from export.ort import session
 
         self.dir = Path(export_dir)
-        for g in ("prefill", "decode"):
+        for g in GRAPHS:
             if not (self.dir / f"{g}.onnx").is_file():
                 raise FileNotFoundError(f"{self.dir / (g + '.onnx')} not found: run qmamba export first")
-        self.sessions = {g: session(self.dir / f"{g}.onnx", threads) for g in ("prefill", "decode")}
+        self.sessions = {}
+        for g in GRAPHS:
+            path = self.dir / f"{g}.onnx"
+            try:
+                self.sessions[g] = session(path, threads)
+            except ImportError as e:
+                raise UserError(f"the onnxruntime backend needs ONNX Runtime, which is not installed ({e}): "
+                                "install the export extra (pip install -e '.[export]')") from e
+            except Exception as e:  # ORT's load errors (InvalidProtobuf, InvalidGraph, Fail...) share no base
+                raise UserError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
+        for g in GRAPHS:
+            self._check_outputs(g, [o.name for o in self.sessions[g].get_outputs()], str(self.dir))
+        props = self.sessions["prefill"].get_modelmeta().custom_metadata_map
+        self.recipe = props.get("qmamba.recipe")
         logits = next(o for o in self.sessions["prefill"].get_outputs() if o.name == "logits")
         v = logits.shape[-1]
         if not isinstance(v, int):
@@ -31,8 +45,5 @@ class OrtBackend(GraphBackend):
     def _state_inputs(self) -> list[str]:
         return [i.name for i in self.sessions["decode"].get_inputs() if i.name != "input_ids"]
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]):
-        sess = self.sessions[graph]
-        names = [o.name for o in sess.get_outputs()]
-        want = [n for n in names if not n.startswith("layers.")]  # skip per-stage outputs if exported
-        return sess.run(want, feeds), want
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return self.sessions[graph].run(outputs, feeds)  # ORT computes only what the named outputs need

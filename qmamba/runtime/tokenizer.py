@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from qmamba.errors import UserError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -30,9 +32,15 @@ class ByteTokenizer:
 
 class HFTokenizer:
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as _T
-
-        self._tok = _T.from_file(str(path))
+        try:
+            from tokenizers import Tokenizer as _T
+        except ImportError as e:
+            raise UserError(f"{path} needs the tokenizers package, which is not installed ({e}): "
+                            "install the serve extra (pip install -e '.[serve]')") from e
+        try:
+            self._tok = _T.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"cannot read the tokenizer {path}: {e}") from e
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_id = None
 
@@ -43,11 +51,24 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
-def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
-    """tokenizer.json in the model directory if present; byte-level for a 256-token vocabulary."""
-    p = Path(model_dir) / "tokenizer.json"
-    if p.is_file():
-        return HFTokenizer(p)
+def tokenizer_file(tokenizer_dir: str | Path) -> Path:
+    """tokenizer_dir/tokenizer.json; UserError if the directory or the file is missing."""
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise UserError(f"tokenizer directory {d} does not exist (or is not a directory)")
+    if not (d / "tokenizer.json").is_file():
+        raise UserError(f"tokenizer directory {d} has no tokenizer.json")
+    return d / "tokenizer.json"
+
+
+def load_tokenizer(model_dir: str | Path, vocab_size: int, tokenizer_dir: str | Path | None = None) -> Tokenizer:
+    """tokenizer.json in tokenizer_dir, which must hold one when given. Without tokenizer_dir: the model directory's
+    tokenizer.json if present, else byte-level for a 256-token vocabulary."""
+    if tokenizer_dir is not None:
+        return HFTokenizer(tokenizer_file(tokenizer_dir))
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        return HFTokenizer(Path(model_dir) / "tokenizer.json")
     if vocab_size == 256:
         return ByteTokenizer()
-    raise ValueError(f"{model_dir} has no tokenizer.json and its vocabulary ({vocab_size}) is not byte-level")
+    raise UserError(f"{model_dir} has no tokenizer.json and its vocabulary ({vocab_size}) is not byte-level: "
+                    "pass --tokenizer-dir")

@@ -7,27 +7,31 @@ from pathlib import Path
 import numpy as np
 
 from engines.build import EngineError, load_engine
-from qmamba.runtime.graph_backend import GraphBackend
+from qmamba.runtime.graph_backend import GRAPHS, GraphBackend
 
 
 class TrtBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(self, engine_dir: Path, plugins: Path | None = None) -> None:
-        import tensorrt as trt
         import torch
 
-        self.trt, self.torch = trt, torch
         self.engines, self.contexts = {}, {}
         meta = None
-        for g in ("prefill", "decode"):
+        for g in GRAPHS:  # load_engine first: it says what is missing (TensorRT, a GPU, the plugins, the files)
             eng, meta = load_engine(engine_dir, g, plugins)
             self.engines[g] = eng
             self.contexts[g] = eng.create_execution_context()
+        import tensorrt as trt  # importable: load_engine succeeded
+
+        self.trt, self.torch = trt, torch
         try:
             self.vocab_size = int(meta["export"]["model_config"]["vocab_size"])
         except (KeyError, TypeError):
             raise EngineError(f"{engine_dir}/engine.json lacks the export's model_config (rebuild)") from None
+        self.recipe = meta["export"].get("recipe")
+        for g in GRAPHS:
+            self._check_outputs(g, self._io(g, trt.TensorIOMode.OUTPUT), str(engine_dir))
         self.stream = torch.cuda.Stream()
 
     def _io(self, graph: str, mode) -> list[str]:
@@ -38,7 +42,7 @@ class TrtBackend(GraphBackend):
     def _state_inputs(self) -> list[str]:
         return [n for n in self._io("decode", self.trt.TensorIOMode.INPUT) if n != "input_ids"]
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]):
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         trt, torch = self.trt, self.torch
         eng, ctx = self.engines[graph], self.contexts[graph]
         keep = []
@@ -60,5 +64,5 @@ class TrtBackend(GraphBackend):
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise EngineError(f"TensorRT failed to run the {graph} engine")
         self.stream.synchronize()
-        pairs = [(n, o) for n, o in zip(names, outs, strict=True) if not n.startswith("layers.")]
-        return [o.cpu().numpy() for _, o in pairs], [n for n, _ in pairs]
+        by_name = dict(zip(names, outs, strict=True))  # every output is bound; only the asked ones are copied back
+        return [by_name[n].cpu().numpy() for n in outputs]

@@ -50,6 +50,10 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
                start_engine: bool = True) -> FastAPI:
+    for name, v in (("max_prompt_tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit)):
+        if v < 1:  # would refuse every request
+            raise ValueError(f"{name} must be at least 1, got {v}")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:

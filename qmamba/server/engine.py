@@ -65,6 +65,11 @@ class Metrics:
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, max_queue: int = 64, max_batch: int = 32) -> None:
+        # max_batch 0 would never admit a request (each would wait forever); max_queue 0 is an unbounded queue.Queue
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.backend = backend
         self.tok = tokenizer
         self.max_batch = max_batch

@@ -1,0 +1,137 @@
+"""`qmamba generate` / `qmamba serve` through the CLI: exports made with --stages run on onnxruntime, and bad
+options or a missing environment give one `error:` line and exit code 2 (no traceback, no silent default)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmamba.cli import main
+from qmamba.model.checkpoint import load_model
+from qmamba.quant.calibrate import CalibOptions, calibrate
+from qmamba.quant.checkpoint import load_quantized, save_quantized
+from qmamba.quant.recipes import get_recipe
+from qmamba.runtime import ByteTokenizer, Generator, SamplingParams, TorchBackend
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(QDIR, export dir with --stages) of the tiny model, as `make demo` makes them."""
+    from export.exporter import export
+
+    root = tmp_path_factory.mktemp("staged")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    q = calibrate(load_model(tiny_model_dir), get_recipe("w8a8-dualscale"), calib, CalibOptions(), progress=False)
+    save_quantized(q, root / "q")
+    export(root / "q", root / "onnx", stages=True, max_batch=4, max_len=512)
+    return root / "q", root / "onnx"
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _user_error(capsys, fragment: str, *argv: str) -> str:
+    rc, _, err = _cli(capsys, *argv)
+    assert rc == 2, err
+    assert "error:" in err and fragment in err, err
+    return err
+
+
+# 1. exports made with --stages
+
+
+def test_onnxruntime_generates_from_a_stage_export(staged, capsys):
+    qdir, onnx_dir = staged
+    from qmamba.runtime.ort_backend import OrtBackend
+
+    prompts = ["KING:", "To be, or not to be"]
+    params = SamplingParams(12)
+    want = Generator(TorchBackend(load_quantized(qdir)), ByteTokenizer()).generate(prompts, params)
+    got = Generator(OrtBackend(onnx_dir), ByteTokenizer()).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    rc, out, err = _cli(capsys, "generate", str(onnx_dir), "--backend", "onnxruntime", "--prompt", "KING:",
+                        "--max-tokens", "12")
+    assert rc == 0, err
+    assert out.startswith("KING:" + want[0].text) and "[length, 12 tokens]" in out
+
+
+# 2. serve limits, checked before anything loads or starts
+
+
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--max-batch", "0", "--max-batch must be at least 1"),
+    ("--max-queue", "0", "--max-queue must be at least 1"),
+    ("--max-tokens-limit", "0", "--max-tokens-limit must be at least 1"),
+    ("--max-prompt-tokens", "-5", "--max-prompt-tokens must be at least 1"),
+    ("--port", "-1", "--port must be between 0 and 65535"),
+    ("--port", "70000", "--port must be between 0 and 65535"),
+])
+def test_serve_rejects_nonsense_limits(tiny_model_dir, capsys, monkeypatch, option, value, fragment):
+    import qmamba.runtime
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(qmamba.runtime, "load_backend", no_load)
+    _user_error(capsys, fragment, "serve", str(tiny_model_dir), option, value)
+
+
+# 3. generate options that do not fit the model
+
+
+@pytest.mark.parametrize(("model", "extra", "fragment"), [
+    ("tiny", ["--recipe", "bogus"], "unknown recipe 'bogus'; choose one of: fp32, fp16, w8a8, w8a8-dualscale"),
+    ("tiny", ["--recipe", "w8a8"], "--recipe w8a8 needs a quantized checkpoint"),
+    ("qdir", ["--recipe", "fp16"], "holds recipe w8a8-dualscale"),
+    ("qdir", ["--recipe", "w8a8"], "holds recipe w8a8-dualscale"),
+    ("onnx", ["--backend", "onnxruntime", "--recipe", "fp16"], "holds recipe w8a8-dualscale"),
+    ("tiny", ["--tokenizer-dir", "no/such/dir"], "tokenizer directory no/such/dir does not exist"),
+    ("tiny", ["--tokenizer-dir", "."], "has no tokenizer.json"),
+])
+def test_generate_rejects_options_that_do_not_fit(tiny_model_dir, staged, capsys, model, extra, fragment):
+    path = {"tiny": tiny_model_dir, "qdir": staged[0], "onnx": staged[1]}[model]
+    _user_error(capsys, fragment, "generate", str(path), "--prompt", "K", "--max-tokens", "2", *extra)
+
+
+@pytest.mark.parametrize(("model", "recipe"), [("tiny", "fp16"), ("tiny", "fp32"), ("qdir", "w8a8-dualscale")])
+def test_generate_accepts_the_matching_recipe(tiny_model_dir, staged, capsys, model, recipe):
+    path = {"tiny": tiny_model_dir, "qdir": staged[0]}[model]
+    rc, out, err = _cli(capsys, "generate", str(path), "--prompt", "K", "--max-tokens", "2", "--recipe", recipe)
+    assert rc == 0, err
+    assert "[length, 2 tokens]" in out
+
+
+# 4. the environment cannot run the request
+
+
+def test_tensorrt_backend_without_tensorrt(staged, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, as where it is not installed
+    _user_error(capsys, "TensorRT's Python package is not installed",
+                "generate", str(staged[1]), "--backend", "tensorrt", "--prompt", "K")
+
+
+@pytest.mark.parametrize(("backend", "device", "fragment"), [
+    ("torch", "cuda", "device 'cuda' needs a CUDA GPU"),
+    ("torch", "banana", "device 'banana' is not a device"),
+    ("torch", "meta", "the torch backend runs on cpu or cuda"),
+    ("onnxruntime", "cuda", "the onnxruntime backend runs on the CPU only"),
+])
+def test_generate_device_errors(tiny_model_dir, staged, capsys, monkeypatch, backend, device, fragment):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    model = staged[1] if backend == "onnxruntime" else staged[0]
+    _user_error(capsys, fragment, "generate", str(model), "--backend", backend, "--device", device, "--prompt", "K")
+
+
+def test_junk_onnx_file(staged, tmp_path, capsys):
+    bad = tmp_path / "onnx"
+    shutil.copytree(staged[1], bad)
+    (bad / "decode.onnx").write_bytes(b"not a protobuf")
+    _user_error(capsys, f"ONNX Runtime cannot load {bad / 'decode.onnx'}: InvalidProtobuf",
+                "generate", str(bad), "--backend", "onnxruntime", "--prompt", "K")

@@ -66,17 +66,23 @@ def json_kind(value: object) -> str:
     return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
+def read_json_object(path: Path, error: type[Exception], what: str = "") -> dict:
+    """The JSON object in `path`; `error` naming the file if it is unreadable, not JSON or not an object."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise error(f"{path} holds {json_kind(d)}, expected a JSON object{what}")
+    return d
+
+
 def _load_config(model_dir: Path) -> MambaConfig:
     """MambaConfig.load, with every way config.json can be broken reported with its path."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a model directory needs config.json")
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} holds {json_kind(d)}, expected a JSON object (a Mamba config)")
+    d = read_json_object(path, CheckpointError, " (a Mamba config)")
     try:
         return MambaConfig.from_dict(d)
     # ConfigError is a ValueError; a field of the wrong type fails as KeyError/TypeError/AttributeError

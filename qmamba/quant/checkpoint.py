@@ -21,6 +21,7 @@ from qmamba.model.checkpoint import (
     commit_dir,
     follow_umask,
     json_kind,
+    read_json_object,
     read_safetensors,
 )
 from qmamba.ops.specmath import SPEC_VERSION
@@ -96,12 +97,7 @@ def load_quantized(qdir: str | Path) -> QuantMambaLM:
     cfg_path = qdir / "quant_config.json"
     if not cfg_path.is_file():
         raise QuantCheckpointError(f"{qdir} is not a quantized checkpoint: quant_config.json not found")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantCheckpointError(f"{cfg_path} is not readable JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise QuantCheckpointError(f"{cfg_path} holds {json_kind(meta)}, expected a JSON object")
+    meta = read_json_object(cfg_path, QuantCheckpointError)
     if meta.get("format") != FORMAT:
         raise QuantCheckpointError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("spec_version") != SPEC_VERSION:

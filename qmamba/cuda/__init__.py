@@ -1,8 +1,9 @@
 """ctypes binding of libqmamba_kernels.so (trt_plugins/kernels, C ABI in qmamba_kernels.h).
 
-Functions mirror qmamba/ops/ref.py and take CUDA torch tensors; a non-OK status becomes KernelError
-with the library's message. `load_library()` finds the .so (argument, then build/trt_plugins/) or
-builds it with trt_plugins/kernels/build.sh when nvcc is available.
+Functions mirror qmamba/ops/ref.py and take CUDA torch tensors; every tensor argument is checked (dtype, shape,
+one device: qmamba/cuda/checks.py) before a pointer reaches C, and a non-OK status becomes KernelError with the
+library's message. Kernels run on the tensors' device, on its current stream. `load_library()` finds the .so
+(argument, then build/trt_plugins/) or builds it with trt_plugins/kernels/build.sh when nvcc is available.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import numbers
 import subprocess
 from pathlib import Path
 
 import torch
+
+from qmamba.cuda.checks import Args, KernelError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LIB = ROOT / "build" / "trt_plugins" / "libqmamba_kernels.so"
 
 INT8, FLOAT32, FLOAT16 = 2, 0, 1  # qm_dtype
 _lib: ctypes.CDLL | None = None
-
-
-class KernelError(RuntimeError):
-    """A kernel call returned an error status; the message is the library's."""
 
 
 class ScanArgs(ctypes.Structure):
@@ -161,8 +161,16 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _stream() -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+def _stream(device: torch.device | None = None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _call(a: Args, fn, *args) -> None:
+    """fn(*args, stream) on the call's device (the C side sizes grids for the current device) and its stream."""
+    if a.device is None or a.device.type != "cuda":
+        raise KernelError(f"{a.fn}: kernel inputs must be CUDA tensors, got {a.device}")
+    with torch.cuda.device(a.device):
+        _check(fn(*args, _stream(a.device)))
 
 
 def _check(rc: int) -> None:
@@ -171,12 +179,24 @@ def _check(rc: int) -> None:
         raise KernelError(f"{lib.qm_status_string(rc).decode()}: {lib.qm_last_error().decode()}")
 
 
+F32, I8, U8, I32 = torch.float32, torch.int8, torch.uint8, torch.int32
+
+
+def _last_dim(a: Args, name: str, t: torch.Tensor | None) -> int:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[-1] == 0:
+        raise a.fail(f"{name} must be a tensor [..., d] with d > 0, got {getattr(t, 'shape', t)!r}")
+    return t.shape[-1]
+
+
 def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
-    lib = load_library()
+    a = Args("rms_norm_quant")
+    d = _last_dim(a, "x", x)
+    a("x", x, F32)
+    a("weight", weight, F32, (d,))
     y = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    d = x.shape[-1]
-    _check(lib.qm_rmsnorm_quant(_ptr(x), _ptr(weight), _ptr(y), ctypes.c_int64(x.numel() // d), ctypes.c_int(d),
-                                ctypes.c_float(eps), ctypes.c_float(scale), _stream()))
+    lib = load_library()
+    _call(a, lib.qm_rmsnorm_quant, _ptr(x), _ptr(weight), _ptr(y), ctypes.c_int64(x.numel() // d), ctypes.c_int(d),
+          ctypes.c_float(eps), ctypes.c_float(scale))
     return y
 
 
@@ -185,65 +205,126 @@ def quant_causal_conv1d(x_q, w_q, w_scale, bias, in_scale: float, out_scale: flo
                         early_state: bool = False):
     """(u, mask or None, new conv state). state_out may be conv_state (in place). early_state: the caller asserts
     what qmamba_kernels.h's "Early state reads" asks (decode: the state is read before the PDL wait)."""
-    lib = load_library()
-    b, l, d = x_q.shape
-    k = w_q.shape[1]
+    a = Args("quant_causal_conv1d")
+    b, l, d = a.rank("x_q", x_q, 3)
+    a("x_q", x_q, I8)
+    k = a.rank("w_q", w_q, 2)[1]
+    a("w_q", w_q, I8, (d, k))
+    a("w_scale", w_scale, F32, (d,))
+    a("bias", bias, F32, (d,))
+    a("conv_state", conv_state, I8, (b, d, k - 1), optional=True)
+    a("state_out", state_out, I8, (b, d, k - 1), optional=True)
     u = torch.empty_like(x_q)
     dual = outlier_scale is not None
     mask = torch.empty(x_q.shape, dtype=torch.uint8, device=x_q.device) if dual else None
     new_state = state_out if state_out is not None else torch.empty(b, d, k - 1, dtype=torch.int8,
                                                                     device=x_q.device)
-    _check(lib.qm_quant_causal_conv1d(
-        _ptr(x_q), _ptr(w_q), _ptr(w_scale), _ptr(bias), _ptr(conv_state), _ptr(u), _ptr(mask), _ptr(new_state),
-        b, l, d, k, ctypes.c_float(in_scale), ctypes.c_float(out_scale), ctypes.c_float(outlier_scale or 0.0),
-        int(dual), int(early_state), _stream()))
+    lib = load_library()
+    _call(a, lib.qm_quant_causal_conv1d,
+          _ptr(x_q), _ptr(w_q), _ptr(w_scale), _ptr(bias), _ptr(conv_state), _ptr(u), _ptr(mask), _ptr(new_state),
+          b, l, d, k, ctypes.c_float(in_scale), ctypes.c_float(out_scale), ctypes.c_float(outlier_scale or 0.0),
+          int(dual), int(early_state))
     return u, mask, new_state
 
 
 def _scan(fn: str, *a, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, final state); final_state None: a new float32 [B, D, N] tensor."""
-    args, y, final_state = _scan_args(*a, **kw)
-    _check(getattr(load_library(), fn)(ctypes.byref(args), _stream()))
+    checked, args, y, final_state = _scan_args(fn.removeprefix("qm_"), *a, **kw)
+    _call(checked, getattr(load_library(), fn), ctypes.byref(args))
     return y, final_state
 
 
-def _scan_args(input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
+SCALE_NAMES = ("u_scale", "u_outlier_scale", "dt_scale", "B_scale", "C_scale", "z_scale")
+
+
+def _scales(a: Args, scales: dict, dual: bool) -> list[float]:
+    """The int8 scan's six scales: every one given (u_outlier_scale may be None without a mask), no other name."""
+    unknown = sorted(set(scales) - set(SCALE_NAMES))
+    if unknown:
+        raise a.fail(f"unknown scale argument(s) {unknown}; the scales are {list(SCALE_NAMES)}")
+    out = []
+    for name in SCALE_NAMES:
+        v = scales.get(name)
+        if name == "u_outlier_scale" and not dual:
+            out.append(0.0 if v is None else a.number(name, v))
+        elif v is None:
+            raise a.fail(f"{name} is required" + (" (u_mask is given: dual scale)" if name == "u_outlier_scale"
+                                                  else ""))
+        else:
+            out.append(a.number(name, v))
+    return out
+
+
+def _scan_args(fn: str, input_dtype: int, u, mask, dt, B, C, z, A, D, dt_bias, initial_state, final_state, y_dtype,
                scales: dict, dt_proj: tuple | None = None, early_state: bool = False,
                conv_shift: tuple | None = None, x_proj: tuple | None = None,
-               channel_major: bool = False) -> tuple[ScanArgs, torch.Tensor, torch.Tensor]:
-    """qm_scan_args for these tensors, with the y and final-state tensors they point to."""
-    bsz, l, d = u.shape
+               channel_major: bool = False, a: Args | None = None) -> tuple[Args, ScanArgs, torch.Tensor, torch.Tensor]:
+    """The checked arguments and qm_scan_args for these tensors, with the y and final-state tensors they point to.
+    `a`: the checks of a larger call (update_out_proj), so that all its tensors share one device."""
+    a = a or Args(fn)
+    shape = a.rank("u", u, 3)
+    bsz, l, d = shape
     if channel_major:  # u, dt, z, mask [B, D, L]; B, C, y keep [B, L, .]
-        bsz, d, l = u.shape
+        bsz, d, l = shape
         for name, t in (("dt", dt), ("z", z), ("u_mask", mask)):
             if t is not None and tuple(t.shape) != (bsz, d, l):
                 raise KernelError(f"channel-major scan: {name} must be [B, D, L] = {(bsz, d, l)} like u, got "
                                   f"{tuple(t.shape)}")
-    n = A.shape[1]
+    n = a.rank("A", A, 2)[1]
+    dtype = I8 if input_dtype == INT8 else F32
+    a("u", u, dtype)
+    a("u_mask", mask, U8, shape, optional=True)
+    a("dt", dt, dtype, shape, optional=dt_proj is not None)
+    a("B", B, dtype, numel=bsz * l * n)
+    a("C", C, dtype, numel=bsz * l * n)
+    a("z", z, dtype, shape, optional=True)
+    a("A", A, F32, (d, n))
+    a("D", D, F32, (d,), optional=True)
+    a("dt_bias", dt_bias, F32, (d,), optional=True)
+    a("initial_state", initial_state, F32, (bsz, d, n), optional=True)
+    a("final_state", final_state, F32, (bsz, d, n), optional=True)
+    if y_dtype not in (torch.float32, torch.float16):
+        raise a.fail(f"y_dtype must be torch.float32 or torch.float16, got {y_dtype}")
+    sc = _scales(a, scales, mask is not None) if input_dtype == INT8 else [0.0] * 6
+    rank = 0
+    if dt_proj is not None:  # (dt_lowrank int8 [B, R], dt_w int8 [D, R], multiplier float32 [D])
+        lr, w, m = dt_proj
+        rank = a.rank("dt_proj's dt_w", w, 2)[1]
+        a("dt_proj's dt_w", w, I8, (d, rank))
+        a("dt_proj's dt_lowrank", lr, I8, numel=bsz * rank)
+        a("dt_proj's multiplier", m, F32, (d,))
+    if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
+        cx, cs = conv_shift
+        a("conv_shift's x", cx, I8, numel=bsz * d)
+        a("conv_shift's state", cs, I8, (bsz, d, 3))
+    if x_proj is not None:  # (sums int32 [xp_n] or [2, xp_n], m_in [xp_n], m_out [xp_n] or None, dt_lowrank scale)
+        acc, xm_in, xm_out, s_lr = x_proj
+        xp_n = a.rank("x_proj's m_in", xm_in, 1)[0]
+        if not isinstance(acc, torch.Tensor) or acc.dtype != torch.int32 or \
+                acc.numel() != (1 if xm_out is None else 2) * xp_n:
+            raise KernelError(f"selective_state_update: x_proj's sums must be int32 [{xp_n}] (or [2, {xp_n}] with "
+                              f"m_out), got {getattr(acc, 'dtype', acc)} {tuple(getattr(acc, 'shape', ()))}")
+        a("x_proj's sums", acc, I32)
+        a("x_proj's m_in", xm_in, F32, (xp_n,))
+        a("x_proj's m_out", xm_out, F32, (xp_n,), optional=True)
+        s_lr = a.number("x_proj's dt_lowrank scale", s_lr)
+    # every argument checked: from here on pointers are taken
     if final_state is None:
         final_state = torch.empty(bsz, d, n, dtype=torch.float32, device=u.device)
     y = torch.empty(bsz, l, d, dtype=y_dtype, device=u.device)
     args = ScanArgs(
         input_dtype, _ptr(u), _ptr(mask), _ptr(dt), _ptr(B), _ptr(C), _ptr(z), _ptr(A), _ptr(D), _ptr(dt_bias),
         _ptr(initial_state), _ptr(y), FLOAT16 if y_dtype == torch.float16 else FLOAT32, _ptr(final_state),
-        bsz, l, d, n, int(mask is not None), scales.get("u_scale", 1.0), scales.get("u_outlier_scale") or 0.0,
-        scales.get("dt_scale", 1.0), scales.get("B_scale", 1.0), scales.get("C_scale", 1.0),
-        scales.get("z_scale", 1.0), None, 0)
-    if dt_proj is not None:  # (dt_lowrank int8 [B, R], dt_w int8 [D, R], multiplier float32 [D])
-        lr, w, m = dt_proj
-        args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), w.shape[1]
+        bsz, l, d, n, int(mask is not None), *sc, None, 0)
+    if dt_proj is not None:
+        args.dt_lowrank, args.dt_w, args.dt_m, args.dt_rank = _ptr(lr), _ptr(w), _ptr(m), rank
     args.early_state, args.channel_major = int(early_state), int(channel_major)
-    if conv_shift is not None:  # (conv_x int8 [B, 1, D], conv state int8 [B, D, 3], in place)
-        cx, cs = conv_shift
+    if conv_shift is not None:
         args.conv_x, args.conv_state, args.conv_kernel_size = _ptr(cx), _ptr(cs), cs.shape[-1] + 1
-    if x_proj is not None:  # (sums int32 [xp_n] or [2, xp_n], m_in [xp_n], m_out [xp_n] or None, dt_lowrank scale)
-        acc, xm_in, xm_out, s_lr = x_proj
-        if acc.dtype != torch.int32 or acc.numel() != (1 if xm_out is None else 2) * xm_in.shape[0]:
-            raise KernelError(f"selective_state_update: x_proj's sums must be int32 [{xm_in.shape[0]}] (or [2, "
-                              f"{xm_in.shape[0]}] with m_out), got {acc.dtype} {tuple(acc.shape)}")
+    if x_proj is not None:
         args.xp_acc, args.xp_m_in, args.xp_m_out = _ptr(acc), _ptr(xm_in), _ptr(xm_out)
-        args.xp_n, args.dt_lowrank_scale = xm_in.shape[0], s_lr
-    return args, y, final_state
+        args.xp_n, args.dt_lowrank_scale = xp_n, s_lr
+    return a, args, y, final_state
 
 
 def selective_scan(u, dt, A, B, C, D, z, dt_bias, initial_state=None, y_dtype=torch.float32, final_state=None,
@@ -268,25 +349,27 @@ def dual_scale_selective_scan(u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *
 def selective_state_update(state, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, *, in_place: bool = False,
                            y_dtype=torch.float32, dt_proj: tuple | None = None, early_state: bool = False,
                            conv_shift: tuple | None = None, x_proj: tuple | None = None, **scales):
-    """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. dt_proj = (dt_lowrank int8
-    [B, R], dt_w int8 [D, R], multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
+    """Decode step (L = 1): (y, new state); in_place=True updates `state` itself. The scales are keywords, all six
+    required (u_outlier_scale may be None without a mask). dt_proj = (dt_lowrank int8 [B, R], dt_w int8 [D, R],
+    multiplier float32 [D]): dt_q is None and the kernel computes the dt codes itself.
     early_state: as in quant_causal_conv1d. conv_shift = (x int8 [B, 1, D], conv state int8 [B, D, 3]): the
     kernel also shifts that conv state in place by the token x (with dt_proj; after a FusedConv GEMV).
     x_proj = (sums int32 [xp_n] (or [2, xp_n]: outliers too, dual scale), m_in float32 [xp_n], m_out or None,
     dt_lowrank_scale), with dt_proj, batch 1: x_proj's epilogue runs here (after a ConvXProjBehind GEMV), and
     dt_proj's dt_lowrank, B_q and C_q are buffers the kernel writes the codes into."""
-    return _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state,
-                 state if in_place else torch.empty_like(state), y_dtype, scales, dt_proj, early_state, conv_shift,
-                 x_proj)
+    out = state if in_place or not isinstance(state, torch.Tensor) else torch.empty_like(state)
+    return _scan("qm_selective_state_update", INT8, u_q, u_mask, dt_q, B_q, C_q, z_q, A, D, dt_bias, state, out,
+                 y_dtype, scales, dt_proj, early_state, conv_shift, x_proj)
 
 
 def hadamard_quant(y: torch.Tensor, scale: float) -> torch.Tensor:
-    lib = load_library()
-    d = y.shape[-1]
+    a = Args("hadamard_quant")
+    d = _last_dim(a, "y", y)
+    a("y", y, (torch.float32, torch.float16))
     out = torch.empty(y.shape, dtype=torch.int8, device=y.device)
     dtype = FLOAT16 if y.dtype == torch.float16 else FLOAT32
-    _check(lib.qm_hadamard_quant(_ptr(y), dtype, _ptr(out), ctypes.c_int64(y.numel() // d), ctypes.c_int(d),
-                                 ctypes.c_float(scale), _stream()))
+    _call(a, load_library().qm_hadamard_quant, _ptr(y), dtype, _ptr(out), ctypes.c_int64(y.numel() // d),
+          ctypes.c_int(d), ctypes.c_float(scale))
     return out
 
 
@@ -295,31 +378,40 @@ def tied_logits(h: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor,
     """Spec 4.7 logits (qm_tied_logits): h float32 [..., k], e_q int8 [V, k], e_scale float32 [V] -> [..., V]
     (into `out` when given, float32 contiguous). The kernel reads the table once per 4 rows: for decode-sized h.
     norm = (norm_w float32 [k], eps): h is the residual stream and the kernel applies the final RMSNorm first."""
-    lib = load_library()
-    kdim, n = h.shape[-1], e_q.shape[0]
+    a = Args("tied_logits")
+    kdim = _last_dim(a, "h", h)
     h = h.float().contiguous()
+    a("h", h, F32)
+    n = a.rank("e_q", e_q, 2)[0]
+    a("e_q", e_q, I8, (n, kdim))
+    a("e_scale", e_scale, F32, (n,))
     if out is None:
         out = torch.empty(*h.shape[:-1], n, dtype=torch.float32, device=h.device)
     elif out.shape != (*h.shape[:-1], n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"tied_logits: out must be float32 contiguous {(*h.shape[:-1], n)}, got {out.dtype}"
                          f"{tuple(out.shape)}")
+    a("out", out, F32)
     norm_w, eps = norm if norm is not None else (None, 0.0)
-    _check(lib.qm_tied_logits(_ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(h.numel() // kdim),
-                              ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps), _stream()))
+    a("norm's weight", norm_w, F32, (kdim,), optional=True)
+    _call(a, load_library().qm_tied_logits, _ptr(h), _ptr(e_q), _ptr(e_scale), _ptr(out),
+          ctypes.c_int(h.numel() // kdim), ctypes.c_int(kdim), ctypes.c_int(n), _ptr(norm_w), ctypes.c_float(eps))
     return out
 
 
 def embedding_lookup(ids: torch.Tensor, e_q: torch.Tensor, e_scale: torch.Tensor) -> torch.Tensor:
     """Spec 4.7 lookup (qm_embedding_lookup), as ref.embedding_lookup: float32 [*ids.shape, k]. An id out of range
     gives a row of NaN. The kernel is launched without programmatic dependent launch (it opens a decode step)."""
-    lib = load_library()
-    if ids.dtype != torch.int64:
-        raise KernelError(f"embedding_lookup: ids must be int64, got {ids.dtype}")
+    a = Args("embedding_lookup")
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+        raise KernelError(f"embedding_lookup: ids must be int64, got {getattr(ids, 'dtype', type(ids).__name__)}")
     ids = ids.contiguous()
-    kdim = e_q.shape[1]
+    a("ids", ids, torch.int64)
+    vocab, kdim = a.rank("e_q", e_q, 2)
+    a("e_q", e_q, I8)
+    a("e_scale", e_scale, F32, (vocab,))
     out = torch.empty(*ids.shape, kdim, dtype=torch.float32, device=ids.device)
-    _check(lib.qm_embedding_lookup(_ptr(ids), _ptr(e_q), _ptr(e_scale), _ptr(out), ctypes.c_int(ids.numel()),
-                                   ctypes.c_int(kdim), ctypes.c_int64(e_q.shape[0]), _stream()))
+    _call(a, load_library().qm_embedding_lookup, _ptr(ids), _ptr(e_q), _ptr(e_scale), _ptr(out),
+          ctypes.c_int(ids.numel()), ctypes.c_int(kdim), ctypes.c_int64(vocab))
     return out
 
 
@@ -333,6 +425,16 @@ def _set_conv_fields(args: LinearArgs, c: FusedConv | ConvXProjBehind, in_scale:
     args.conv_in_scale, args.conv_out_scale = in_scale, c.out_scale
     args.conv_outlier_scale = c.outlier_scale or 0.0
     args.conv_dual_scale, args.conv_early_state = int(c.outlier_scale is not None), int(c.early_state)
+
+
+def _check_conv(a: Args, what: str, c: FusedConv | ConvXProjBehind, d: int, tokens: int, batch: int) -> None:
+    """A decode conv's tensors for d channels: `tokens` outputs (u, mask), a [batch, d, 3] state."""
+    a(f"{what}.weight", c.weight, I8, (d, 4))
+    a(f"{what}.weight_scale", c.weight_scale, F32, (d,))
+    a(f"{what}.bias", c.bias, F32, (d,))
+    a(f"{what}.state", c.state, I8, (batch, d, 3))
+    a(f"{what}.u", c.u, I8, numel=tokens * d)
+    a(f"{what}.mask", c.mask, U8, numel=tokens * d, optional=c.outlier_scale is None)
 
 
 def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
@@ -352,18 +454,65 @@ def int8_linear(x_q: torch.Tensor | None, w_q: torch.Tensor, m_in: torch.Tensor,
     behind the GEMV on segment 0 (one row). clear: an int32 tensor the GEMV zeroes after its dependency wait.
     early_residual (GEMV, one row, residual): the residual is read before the dependency wait; the caller asserts
     that the kernel right before this one does not write it (qm_linear_args.early_residual)."""
-    args, outs = _linear_args(x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual, norm, conv,
-                              hadamard, behind, clear, early_residual)
-    _check(load_library().qm_int8_linear(ctypes.byref(args), _stream()))
+    a, args, outs = _linear_args("int8_linear", x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual,
+                                 norm, conv, hadamard, behind, clear, early_residual)
+    _call(a, load_library().qm_int8_linear, ctypes.byref(args))
     return outs
 
 
-def _linear_args(x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual, norm, conv, hadamard, behind,
-                 clear, early_residual) -> tuple[LinearArgs, list[torch.Tensor]]:
-    """qm_linear_args for int8_linear's arguments, with the output tensors they point to."""
-    src = norm[0] if norm is not None else conv.x if conv is not None else hadamard[0] if hadamard else x_q
-    lead, kdim, n = src.shape[:-1], src.shape[-1], w_q.shape[0]
-    rows = src.numel() // kdim
+def _linear_args(fn, x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, residual, norm, conv, hadamard,
+                 behind, clear, early_residual, a: Args | None = None) -> tuple[Args, LinearArgs, list[torch.Tensor]]:
+    """The checked arguments and qm_linear_args for int8_linear's arguments, with the output tensors they point
+    to. `a`: the checks of a call this GEMV is part of (update_out_proj), so all its tensors share one device."""
+    a = a or Args(fn)
+    given = [name for name, v in (("norm", norm), ("conv", conv), ("hadamard", hadamard)) if v is not None]
+    if len(given) > 1 or (given and x_q is not None):
+        got = given + (["x_q"] if x_q is not None else [])
+        raise a.fail(f"x_q, norm, conv and hadamard are alternatives (the GEMV's input); got {got}")
+    if not given and x_q is None:
+        raise a.fail("x_q is required without norm, conv or hadamard")
+    src_name, src = (("norm's r", norm[0]) if norm is not None else ("conv.x", conv.x) if conv is not None
+                     else ("hadamard's y", hadamard[0]) if hadamard is not None else ("x_q", x_q))
+    kdim = _last_dim(a, src_name, src)
+    lead, rows = src.shape[:-1], src.numel() // kdim
+    a(src_name, src, F32 if norm is not None or hadamard is not None else I8)
+    n = a.rank("w_q", w_q, 2)[0]
+    a("w_q", w_q, I8, (n, kdim))
+    a("m_in", m_in, F32, (n,))
+    a("m_out", m_out, F32, (n,), optional=True)
+    a("x_mask", x_mask, U8, tuple(src.shape), optional=True)
+    a("acc_in", acc_in, I32, numel=rows * n, optional=True)
+    a("acc_out", acc_out, I32, numel=rows * n, optional=True)
+    if not 1 <= len(segments) <= 3:
+        raise a.fail(f"segments must list 1 to 3 (width, scale) pairs, got {len(segments)}")
+    widths = [w for w, _ in segments]
+    if any(not isinstance(w, numbers.Integral) or w < 1 for w in widths) or sum(widths) != n:
+        raise a.fail(f"segment widths {widths} must be positive and add up to w_q's {n} rows")
+    if norm is not None:
+        a("norm's weight", norm[1], F32, (kdim,))
+    if conv is not None:
+        _check_conv(a, "conv", conv, kdim, rows, conv.state.shape[0] if isinstance(conv.state, torch.Tensor) else 0)
+    if residual is not None:
+        if len(segments) != 1 or segments[0][1] is not None:
+            raise a.fail("residual takes one float segment (scale None)")
+        a("residual", residual, F32, numel=rows * n)
+    if behind is not None:
+        b = behind
+        d0 = widths[0]
+        xp_n = a.rank("behind.xp_w", b.xp_w, 2)[0]
+        want = (2 if b.outlier_scale is not None else 1) * xp_n
+        if not isinstance(b.acc, torch.Tensor) or b.acc.dtype != torch.int32 or b.acc.numel() != want:
+            raise KernelError(f"int8_linear: behind.acc must be int32 with {want} sums (x_proj's outputs, twice with "
+                              f"outliers), got {getattr(b.acc, 'dtype', b.acc)} {tuple(getattr(b.acc, 'shape', ()))}")
+        if d0 % 16 == 0:  # else the C side refuses segment 0's width itself (width % 16 == 0) before any read
+            _check_conv(a, "behind", b, d0, 1, 1)
+            a("behind.xp_w", b.xp_w, I8, (xp_n, d0))
+        a("behind.acc", b.acc, I32)
+    if clear is not None:
+        if not isinstance(clear, torch.Tensor) or clear.dtype != torch.int32:
+            raise KernelError(f"int8_linear: clear must be an int32 tensor, got {getattr(clear, 'dtype', clear)}")
+        a("clear", clear, I32)
+    # every argument checked: from here on pointers are taken
     outs, ends, scales, c = [], [], [], 0
     for width, scale in segments:
         c += width
@@ -385,19 +534,12 @@ def _linear_args(x_q, w_q, m_in, segments, x_mask, m_out, acc_in, acc_out, resid
     if hadamard is not None:
         args.had_x, args.had_scale = _ptr(hadamard[0]), hadamard[1]
     if behind is not None:
-        b = behind
-        want = (2 if b.outlier_scale is not None else 1) * b.xp_w.shape[0]
-        if b.acc.dtype != torch.int32 or b.acc.numel() != want:
-            raise KernelError(f"int8_linear: behind.acc must be int32 with {want} sums (x_proj's outputs, twice with "
-                              f"outliers), got {b.acc.dtype} {tuple(b.acc.shape)}")
-        _set_conv_fields(args, b, scales[0])
-        args.xp_w, args.xp_acc, args.xp_n = _ptr(b.xp_w), _ptr(b.acc), b.xp_w.shape[0]
+        _set_conv_fields(args, behind, scales[0])
+        args.xp_w, args.xp_acc, args.xp_n = _ptr(behind.xp_w), _ptr(behind.acc), xp_n
     if clear is not None:
-        if clear.dtype != torch.int32:
-            raise KernelError(f"int8_linear: clear must be an int32 tensor, got {clear.dtype}")
         args.clear, args.clear_n = _ptr(clear), clear.numel()
     args.early_residual = int(early_residual)
-    return args, outs
+    return a, args, outs
 
 
 def update_out_proj(state, u_q, u_mask, B_q, C_q, z_q, A, D, dt_bias, *, dt_proj: tuple, out_proj: tuple,
@@ -409,9 +551,17 @@ def update_out_proj(state, u_q, u_mask, B_q, C_q, z_q, A, D, dt_bias, *, dt_proj
     [n, d_inner], m_in float32 [n], had_scale). The state and the residual are updated in place; returns the
     residual."""
     w_q, m_in, had_scale = out_proj
-    sargs, y, _ = _scan_args(INT8, u_q, u_mask, None, B_q, C_q, z_q, A, D, dt_bias, state, state, torch.float32,
-                             scales, dt_proj, True, conv_shift, x_proj)
-    largs, outs = _linear_args(None, w_q, m_in, [(w_q.shape[0], None)], None, None, None, None, residual, None,
-                               None, (y, had_scale), None, clear, early_residual)
-    _check(load_library().qm_update_out_proj(ctypes.byref(sargs), ctypes.byref(largs), _stream()))
+    a = Args("update_out_proj")
+    if isinstance(u_q, torch.Tensor) and u_q.dim() == 3 and u_q.shape[:2] != (1, 1):
+        raise a.fail(f"the update must be one token of one sequence (got batch={u_q.shape[0]} "
+                     f"seqlen={u_q.shape[1]})")
+    n = a.rank("out_proj's w_q", w_q, 2)[0]
+    a("out_proj's w_q", w_q, I8)
+    a("residual", residual, F32, numel=n)  # one sequence: one row of n
+    a("out_proj's m_in", m_in, F32, (n,))
+    a, sargs, y, _ = _scan_args("update_out_proj", INT8, u_q, u_mask, None, B_q, C_q, z_q, A, D, dt_bias, state,
+                                state, torch.float32, scales, dt_proj, True, conv_shift, x_proj, a=a)
+    _, largs, outs = _linear_args("update_out_proj", None, w_q, m_in, [(n, None)], None, None, None, None,
+                                  residual, None, None, (y, had_scale), None, clear, early_residual, a)
+    _call(a, load_library().qm_update_out_proj, ctypes.byref(sargs), ctypes.byref(largs))
     return outs[0]

@@ -2,6 +2,8 @@
 # Device call for the plugins: GPU kernel tests, plugin harness tests (build + enqueue vs reference), the field
 # fuzzer and the enqueue tests under compute-sanitizer (memcheck). Needs TensorRT headers under .deps/ (carry them).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-out/device}  # the device tool sets OUT; elsewhere the logs go here
+mkdir -p "$OUT"
 which cmake g++ compute-sanitizer; ls /usr/lib/gcc/x86_64-linux-gnu/*/libasan.so 2>/dev/null | head -2
 bash trt_plugins/bench/device_run.sh test 2>&1 | tail -4
 timeout 900 python3 -m pytest -q -ra trt_plugins/tests/test_plugins.py 2>&1 | tee $OUT/plugins.log | tail -15

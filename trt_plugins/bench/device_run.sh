@@ -4,6 +4,8 @@
 # `device_run.sh` alone does both. Logs to $OUT.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-out/device}  # the device tool sets OUT; elsewhere the logs go here
+mkdir -p "$OUT"
 what=${1:-all}; shift || true
 if [[ $what == test || $what == all ]]; then
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-NO_HEADERS = "TensorRT headers not found: set TensorRT_ROOT or extract them to .deps/tensorrt-*/include"
+NO_HEADERS = (
+    "TensorRT headers not found: looked in .deps/tensorrt-*/include (extract include/ of NVIDIA/TensorRT there) "
+    "and the standard include directories")
 
 # nvinfer1::DataType codes; the harness reports supported types as a bit mask over codes 0..5
 FLOAT, HALF, INT8, INT32, BOOL, UINT8 = 0, 1, 2, 3, 4, 5

@@ -3,6 +3,7 @@ options or a missing environment give one `error:` line and exit code 2 (no trac
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from qmamba.cli import main
+from qmamba.errors import UserError
 from qmamba.model.checkpoint import load_model
 from qmamba.quant.calibrate import CalibOptions, calibrate
 from qmamba.quant.checkpoint import load_quantized, save_quantized
@@ -135,3 +137,95 @@ def test_junk_onnx_file(staged, tmp_path, capsys):
     (bad / "decode.onnx").write_bytes(b"not a protobuf")
     _user_error(capsys, f"ONNX Runtime cannot load {bad / 'decode.onnx'}: InvalidProtobuf",
                 "generate", str(bad), "--backend", "onnxruntime", "--prompt", "K")
+
+
+# 5. serve / generate limits against what an export or engine was built for (the staged export: max_batch 4,
+# max_len 512): refused at startup naming both numbers, not request by request at run time
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """run_serve's create_app / serve, recorded instead of run: nothing listens, nothing blocks."""
+    import qmamba.server.app
+    import qmamba.server.run
+
+    seen = {}
+
+    def create_app(engine, name, max_prompt_tokens, max_tokens_limit):
+        seen.update(engine=engine, max_prompt_tokens=max_prompt_tokens)
+        return object()
+
+    monkeypatch.setattr(qmamba.server.app, "create_app", create_app)
+    monkeypatch.setattr(qmamba.server.run, "serve", lambda *a, **k: seen.setdefault("served", True))
+    return seen
+
+
+@pytest.mark.parametrize(("extra", "fragments"), [
+    (["--max-batch", "32"], ["--max-batch 32 is more than", "max_batch 4 in its export.json", "--max-batch 4 or less"]),
+    (["--max-prompt-tokens", "1000"], ["--max-prompt-tokens 1000 is more than", "max_len 512 in its export.json"]),
+])
+def test_serve_refuses_limits_beyond_the_export(staged, capsys, no_server, extra, fragments):
+    err = _user_error(capsys, fragments[0], "serve", str(staged[1]), "--backend", "onnxruntime", *extra)
+    assert all(f in err for f in fragments), err
+    assert "served" not in no_server
+
+
+def test_serve_defaults_fit_the_export_with_a_notice(staged, capsys, no_server):
+    rc, _, err = _cli(capsys, "serve", str(staged[1]), "--backend", "onnxruntime")
+    assert rc == 0, err
+    assert no_server["engine"].max_batch == 4 and no_server["max_prompt_tokens"] == 512
+    assert "using --max-batch 4, not the default 32" in err and "using --max-prompt-tokens 512" in err
+    rc, _, err = _cli(capsys, "serve", str(staged[1]), "--backend", "onnxruntime", "--max-batch", "4",
+                      "--max-prompt-tokens", "100")
+    assert rc == 0 and no_server["engine"].max_batch == 4 and no_server["max_prompt_tokens"] == 100
+    assert "using" not in err
+
+
+def test_serve_defaults_on_the_torch_backend(tiny_model_dir, capsys, no_server):
+    rc, _, err = _cli(capsys, "serve", str(tiny_model_dir))
+    assert rc == 0, err
+    assert no_server["engine"].max_batch == 32 and no_server["max_prompt_tokens"] == 2048
+
+
+def test_tensorrt_limits_come_from_the_engine_profiles():
+    from qmamba.commands.serve import _fit_serve_limits
+    from qmamba.runtime.trt_backend import profile_limits
+
+    meta = {"profiles": {"batch": [1, 1, 8], "length": [1, 256, 2048], "decode_batch": [1, 8, 64]}}
+    assert profile_limits(meta) == (64, 2048)
+    assert profile_limits({}) == (None, None)
+
+    class FakeTrt:
+        name, max_batch, max_len = "tensorrt", 64, 2048
+
+    args = argparse.Namespace(model=Path("eng"), max_batch=128, max_prompt_tokens=None)
+    with pytest.raises(UserError, match=r"--max-batch 128 is more than the engine eng \(the decode profile's "
+                                        r"largest batch 64 in its engine.json\)"):
+        _fit_serve_limits(args, FakeTrt())
+    args.max_batch = 64
+    assert _fit_serve_limits(args, FakeTrt()) == (64, 2048)
+
+
+def test_generate_refuses_more_than_the_export_takes(staged, capsys):
+    many = [a for i in range(5) for a in ("--prompt", f"P{i}")]
+    _user_error(capsys, "5 prompts are decoded as one batch, more than the export", "generate", str(staged[1]),
+                "--backend", "onnxruntime", "--max-tokens", "2", *many)
+    _user_error(capsys, "a --prompt of 600 tokens is longer than the export", "generate", str(staged[1]),
+                "--backend", "onnxruntime", "--max-tokens", "2", "--prompt", "x" * 600)
+
+
+# 6. sampling options are named as the user typed them (SamplingParams' field names are not options)
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),  # was a RuntimeError traceback
+    (["--top-k", "-1"], "--top-k must be 0 (off) or more"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--seed", str(2**70)], "--seed must be between"),  # was torch's "Overflow when unpacking long long"
+    (["--stop", ""], "--stop takes a non-empty string"),
+])
+def test_generate_sampling_errors_name_the_option(tiny_model_dir, capsys, extra, fragment):
+    err = _user_error(capsys, fragment, "generate", str(tiny_model_dir), "--prompt", "K", *extra)
+    assert "max_new_tokens" not in err and "top_p must" not in err

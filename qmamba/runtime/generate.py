@@ -20,6 +20,9 @@ class SamplingError(ValueError):
     """Invalid sampling parameters."""
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -32,7 +35,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also NaN, which would sample from NaN probabilities
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
@@ -40,6 +43,8 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise SamplingError("stop sequences must be non-empty strings")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise SamplingError(f"seed must be between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
 
 @dataclasses.dataclass
@@ -105,15 +110,17 @@ class DecodeBatch:
         return len(self.active)
 
     def admit(self, idx: int, ids: list[int], params: SamplingParams) -> None:
+        """Prefill and join the batch; if anything raises, the batch is as it was (the others go on)."""
         lg, st = self.backend.prefill(torch.tensor([ids]))
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        if self.state is None:
+            state, logits = st, lg
+        else:
+            state = self.backend.cat_states([self.state, st])
+            logits = torch.cat([self.logits, lg])
         self.active.append(_Active(idx, params, gen, []))
         self.prompt_tokens[idx] = len(ids)
-        if self.state is None:
-            self.state, self.logits = st, lg
-        else:
-            self.state = self.backend.cat_states([self.state, st])
-            self.logits = torch.cat([self.logits, lg])
+        self.state, self.logits = state, logits
 
     def cancel(self, idx: int) -> None:
         self._cancelled.add(idx)
@@ -134,8 +141,9 @@ class DecodeBatch:
             _advance_text(self.tok, a, on_text)
         finished = [a for a in self.active if a.done is not None]
         keep = [r for r, a in enumerate(self.active) if a.done is None]
-        for a in finished:
+        for a in finished:  # nothing of a finished request stays behind (a server's batch lives for days)
             self._cancelled.discard(a.idx)
+            self.prompt_tokens.pop(a.idx, None)
         if not keep:
             self.active, self.state, self.logits = [], None, None
             return finished

@@ -33,6 +33,11 @@ class GraphBackend:
     name = "graph"
     vocab_size: int
     recipe: str | None = None  # the recipe the graphs were exported with, where their metadata says
+    # What the graphs were built for, where their metadata says (None: not known): the largest decode batch
+    # (export.json max_batch; a TensorRT decode profile's max) and the longest prompt one prefill takes
+    # (export.json max_len; a TensorRT prefill profile's max length). Callers refuse more up front.
+    max_batch: int | None = None
+    max_len: int | None = None
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """The named outputs of one graph, in that order."""

@@ -11,6 +11,15 @@ from qmamba.errors import UserError
 from qmamba.runtime.graph_backend import GRAPHS, GraphBackend
 
 
+def export_limits(meta: dict) -> tuple[int | None, int | None]:
+    """(max_batch, max_len) an export was made for (export.json), None where it does not say."""
+    def get(key: str) -> int | None:
+        v = meta.get(key)
+        return int(v) if isinstance(v, int) and v >= 1 else None
+
+    return get("max_batch"), get("max_len")
+
+
 class OrtBackend(GraphBackend):
     name = "onnxruntime"
 
@@ -35,12 +44,14 @@ class OrtBackend(GraphBackend):
             self._check_outputs(g, [o.name for o in self.sessions[g].get_outputs()], str(self.dir))
         props = self.sessions["prefill"].get_modelmeta().custom_metadata_map
         self.recipe = props.get("qmamba.recipe")
+        meta_file = self.dir / "export.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         logits = next(o for o in self.sessions["prefill"].get_outputs() if o.name == "logits")
         v = logits.shape[-1]
         if not isinstance(v, int):
-            meta = json.loads((self.dir / "export.json").read_text())
             v = meta["model_config"]["vocab_size"]
         self.vocab_size = int(v)
+        self.max_batch, self.max_len = export_limits(meta)
 
     def _state_inputs(self) -> list[str]:
         return [i.name for i in self.sessions["decode"].get_inputs() if i.name != "input_ids"]

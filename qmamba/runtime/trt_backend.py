@@ -10,6 +10,19 @@ from engines.build import EngineError, load_engine
 from qmamba.runtime.graph_backend import GRAPHS, GraphBackend
 
 
+def profile_limits(meta: dict) -> tuple[int | None, int | None]:
+    """(largest decode batch, longest prefill) of the optimization profiles in engine.json; None where unknown.
+
+    Prompts are prefilled one at a time, so the prefill profile's batch does not bound the server's batch."""
+    profiles = meta.get("profiles") or {}
+
+    def top(key: str) -> int | None:
+        v = profiles.get(key)
+        return int(v[2]) if isinstance(v, list | tuple) and len(v) == 3 and isinstance(v[2], int) else None
+
+    return top("decode_batch"), top("length")
+
+
 class TrtBackend(GraphBackend):
     name = "tensorrt"
 
@@ -30,6 +43,7 @@ class TrtBackend(GraphBackend):
         except (KeyError, TypeError):
             raise EngineError(f"{engine_dir}/engine.json lacks the export's model_config (rebuild)") from None
         self.recipe = meta["export"].get("recipe")
+        self.max_batch, self.max_len = profile_limits(meta)
         for g in GRAPHS:
             self._check_outputs(g, self._io(g, trt.TensorIOMode.OUTPUT), str(engine_dir))
         self.stream = torch.cuda.Stream()
@@ -43,6 +57,10 @@ class TrtBackend(GraphBackend):
         return [n for n in self._io("decode", self.trt.TensorIOMode.INPUT) if n != "input_ids"]
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        with self.torch.cuda.stream(self.stream):  # copies, buffers and the engine on one stream: no cross-stream race
+            return self._run_on_stream(graph, feeds, outputs)
+
+    def _run_on_stream(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         trt, torch = self.trt, self.torch
         eng, ctx = self.engines[graph], self.contexts[graph]
         keep = []

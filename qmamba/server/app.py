@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qmamba.runtime.generate import SamplingError, SamplingParams
-from qmamba.server.engine import Engine, Event, QueueFull
+from qmamba.runtime.generate import SEED_MAX, SEED_MIN, SamplingError, SamplingParams
+from qmamba.server.engine import Engine, Event, QueueFull, Unavailable
 
 
 class CompletionRequest(BaseModel):
@@ -25,10 +25,10 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # what torch.Generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     n: Literal[1] = 1
@@ -42,6 +42,12 @@ class CompletionRequest(BaseModel):
         if len(v) > 4 or any(not s for s in v):
             raise ValueError("stop must be up to 4 non-empty strings")
         return tuple(v)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the request body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -77,9 +83,11 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 2048, m
 
     @app.get("/health")
     async def health():
-        status = "ok" if engine.alive else "error"
-        return {"status": status, "model": model_name, "backend": engine.backend.name,
+        # 503 unless requests are served: a load balancer reads the status code
+        status = "error" if not engine.alive else "ok" if engine.accepting else "shutting_down"
+        body = {"status": status, "model": model_name, "backend": engine.backend.name,
                 "active": engine.active, "queued": engine.queued, "last_error": engine.last_error}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -105,6 +113,8 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 2048, m
             req = engine.submit(ids, params)
         except QueueFull:
             return _error(429, "the server's request queue is full; retry later", "rate_limit_error")
+        except Unavailable as e:
+            return _error(503, str(e), "server_error")
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         name = body.model or model_name
@@ -119,7 +129,8 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 2048, m
                     while True:
                         ev: Event = await req.events.get()
                         if ev.error:
-                            yield f"data: {json.dumps({'error': {'message': ev.error}})}\n\n"
+                            err = {"message": ev.error, "type": "server_error", "code": ev.status}
+                            yield f"data: {json.dumps({'error': err})}\n\n"
                             return
                         yield f"data: {json.dumps(chunk(ev.text, ev.finish_reason))}\n\n"
                         if ev.finish_reason:
@@ -132,24 +143,28 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 2048, m
                                      headers={"Cache-Control": "no-cache"})
 
         text = []
+        # The client may leave at any time, also while tokens keep coming: watch the connection all along.
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while True:
                 get = asyncio.ensure_future(req.events.get())
-                while not get.done():
-                    await asyncio.wait({get}, timeout=0.5)
-                    if not get.done() and await request.is_disconnected():
-                        get.cancel()
-                        engine.cancel(req)
-                        return Response(status_code=499)
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    engine.cancel(req)
+                    return Response(status_code=499)
                 ev: Event = get.result()
                 if ev.error:
-                    return _error(500, f"generation failed: {ev.error}", "server_error")
+                    msg = ev.error if ev.status == 503 else f"generation failed: {ev.error}"
+                    return _error(ev.status, msg, "server_error")
                 text.append(ev.text)
                 if ev.finish_reason:
                     break
         except asyncio.CancelledError:
             engine.cancel(req)
             raise
+        finally:
+            gone.cancel()
         out = chunk("".join(text), ev.finish_reason)
         out["usage"] = {"prompt_tokens": len(ids), "completion_tokens": ev.completion_tokens,
                         "total_tokens": len(ids) + ev.completion_tokens}

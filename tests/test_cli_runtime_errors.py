@@ -146,6 +146,8 @@ def test_junk_onnx_file(staged, tmp_path, capsys):
 @pytest.fixture
 def no_server(monkeypatch):
     """run_serve's create_app / serve, recorded instead of run: nothing listens, nothing blocks."""
+    pytest.importorskip("fastapi", reason="fastapi is not installed: the server extra is needed for serve's tests")
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed: the server extra is needed for serve's tests")
     import qmamba.server.app
     import qmamba.server.run
 

@@ -231,3 +231,22 @@ def test_generate_refuses_more_than_the_export_takes(staged, capsys):
 def test_generate_sampling_errors_name_the_option(tiny_model_dir, capsys, extra, fragment):
     err = _user_error(capsys, fragment, "generate", str(tiny_model_dir), "--prompt", "K", *extra)
     assert "max_new_tokens" not in err and "top_p must" not in err
+
+
+def test_serve_refuses_a_taken_port_or_unknown_host_before_loading(tiny_model_dir, capsys, monkeypatch):
+    import socket
+
+    pytest.importorskip("fastapi", reason="fastapi is not installed: the server extra is needed for serve's tests")
+    import qmamba.runtime
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr(qmamba.runtime, "load_backend", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _user_error(capsys, f"cannot listen on 127.0.0.1:{port}", "serve", str(tiny_model_dir), "--port", str(port))
+    _user_error(capsys, "--host 'no-such-host.invalid' is not an address", "serve", str(tiny_model_dir), "--host",
+                "no-such-host.invalid")

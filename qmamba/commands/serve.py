@@ -83,6 +83,24 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         raise UserError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout}")
 
 
+def _check_address(host: str, port: int) -> None:
+    """Bind --host:--port once before the model loads: a taken port or an unknown host is a message then, not
+    uvicorn's exit after the load. (Another process can still take the port in between; uvicorn reports that.)"""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} is not an address this machine can listen on ({e})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT does not count
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def _built_for(backend: Backend, args: argparse.Namespace) -> dict[str, tuple[int, str]]:
     """What the loaded export / engine was built for: {"batch": (largest decode batch, what that is),
     "len": (longest prompt, what that is)}, each only where its metadata says (the torch backend has no limits)."""
@@ -178,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"qmamba serve needs the serve extra, which is not installed ({e}): "
                         "pip install -e '.[serve]'") from e
+    _check_address(args.host, args.port)
     backend, tok = _load(args)
     max_batch, max_prompt_tokens = _fit_serve_limits(args, backend)
     engine = Engine(backend, tok, max_queue=args.max_queue, max_batch=max_batch)

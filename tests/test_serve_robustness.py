@@ -4,7 +4,6 @@ requests in flight (every client gets a proper end, the process exits cleanly)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -13,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,44 +20,20 @@ for _mod in ("fastapi", "uvicorn", "httpx"):
     pytest.importorskip(_mod, reason=f"{_mod} is not installed: the server extra is needed for these tests")
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
+from test_server import _free_port  # noqa: E402
+from test_server import live_server as _live_server  # noqa: E402
+from test_server import until as _until  # noqa: E402
 
 from qmamba.runtime import ByteTokenizer, load_backend  # noqa: E402
-from qmamba.server.app import create_app  # noqa: E402
 from qmamba.server.engine import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = "/v1/completions"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
 def live_server(backend, **engine_kw):
-    engine = Engine(backend, ByteTokenizer(), **engine_kw)
-    app = create_app(engine, "qmamba-tiny", max_prompt_tokens=200, max_tokens_limit=2000)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    _until(lambda: server.started, 30, "the server to start")
-    try:
-        yield f"http://127.0.0.1:{port}", engine
-    finally:
-        server.should_exit = True
-        th.join(timeout=15)
+    """test_server's live server, with room for long generations."""
+    return _live_server(None, backend=backend, max_tokens_limit=2000, **engine_kw)
 
 
 class Wrapped:
@@ -223,6 +197,19 @@ class ServeProcess:
                "the server to start")
         assert self.proc.poll() is None, "".join(self.lines)
 
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:  # a failed test must not leave a server behind
+            self.proc.kill()
+
+    def finish(self, clients: list[threading.Thread]) -> int:
+        """The exit code, once every client thread has its answer."""
+        for t in clients:
+            t.join(timeout=30)
+        return self.proc.wait(timeout=30)
+
     def output(self) -> str:
         self.reader.join(timeout=10)
         return "".join(self.lines)
@@ -271,18 +258,12 @@ def _assert_clean(out: str) -> None:
 
 
 def test_sigterm_drains_for_shutdown_timeout_then_ends_the_rest():
-    srv = ServeProcess("--max-batch", "2", "--max-queue", "8", "--shutdown-timeout", "0.5")
-    try:
+    with ServeProcess("--max-batch", "2", "--max-queue", "8", "--shutdown-timeout", "0.5") as srv:
         threads, results = _clients(srv.url, 2, 2)
         _until(lambda: httpx.get(f"{srv.url}/health").json()["active"] == 2, what="two running requests")
         _until(lambda: httpx.get(f"{srv.url}/health").json()["queued"] == 2, what="two queued requests")
         srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(timeout=30)
-        rc = srv.proc.wait(timeout=30)
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
+        rc = srv.finish(threads)
     out = srv.output()
     assert rc in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal once it has shut down
     _assert_every_client_told(results)
@@ -291,8 +272,7 @@ def test_sigterm_drains_for_shutdown_timeout_then_ends_the_rest():
 
 
 def test_double_ctrl_c_ends_requests_at_once_and_exits_cleanly():
-    srv = ServeProcess("--max-batch", "2", "--max-queue", "8")  # default --shutdown-timeout: 30 s
-    try:
+    with ServeProcess("--max-batch", "2", "--max-queue", "8") as srv:  # default --shutdown-timeout: 30 s
         threads, results = _clients(srv.url, 2, 1)
         _until(lambda: (lambda h: h["active"] + h["queued"])(httpx.get(f"{srv.url}/health").json()) == 3,
                what="three requests in")
@@ -300,12 +280,7 @@ def test_double_ctrl_c_ends_requests_at_once_and_exits_cleanly():
         _until(lambda: any("Finishing" in ln or "Waiting for connections" in ln for ln in srv.lines),
                what="the graceful shutdown to start")
         srv.proc.send_signal(signal.SIGINT)  # force quit
-        for t in threads:
-            t.join(timeout=30)
-        rc = srv.proc.wait(timeout=30)
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
+        rc = srv.finish(threads)
     out = srv.output()
     assert rc in (0, 130), out  # was -6: "terminate called without an active exception"
     _assert_every_client_told(results)

@@ -29,20 +29,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def until(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
-def live_server(tiny_model_dir, backend=None, **engine_kw):
+def live_server(tiny_model_dir, backend=None, max_tokens_limit: int = 64, **engine_kw):
+    """A server on a free port in this process (its engine included), for as long as the block runs."""
     backend = backend or load_backend("torch", tiny_model_dir)
     engine = Engine(backend, ByteTokenizer(), **engine_kw)
-    app = create_app(engine, "qmamba-tiny", max_prompt_tokens=200, max_tokens_limit=64)
+    app = create_app(engine, "qmamba-tiny", max_prompt_tokens=200, max_tokens_limit=max_tokens_limit)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
+    until(lambda: server.started, 30, "the server to start")
     try:
         yield f"http://127.0.0.1:{port}", engine
     finally:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from qmamba.errors import UserError
-from qmamba.model.checkpoint import commit_dir
+from qmamba.model.checkpoint import check_out, commit_dir
 
 GRAPHS = ("prefill", "decode")
 
@@ -92,8 +92,7 @@ def check_out_dir(onnx_dir: Path, out_dir: Path, force: bool) -> None:
     src, dst = onnx_dir.resolve(), out_dir.resolve()
     if dst == src or dst in src.parents:
         raise EngineError(f"--out {out_dir} would replace the ONNX directory {onnx_dir} the engines are built from")
-    if out_dir.exists() and not force:
-        raise EngineError(f"{out_dir} exists; pass --force to replace it")
+    check_out(out_dir, force)
 
 
 def build_engine(onnx_dir: Path, plugins: Path, out_dir: Path, profiles: Profiles = Profiles(),

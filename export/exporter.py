@@ -13,7 +13,7 @@ from export.builder import OPSET
 from export.graph import ExportOptions, build_model
 from export.plugin_limits import check_plugin_limits
 from qmamba.errors import UserError
-from qmamba.model.checkpoint import atomic_dir, commit_dir, load_model
+from qmamba.model.checkpoint import atomic_dir, check_out, commit_dir, load_model
 from qmamba.ops.specmath import SPEC_VERSION
 from qmamba.quant.checkpoint import is_qdir, load_quantized
 from qmamba.quant.recipes import get_recipe
@@ -60,8 +60,7 @@ def export(src: Path, out: Path, recipe: str | None = None, layers: str | None =
     sel = parse_layers(layers, cfg.n_layer)
     if max_batch < 1 or max_len < 1:
         raise UserError("--max-batch and --max-len must be positive")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
+    check_out(out, force)
     graphs = {"block": ExportOptions("block", sel, stages)} if sel is not None else {
         "prefill": ExportOptions("prefill", None, stages), "decode": ExportOptions("decode", None, stages)}
     tmp = atomic_dir(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qmamba.data import DEFAULT_CACHE, load_text, sample_windows
 from qmamba.errors import UserError
-from qmamba.model.checkpoint import check_out_parent
+from qmamba.model.checkpoint import check_out
 
 
 def add_calib_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -63,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     if not recipe.quantized:
         raise ValueError(f"recipe {recipe.name} is not quantized: nothing to calibrate (use the model directly)")
-    if args.out.exists() and not args.force:
-        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
-    check_out_parent(args.out)  # before calibrating, not when the result is written
+    check_out(args.out, args.force)  # before calibrating, not when the result is written
     spec = calib_spec(args)
     model = load_model(args.model_dir)
     # quant.loading.calibration_ids with this command's option names in the errors

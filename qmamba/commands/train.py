@@ -27,11 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qmamba.model.checkpoint import check_out
     from qmamba.train import TrainOptions, train_tiny
 
     # checked before any training: the default --out is the shipped model
-    if args.out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists; pass --force to replace it, or --out elsewhere")
+    check_out(args.out, args.force)
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} {value} must be at least 1")

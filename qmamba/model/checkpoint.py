@@ -165,6 +165,14 @@ def check_out_parent(out_dir: Path) -> None:
             return
 
 
+def check_out(out_dir: Path, force: bool) -> None:
+    """What every command that writes a directory checks before its work: an existing out_dir is replaced only
+    with --force, and out_dir may not lie below a file."""
+    if out_dir.exists() and not force:
+        raise CheckpointError(f"{out_dir} exists; pass --force to replace it")
+    check_out_parent(out_dir)
+
+
 def atomic_dir(out_dir: Path):
     """A temp dir next to out_dir; call commit(tmp) to rename it into place (no half-written dirs)."""
     check_out_parent(out_dir)
